@@ -1,0 +1,181 @@
+"""The training configuration: one dataclass, its command line, and its validation.
+
+Every field carries its help text, so `python -m vggbench.train --help` explains every
+flag and `config.json` in a run directory records every resolved value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from vggbench.models.units import ACTIVATIONS, NORM_POSITIONS
+from vggbench.models.vgg import VARIANTS, blocks_for_depth, model_label, parse_model_name
+
+OPTIMIZERS = ("adam", "sgd", "adamw")
+SCHEDULERS = ("cosine", "cosine_restarts", "none")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DATASETS = ("cifar100", "synthetic")
+# Options that say where or how a run executes, not what it trains; they may change on
+# --resume and do not distinguish configurations.
+RUNTIME_OPTIONS = ("device", "workers", "progress", "out_dir", "data_dir", "download", "resume")
+
+
+class ConfigError(ValueError):
+    """An impossible or inconsistent configuration; the message says what to change."""
+
+
+def opt(default, help: str, choices: tuple | None = None):
+    """A config field with its help text (and allowed values) for the command line."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs. Defaults are the study's protocol."""
+
+    # model
+    model: str = opt("vgg38", "model name vgg<depth>: vgg08 (7 convs + linear), vgg38 (37 convs + linear), "
+                     "or any depth 8 + 6k (3 stages, 2 convs per block)")
+    variant: str = opt("plain", "plain, bn (BatchNorm after every conv), rc (residual connections), "
+                       "bn_rc (both)", tuple(VARIANTS))
+    filters: int = opt(32, "channels of every conv")
+    stages: int = opt(3, "stages (each ends with an average-pool reduction block)")
+    convs_per_block: int = opt(2, "convs per processing/reduction block")
+    residual_reduction: bool = opt(False, "also give reduction blocks a shortcut (1x1 stride-2 projection, "
+                                   "+BN in BN variants): a studied extension")
+    activation: str = opt("leaky_relu", "activation after every conv", ACTIVATIONS)
+    negative_slope: float = opt(0.01, "LeakyReLU negative slope (0 gives ReLU)")
+    bn_position: str = opt("before", "BatchNorm before the activation (the study) or after it", NORM_POSITIONS)
+    # data
+    dataset: str = opt("cifar100", "cifar100 (torchvision's CIFAR100 from --data-dir) or synthetic "
+                       "(deterministic learnable stand-in with CIFAR-100's shapes)", DATASETS)
+    data_dir: str = opt("data", "directory holding cifar-100-python/ (or where --download puts it)")
+    download: bool = opt(False, "download CIFAR-100 into --data-dir if it is missing")
+    verify_checksums: bool = opt(True, "check the MD5 sums of the official CIFAR-100 files "
+                                 "(turn off for custom data in the same format)")
+    val_size: int = opt(2500, "validation images carved class-balanced from the training set "
+                        "(a multiple of 100; the study: 2500 of 50000)")
+    split_seed: int = opt(0, "seed of the train/validation split (independent of --seed)")
+    train_limit: int | None = opt(None, "use only this many training images, class-balanced "
+                                  "(a multiple of 100; for short runs)")
+    synthetic_train_size: int = opt(5000, "synthetic dataset: training images (incl. validation)")
+    synthetic_test_size: int = opt(1000, "synthetic dataset: test images")
+    augment: bool = opt(True, "training augmentation: RandomCrop(32, padding=4) + horizontal flip")
+    # optimisation
+    optimizer: str = opt("adam", "optimiser (the study: adam)", OPTIMIZERS)
+    lr: float = opt(1e-3, "learning rate")
+    weight_decay: float = opt(0.0, "weight decay (L2 for adam/sgd, decoupled for adamw)")
+    momentum: float = opt(0.9, "SGD momentum (sgd only)")
+    batch_size: int = opt(100, "images per step")
+    epochs: int = opt(100, "training epochs")
+    scheduler: str = opt("cosine", "cosine: CosineAnnealingLR(T_max=epochs); cosine_restarts: SGDR "
+                         "with a restart every --restart-period epochs; none: constant lr", SCHEDULERS)
+    eta_min: float = opt(2e-5, "minimum learning rate of the cosine schedules")
+    restart_period: int = opt(50, "epochs between warm restarts (cosine_restarts)")
+    seed: int = opt(7112018, "seed of initialisation, shuffling and augmentation")
+    # execution
+    device: str = opt("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
+    channels_last: bool = opt(False, "channels_last memory format for model and inputs")
+    precision: str = opt("fp32", "fp32, or mixed precision: bf16 (CPU or CUDA), fp16 (CUDA, "
+                         "with gradient scaling)", PRECISIONS)
+    workers: int = opt(2, "DataLoader worker processes (0 loads in the main process)")
+    deterministic: bool = opt(False, "deterministic algorithms only (exact resume on CPU)")
+    gradflow_every: int = opt(0, "also record gradient flow averaged over windows of N steps "
+                              "(0: per epoch only)")
+    keep_checkpoints: int = opt(2, "epoch checkpoints to keep (0 keeps all); best.pt is always kept")
+    out_dir: str | None = opt(None, "run directory (default: runs/<model>-<variant>-lr<lr>-seed<seed>)")
+    resume: str | None = opt(None, "continue the run in --out-dir from its newest checkpoint "
+                             "(--resume) or from a given checkpoint file (--resume PATH)")
+    progress: bool | None = opt(None, "tqdm progress bars (default: only on a terminal)")
+
+    @property
+    def label(self) -> str:
+        """The study's name for this configuration, e.g. "VGG38 BN+RC"."""
+        return model_label(self.model, self.variant)
+
+    @property
+    def run_dir(self) -> Path:
+        """Where this run writes its files."""
+        if self.out_dir:
+            return Path(self.out_dir)
+        return Path("runs") / f"{self.model}-{self.variant}-lr{self.lr:g}-seed{self.seed}"
+
+    def identity(self) -> dict:
+        """The fields that define what is trained (all but RUNTIME_OPTIONS)."""
+        return {k: v for k, v in asdict(self).items() if k not in RUNTIME_OPTIONS}
+
+    def validate(self) -> "TrainConfig":
+        """Raise ConfigError naming the first impossible value; return self."""
+        try:
+            blocks_for_depth(parse_model_name(self.model), self.stages, self.convs_per_block)
+        except ValueError as err:
+            raise ConfigError(f"--model: {err}") from None
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"--{flag(f.name)} must be one of {', '.join(choices)}, "
+                                  f"got {getattr(self, f.name)!r}")
+        positive = ("filters", "stages", "convs_per_block", "batch_size", "epochs", "restart_period",
+                    "synthetic_train_size", "synthetic_test_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{flag(name)} must be >= 1, got {getattr(self, name)}")
+        non_negative = ("lr", "weight_decay", "momentum", "eta_min", "negative_slope", "workers",
+                        "gradflow_every", "keep_checkpoints", "val_size")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{flag(name)} must be >= 0, got {getattr(self, name)}")
+        if self.lr == 0:
+            raise ConfigError("--lr must be > 0")
+        if self.scheduler != "none" and self.eta_min > self.lr:
+            raise ConfigError(f"--eta-min ({self.eta_min:g}) must not exceed --lr ({self.lr:g})")
+        if self.train_limit is not None and self.train_limit < 100:
+            raise ConfigError(f"--train-limit must be >= 100 (one image per class), got {self.train_limit}")
+        return self
+
+
+def flag(name: str) -> str:
+    """Command-line spelling of a field name: batch_size -> batch-size."""
+    return name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, suppress_defaults: bool = False) -> None:
+    """Add one option per TrainConfig field (with its help text) to `parser`.
+
+    With `suppress_defaults`, options not given are left out of the parsed namespace
+    (used to tell which options the user gave explicitly).
+    """
+    for f in fields(TrainConfig):
+        default = argparse.SUPPRESS if suppress_defaults else f.default
+        kwargs: dict = {"dest": f.name, "default": default, "help": f.metadata["help"]}
+        if f.name == "resume":
+            kwargs.update(nargs="?", const="latest", metavar="PATH")
+        elif f.type in ("bool", "bool | None"):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = {"int": int, "float": float, "int | None": int}.get(f.type, str)
+            if f.metadata["choices"]:
+                kwargs["choices"] = f.metadata["choices"]
+        if f.default is not None and "action" not in kwargs:
+            kwargs["help"] += f" (default: {f.default})"
+        parser.add_argument(f"--{flag(f.name)}", **kwargs)
+
+
+def explicit_options(argv: list[str] | None) -> set[str]:
+    """Names of the config fields given explicitly on the command line (not defaults)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    add_config_arguments(probe, suppress_defaults=True)
+    return set(vars(probe.parse_known_args(argv)[0]))
+
+
+def load_config_json(path: Path) -> dict:
+    """Read a run's config.json, with a clear error when it is missing or malformed."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: is this a vggbench run directory?") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON ({err})") from None

@@ -1,0 +1,21 @@
+"""The study's VGG family built from swappable conv->BN->act units."""
+
+from vggbench.models.units import ConvNormAct, UnitFactory
+from vggbench.models.vgg import (
+    VARIANTS,
+    VGG,
+    VGGSpec,
+    build_model,
+    make_layers,
+    model_label,
+    vgg08,
+    vgg38,
+    vgg38_bn,
+    vgg38_bn_rc,
+    vgg38_rc,
+)
+
+__all__ = [
+    "VARIANTS", "VGG", "VGGSpec", "ConvNormAct", "UnitFactory", "build_model", "make_layers",
+    "model_label", "vgg08", "vgg38", "vgg38_bn", "vgg38_rc", "vgg38_bn_rc",
+]
