@@ -1,0 +1,63 @@
+"""Transforms, transformed views of a base dataset, and DataLoaders."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+
+
+def make_transform(*, augment: bool) -> transforms.Compose:
+    """PIL image -> normalised float tensor (3, 32, 32); with ``augment``, random crop (padding 4) and flip first."""
+    augmentation = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if augment else []
+    return transforms.Compose([*augmentation, transforms.ToTensor(), transforms.Normalize(CIFAR_MEAN, CIFAR_STD)])
+
+
+class TransformedView(Dataset):
+    """The samples ``indices`` of ``base`` (which returns untransformed PIL images), passed through ``transform``.
+
+    Several views (e.g. train and validation, with different transforms) share one base dataset.
+    """
+
+    def __init__(self, base: Dataset, indices: Sequence[int], transform: Callable[[Any], Any]):
+        self.base = base
+        self.indices = indices
+        self.transform = transform
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image, target = self.base[self.indices[index]]
+        return self.transform(image), target
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    train: bool,
+    workers: int,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> DataLoader:
+    """A DataLoader for training (reshuffled every epoch, last partial batch kept) or evaluation (fixed order).
+
+    ``generator`` drives the shuffling and the worker seeds (hence the augmentation in workers), making
+    the batches reproducible. Memory is pinned only for CUDA devices; worker processes persist across epochs.
+    """
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        generator=generator,
+    )
