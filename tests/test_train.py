@@ -64,7 +64,7 @@ def test_short_run_writes_metrics_gradflow_checkpoints_plots_and_report(tiny_arg
     flow = json.loads((run / "gradflow.json").read_text())
     names = [layer["name"] for layer in flow["layers"]]
     assert names[0] == "features.0.conv.weight" and names[-1] == "classifier.bias"
-    assert len(names) == 7 + 7 * 2 + 3 + 2  # conv weights, BN weight+bias, reduction conv biases, linear
+    assert len(names) == 7 + 6 + 7 * 2 + 2  # conv weights, reduction conv biases, BN weight+bias, linear
     for epoch in flow["epochs"]:
         assert epoch["steps"] == 10  # 500 images / batch 50
         assert all(len(epoch[s]) == len(names) for s in ("mean_abs", "max_abs", "l2"))
@@ -94,16 +94,18 @@ def test_resume_continues_exactly(tiny_args, tmp_path):
     uninterrupted = tiny_args + ["--keep-checkpoints", "0"]
     assert main(uninterrupted) == 0
     full = Path(option(tiny_args, "--out-dir"))
-    # a second run directory that holds only the state after epoch 1
+    # a copy of the run rolled back to its state after epoch 1
     resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copy(full / "checkpoints" / "epoch-0001.pt", resumed / "checkpoints")
-    assert main(["--out-dir", str(resumed), "--resume", "--no-progress", "--workers", "0"]) == 0
+    shutil.copytree(full, resumed)
+    for later in ("checkpoints/epoch-0002.pt", "checkpoints/epoch-0003.pt", "test.json"):
+        (resumed / later).unlink()
+    assert main(["--out-dir", str(resumed), "--resume", "--no-progress"]) == 0
     assert without_timing(metrics(resumed)) == without_timing(metrics(full))
     assert json.loads((resumed / "gradflow.json").read_text())["epochs"] == \
         json.loads((full / "gradflow.json").read_text())["epochs"]
     for name, tensor in final_weights(full).items():
         assert torch.equal(tensor, final_weights(resumed)[name]), name
+    assert json.loads((resumed / "test.json").read_text()) == json.loads((full / "test.json").read_text())
 
 
 def test_killed_run_resumes_without_losing_epochs(tiny_args, tmp_path):
@@ -175,7 +177,7 @@ def test_fresh_run_refuses_to_overwrite_and_resume_refuses_changes(tiny_args, ca
         (["--device", "cuda"], "CUDA is not available on this machine"),
         (["--device", "tpu"], "--device 'tpu' is not a device"),
         (["--precision", "fp16"], "fp16 needs a CUDA device"),
-        (["--val-size", "150"], "multiple of 100"),
+        (["--val-size", "150"], "val_size must be a multiple of the number of classes (100)"),
         (["--data-dir", "/nonexistent/cifar"], "/nonexistent/cifar/cifar-100-python"),
         (["--verify-checksums"], "MD5"),
         (["--resume"], "no checkpoint to resume from"),

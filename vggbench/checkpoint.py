@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 FORMAT_VERSION = 1
-REQUIRED_KEYS = ("format", "epoch", "config", "model", "optimizer", "scheduler", "history")
+REQUIRED_KEYS = ("format", "epoch", "config", "runtime", "model", "optimizer", "scheduler", "history")
 _EPOCH_FILE = re.compile(r"epoch-(\d+)\.pt")
 
 

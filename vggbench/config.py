@@ -107,6 +107,10 @@ class TrainConfig:
         """The fields that define what is trained (all but RUNTIME_OPTIONS)."""
         return {k: v for k, v in asdict(self).items() if k not in RUNTIME_OPTIONS}
 
+    def runtime(self) -> dict:
+        """The fields that say where and how the run executes (RUNTIME_OPTIONS)."""
+        return {k: getattr(self, k) for k in RUNTIME_OPTIONS}
+
     def validate(self) -> "TrainConfig":
         """Raise ConfigError naming the first impossible value; return self."""
         try:

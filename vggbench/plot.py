@@ -20,6 +20,7 @@ import numpy as np
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from vggbench.runs import Run, RunError, load_run
 
@@ -50,7 +51,9 @@ def plot_gradient_flow(run_dir: str | Path, all_params: bool = False) -> Path:
     x = np.arange(len(layers))
     for epoch in epochs:
         ax.plot(x, _clipped(epoch["mean_abs"], index), color=EPOCH_CMAP(norm(epoch["epoch"])), lw=1.2)
-    fig.colorbar(ScalarMappable(norm=norm, cmap=EPOCH_CMAP), ax=ax, label="epoch")
+    colorbar = fig.colorbar(ScalarMappable(norm=norm, cmap=EPOCH_CMAP), ax=ax, label="epoch")
+    colorbar.locator = MaxNLocator(integer=True)  # epochs are whole numbers
+    colorbar.update_ticks()
     ax.set_yscale("log")
     ax.set_ylabel(GRAD_YLABEL)
     ax.set_xlabel("layer (forward order)")
@@ -71,6 +74,7 @@ def plot_curves(run_dir: str | Path) -> Path:
         for split in ("train", "val"):
             ax.plot(epochs, [row[f"{split}_{metric}"] for row in run.metrics], marker=".", label=split)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         ax.legend()
@@ -123,6 +127,7 @@ def plot_comparison(run_dirs: Sequence[str | Path], out_dir: str | Path = ".") -
                      label=f"{entry['label']} (epoch {flow['epoch']}: {flow['status']})")
     for ax, ylabel in ((loss_ax, "val loss"), (acc_ax, "val accuracy (%)")):
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
     grad_ax.set_yscale("log")
     grad_ax.set_xlabel("layer position (0 = input, 1 = output)")

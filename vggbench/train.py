@@ -126,7 +126,8 @@ class Trainer:
     # --- state -----------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
-            "epoch": self.epoch, "config": self.cfg.identity(), "model": self.model.state_dict(),
+            "epoch": self.epoch, "config": self.cfg.identity(), "runtime": self.cfg.runtime(),
+            "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "history": {"metrics": self.metrics, "gradflow": self.recorder.state_dict(), "best": self.best},
@@ -266,7 +267,8 @@ def resume_state(cfg: TrainConfig, explicit: set[str] | None) -> tuple[TrainConf
 
     A resumed run keeps its saved configuration: options that change what is trained
     may not be given with a different value (`explicit`: the options the user typed;
-    None checks them all). Starting afresh over existing checkpoints is refused.
+    None checks them all). Runtime options (device, workers, data dir, ...) not typed
+    are taken from the checkpoint. Starting afresh over existing checkpoints is refused.
     """
     ckpt_dir = cfg.run_dir / "checkpoints"
     if not cfg.resume:
@@ -285,16 +287,16 @@ def resume_state(cfg: TrainConfig, explicit: set[str] | None) -> tuple[TrainConf
     if changed:
         raise ConfigError(f"cannot change a run's configuration on --resume: {'; '.join(changed)}. "
                           "Start a new run in another --out-dir instead")
-    runtime = {k: getattr(cfg, k) for k in RUNTIME_OPTIONS}
+    typed = set(RUNTIME_OPTIONS) if explicit is None else explicit | {"out_dir", "resume"}
+    runtime = {k: v if k in typed else state["runtime"].get(k, v) for k, v in cfg.runtime().items()}
     return TrainConfig(**{**given, **saved, **runtime}), state
 
 
 def train(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
     """Run (or resume) the training `cfg` describes; return the test result of its best checkpoint."""
-    cfg.validate()
+    cfg, state = resume_state(cfg.validate(), explicit)
     device = resolve_device(cfg.device)
     check_precision(cfg.precision, device)
-    cfg, state = resume_state(cfg, explicit)
     configure_determinism(cfg.deterministic, device)
     trainer = Trainer(cfg, device)
     if state is not None:

@@ -1,0 +1,36 @@
+"""The main job, shrunk: five study configurations, plots, report, and the vanishing signature."""
+
+import json
+import math
+
+from vggbench.demo import main
+
+
+def test_demo_shows_the_signature_and_is_idempotent(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["--out", str(out), "--data-dir", str(tmp_path / "no-cifar"), "--dataset", "synthetic", "--epochs", "1",
+            "--synthetic-train-size", "1000", "--synthetic-test-size", "200", "--val-size", "200",
+            "--device", "cpu", "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "SYNTHETIC DATA" in printed and str(out.resolve()) in printed
+    for name in ("report.md", "report.json", "compare.png", "compare.json"):
+        assert (out / name).stat().st_size > 0
+    runs = {d.name: d for d in (out / "runs").iterdir()}
+    assert set(runs) == {"vgg08-plain", "vgg38-plain", "vgg38-bn", "vgg38-rc", "vgg38-bn_rc"}
+    diagnosis = {}
+    for name, run in runs.items():
+        assert (run / "gradflow.png").exists() and (run / "curves.png").exists() and (run / "test.json").exists()
+        flow = json.loads((run / "gradflow.json").read_text())["epochs"][-1]
+        diagnosis[name] = flow["diagnosis"]
+    assert diagnosis["vgg38-plain"]["status"] == "vanishing" and diagnosis["vgg38-plain"]["ratio"] < 1e-6
+    assert all(diagnosis[n]["status"] == "healthy" for n in ("vgg08-plain", "vgg38-bn", "vgg38-bn_rc"))
+    plain = json.loads((runs["vgg38-plain"] / "metrics.jsonl").read_text().splitlines()[-1])
+    assert abs(plain["train_loss"] - math.log(100)) < 0.02
+    assert "**Synthetic data**" in (out / "report.md").read_text()
+
+    # running it again keeps the finished runs
+    stamps = {name: (run / "test.json").stat().st_mtime_ns for name, run in runs.items()}
+    assert main(argv) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert stamps == {name: (run / "test.json").stat().st_mtime_ns for name, run in runs.items()}
