@@ -204,3 +204,21 @@ def test_help_explains_every_option(capsys):
     text = capsys.readouterr().out
     for f in fields(TrainConfig):
         assert f"--{flag(f.name)}" in text
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        ["--optimizer", "sgd", "--scheduler", "cosine_restarts", "--restart-period", "1"],
+        ["--optimizer", "adamw", "--weight-decay", "1e-4", "--scheduler", "none"],
+        ["--precision", "bf16", "--channels-last"],
+        ["--variant", "plain", "--activation", "sigmoid", "--residual-reduction", "--workers", "1"],
+        ["--variant", "bn", "--bn-position", "after", "--train-limit", "200", "--no-augment"],
+    ],
+)
+def test_training_options_run(tiny_args, change):
+    args = set_option(tiny_args, "--epochs", "1") + change
+    assert main(args) == 0
+    run = Path(option(args, "--out-dir"))
+    (row,) = metrics(run)
+    assert 0 < row["train_loss"] < 10 and (run / "test.json").exists()

@@ -11,13 +11,13 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from vggbench.data import DATASETS
 from vggbench.models.units import ACTIVATIONS, NORM_POSITIONS
 from vggbench.models.vgg import VARIANTS, blocks_for_depth, model_label, parse_model_name
 
 OPTIMIZERS = ("adam", "sgd", "adamw")
 SCHEDULERS = ("cosine", "cosine_restarts", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
-DATASETS = ("cifar100", "synthetic")
 # Options that say where or how a run executes, not what it trains; they may change on
 # --resume and do not distinguish configurations.
 RUNTIME_OPTIONS = ("device", "workers", "progress", "out_dir", "data_dir", "download", "resume")

@@ -43,7 +43,7 @@ def choose_dataset(requested: str, data_dir: str) -> str:
 def run_configs(args: argparse.Namespace, dataset: str) -> list[TrainConfig]:
     """The five study configurations with the demo's short protocol."""
     base = TrainConfig(
-        dataset=dataset, data_dir=args.data_dir, epochs=args.epochs, lr=args.lr, seed=args.seed,
+        dataset=dataset, data_dir=args.data_dir, verify_checksums=args.verify_checksums, epochs=args.epochs, lr=args.lr, seed=args.seed,
         batch_size=100, val_size=args.val_size, train_limit=args.train_limit if dataset == "cifar100" else None,
         synthetic_train_size=args.synthetic_train_size, synthetic_test_size=args.synthetic_test_size,
         workers=args.workers, device=args.device, channels_last=True, progress=args.progress,
@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default="auto", choices=("auto", "cifar100", "synthetic"),
                         help="auto: CIFAR-100 if on disk or downloadable, else synthetic (default: auto)")
     parser.add_argument("--data-dir", default="data", help="where CIFAR-100 is or goes (default: data)")
+    parser.add_argument("--verify-checksums", action=argparse.BooleanOptionalAction, default=True,
+                        help="check the MD5 sums of the official CIFAR-100 files (default: on)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run (default: 3)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every run (default: 0)")

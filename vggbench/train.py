@@ -125,6 +125,7 @@ class Trainer:
 
     # --- state -----------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Everything needed to continue after the current epoch (tensors and plain data only)."""
         return {
             "epoch": self.epoch, "config": self.cfg.identity(), "runtime": self.cfg.runtime(),
             "model": self.model.state_dict(),
@@ -134,6 +135,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict()` (from a checkpoint loaded with weights_only=True)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -145,6 +147,7 @@ class Trainer:
 
     # --- files -----------------------------------------------------------------------
     def write_config(self) -> None:
+        """config.json: the resolved config plus label, #params, torch version and device."""
         num_params = sum(p.numel() for p in self.model.parameters())
         info = dict(zip(RUN_FACTS, (self.cfg.label, num_params, torch.__version__, str(self.device))))
         atomic_write_json(self.run_dir / "config.json", {**asdict(self.cfg), **info})
@@ -161,6 +164,7 @@ class Trainer:
 
     # --- loops -----------------------------------------------------------------------
     def _batches(self, loader, desc: str):
+        """Yield (progress bar or loader, images, targets) on the device; tqdm unless --no-progress."""
         bar = tqdm(loader, desc=desc, leave=False, disable=False if self.cfg.progress else None,
                    dynamic_ncols=True) if self.cfg.progress is not False else loader
         for images, targets in bar:

@@ -85,7 +85,7 @@ def _file_problem(data_dir: Path, verify_checksums: bool) -> DataError | None:
                 reason = (
                     f"its MD5 checksum does not match the official one ({md5}); "
                     "for custom data in the CIFAR-100 format, disable checksum verification "
-                    "(verify_checksums=False)"
+                    "(--no-verify-checksums, or verify_checksums=False)"
                 )
                 return _corrupt(folder / name, reason)
     return None

@@ -7,7 +7,7 @@ replace it without touching model code, and checkpoints stay interchangeable.
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,21 +19,10 @@ ACTIVATIONS: tuple[str, ...] = ("leaky_relu", "sigmoid")
 NORM_POSITIONS: tuple[str, ...] = ("before", "after")
 
 
-class UnitFactory(Protocol):
-    """What a model needs to build a unit; `ConvNormAct` is the native implementation."""
-
-    def __call__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        *,
-        kernel_size: int = 3,
-        stride: int = 1,
-        bias: bool = False,
-        norm: NormPosition | None = "before",
-        activation: Activation | None = "leaky_relu",
-        negative_slope: float = 0.01,
-    ) -> nn.Module: ...
+# What a model builds its layers with: called like ConvNormAct(in_channels, out_channels,
+# kernel_size=, stride=, bias=, norm=, activation=, negative_slope=), returning a module
+# with forward(x, residual=None). ConvNormAct is the native implementation.
+UnitFactory = Callable[..., nn.Module]
 
 
 class ConvNormAct(nn.Module):
