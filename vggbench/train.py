@@ -37,7 +37,8 @@ from vggbench.data import DataError, build_loader, build_splits
 from vggbench.gradflow import GradientFlowRecorder
 from vggbench.models import VGG, build_model
 
-METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "images_per_s")
+METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "images_per_s",
+                  "dataset")
 RUN_FACTS = ("label", "num_params", "torch", "resolved_device")  # what config.json adds to the config
 SYNTHETIC_BANNER = "*** SYNTHETIC DATA: not CIFAR-100; results show the mechanism, not the study's figures ***"
 
@@ -160,7 +161,7 @@ class Trainer:
         writer.writeheader()
         writer.writerows(self.metrics)
         atomic_write_text(self.run_dir / "summary.csv", table.getvalue())
-        atomic_write_json(self.run_dir / "gradflow.json", self.recorder.state_dict())
+        atomic_write_json(self.run_dir / "gradflow.json", {"dataset": self.splits.kind, **self.recorder.state_dict()})
 
     # --- loops -----------------------------------------------------------------------
     def _batches(self, loader, desc: str):
@@ -226,7 +227,7 @@ class Trainer:
         while self.epoch < cfg.epochs:
             epoch = self.epoch + 1
             lr = self.optimizer.param_groups[0]["lr"]
-            row = {"epoch": epoch, "lr": lr, **self.train_epoch(epoch)}
+            row = {"epoch": epoch, "lr": lr, "dataset": self.splits.kind, **self.train_epoch(epoch)}
             row["val_loss"], row["val_acc"] = self.evaluate(self.splits.val, "validation")
             self.scheduler.step()
             flow = self.recorder.end_epoch(epoch)
@@ -327,10 +328,14 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; bad input exits with status 2 and a one-line explanation."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    cfg = TrainConfig(**vars(args))
     try:
-        train(TrainConfig(**vars(args)), explicit_options(argv if argv is not None else sys.argv[1:]))
+        train(cfg, explicit_options(argv if argv is not None else sys.argv[1:]))
     except (ConfigError, CheckpointError, DataError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"\ninterrupted: completed epochs are checkpointed; continue with "
+                         f"{parser.prog} --out-dir {cfg.run_dir} --resume\n")
     return 0
 
 
