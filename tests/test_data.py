@@ -308,12 +308,12 @@ def test_eval_loader_keeps_order(splits):
     images, labels = next(iter(loader))
     assert images.shape == (64, 3, 32, 32)
     assert torch.equal(torch.cat([labels for _, labels in loader]), torch.tensor(view_labels(splits.val)))
-    assert not loader.pin_memory and not loader.persistent_workers
+    assert not loader.pin_memory
 
 
 def test_loader_options():
     loader = build_loader(list(range(10)), 4, train=False, workers=2, device=torch.device("cuda"))
-    assert loader.pin_memory and loader.persistent_workers and loader.num_workers == 2 and not loader.drop_last
+    assert loader.pin_memory and loader.num_workers == 2 and not loader.drop_last
 
 
 def test_worker_augmentation_is_reproducible(splits):

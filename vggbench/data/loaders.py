@@ -49,7 +49,8 @@ def build_loader(
     """A DataLoader for training (reshuffled every epoch, last partial batch kept) or evaluation (fixed order).
 
     ``generator`` drives the shuffling and the worker seeds (hence the augmentation in workers), making
-    the batches reproducible. Memory is pinned only for CUDA devices; worker processes persist across epochs.
+    the batches reproducible (the trainer builds one loader per epoch from a per-epoch generator, so
+    workers are not kept across epochs). Memory is pinned only for CUDA devices.
     """
     return DataLoader(
         dataset,
@@ -58,6 +59,5 @@ def build_loader(
         drop_last=False,
         num_workers=workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
         generator=generator,
     )
