@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from vggbench import plot, report
-from vggbench.checkpoint import load_checkpoint
+from vggbench.checkpoint import atomic_write, load_checkpoint
 from vggbench.config import TrainConfig, flag
 from vggbench.train import METRIC_COLUMNS, main, make_model
 
@@ -122,7 +122,7 @@ def start_training_and_wait_for_first_epoch(args: list[str]) -> subprocess.Popen
 
 
 def test_ctrl_c_exits_cleanly_and_says_how_to_resume(tiny_args):
-    proc = start_training_and_wait_for_first_epoch(tiny_args)
+    proc = start_training_and_wait_for_first_epoch(set_option(tiny_args, "--epochs", "5"))
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, output
@@ -237,3 +237,17 @@ def test_training_options_run(tiny_args, change):
     run = Path(option(args, "--out-dir"))
     (row,) = metrics(run)
     assert 0 < row["train_loss"] < 10 and (run / "test.json").exists()
+
+
+def test_ctrl_c_during_a_write_is_delivered_after_it(tmp_path):
+    target = tmp_path / "state.pt"
+
+    def write_and_interrupt(f):
+        f.write(b"first half ")
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C arrives in the middle of the write
+        f.write(b"second half")
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, write_and_interrupt)
+    assert target.read_bytes() == b"first half second half"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
