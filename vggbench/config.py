@@ -7,7 +7,6 @@ flag and `config.json` in a run directory records every resolved value.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -173,13 +172,3 @@ def explicit_options(argv: list[str] | None) -> set[str]:
     probe = argparse.ArgumentParser(add_help=False)
     add_config_arguments(probe, suppress_defaults=True)
     return set(vars(probe.parse_known_args(argv)[0]))
-
-
-def load_config_json(path: Path) -> dict:
-    """Read a run's config.json, with a clear error when it is missing or malformed."""
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path} not found: is this a vggbench run directory?") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path} is not valid JSON ({err})") from None

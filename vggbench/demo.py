@@ -12,7 +12,6 @@ interrupted ones resume from their last checkpoint.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +20,7 @@ from vggbench import plot, report
 from vggbench.checkpoint import CheckpointError, epoch_checkpoints
 from vggbench.config import ConfigError, TrainConfig
 from vggbench.data import DataError, cifar100_available, prepare_cifar100
+from vggbench.runs import load_run
 from vggbench.train import SYNTHETIC_BANNER, train
 
 STUDY_RUNS = (("vgg08", "plain"), ("vgg38", "plain"), ("vgg38", "bn"), ("vgg38", "rc"), ("vgg38", "bn_rc"))
@@ -64,12 +64,10 @@ def run_or_continue(cfg: TrainConfig) -> None:
 def summarise(run_dirs: list[Path]) -> list[str]:
     """One line per run: last-epoch train loss and the gradient-flow diagnosis (the signature)."""
     lines = []
-    for run_dir in run_dirs:
-        config = json.loads((run_dir / "config.json").read_text())
-        last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-        flow = json.loads((run_dir / "gradflow.json").read_text())["epochs"][-1]["diagnosis"]
+    for run in map(load_run, run_dirs):
+        last, flow = run.metrics[-1], run.require_gradflow()["epochs"][-1]["diagnosis"]
         ratio = f"{flow['ratio']:.1e}" if flow["ratio"] is not None else "n/a"
-        lines.append(f"  {config['label']:<13} train loss {last['train_loss']:.3f}  val acc {last['val_acc']:5.2f}%  "
+        lines.append(f"  {run.label:<13} train loss {last['train_loss']:.3f}  val acc {last['val_acc']:5.2f}%  "
                      f"gradients {flow['status']:<9} (first/last layer ratio {ratio})")
     return lines
 
