@@ -90,10 +90,15 @@ def epoch_checkpoints(ckpt_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def save_checkpoint(state: dict, path: Path) -> Path:
+    """Write `state` (tensors and plain data) with the format version, atomically."""
+    atomic_write(path, lambda f: torch.save({"format": FORMAT_VERSION, **state}, f))
+    return path
+
+
 def save_epoch_checkpoint(state: dict, ckpt_dir: Path, keep: int) -> Path:
     """Write epoch-NNNN.pt atomically, then prune all but the newest `keep` (0 keeps all)."""
-    path = Path(ckpt_dir) / f"epoch-{state['epoch']:04d}.pt"
-    atomic_write(path, lambda f: torch.save({"format": FORMAT_VERSION, **state}, f))
+    path = save_checkpoint(state, Path(ckpt_dir) / f"epoch-{state['epoch']:04d}.pt")
     existing = epoch_checkpoints(ckpt_dir)
     if keep:
         for old in existing[:-keep]:
@@ -103,9 +108,7 @@ def save_epoch_checkpoint(state: dict, ckpt_dir: Path, keep: int) -> Path:
 
 def save_best(state: dict, ckpt_dir: Path) -> Path:
     """Write best.pt (model weights and where they came from) atomically."""
-    path = Path(ckpt_dir) / "best.pt"
-    atomic_write(path, lambda f: torch.save({"format": FORMAT_VERSION, **state}, f))
-    return path
+    return save_checkpoint(state, Path(ckpt_dir) / "best.pt")
 
 
 def load_checkpoint(path: Path, required: tuple[str, ...] = REQUIRED_KEYS) -> dict:

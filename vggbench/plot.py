@@ -22,6 +22,7 @@ from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from vggbench.checkpoint import atomic_write_text
 from vggbench.runs import Run, RunError, load_run
 
 DPI = 120
@@ -139,7 +140,7 @@ def plot_comparison(run_dirs: Sequence[str | Path], out_dir: str | Path = ".") -
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(data, indent=2) + "\n")
+    atomic_write_text(out / "compare.json", json.dumps(data, indent=2) + "\n")
     return _save(fig, out / "compare.png")
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vggbench.checkpoint import atomic_write_text
 from vggbench.config import RUNTIME_OPTIONS
 from vggbench.runs import Run, RunError, load_run
 from vggbench.train import RUN_FACTS
@@ -112,10 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = build_report(args.run_dirs)
     except RunError as err:
         parser.error(str(err))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report.markdown)
+    atomic_write_text(args.out, report.markdown)
     json_path = args.out.with_suffix(".json")
-    json_path.write_text(json.dumps({"rows": report.rows}, indent=2) + "\n")
+    atomic_write_text(json_path, json.dumps({"rows": report.rows}, indent=2) + "\n")
     print(report.markdown)
     print(f"wrote {args.out} and {json_path}")
     return 0
