@@ -12,14 +12,16 @@ from pathlib import Path
 
 from vggbench.data import DATASETS
 from vggbench.models.units import ACTIVATIONS, NORM_POSITIONS
-from vggbench.models.vgg import VARIANTS, blocks_for_depth, model_label, parse_model_name
+from vggbench.models.vgg import IMPLS, VARIANTS, blocks_for_depth, model_label, parse_model_name
 
 OPTIMIZERS = ("adam", "sgd", "adamw")
 SCHEDULERS = ("cosine", "cosine_restarts", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Options that say where or how a run executes, not what it trains; they may change on
 # --resume and do not distinguish configurations.
-RUNTIME_OPTIONS = ("device", "workers", "progress", "out_dir", "data_dir", "download", "resume")
+# impl is runtime too: both implementations compute the same model from the same
+# state_dict, so a run may continue on the other one.
+RUNTIME_OPTIONS = ("device", "impl", "workers", "progress", "out_dir", "data_dir", "download", "resume")
 
 
 class ConfigError(ValueError):
@@ -48,6 +50,8 @@ class TrainConfig:
     activation: str = opt("leaky_relu", "activation after every conv", ACTIVATIONS)
     negative_slope: float = opt(0.01, "LeakyReLU negative slope (0 gives ReLU)")
     bn_position: str = opt("before", "BatchNorm before the activation (the study) or after it", NORM_POSITIONS)
+    impl: str = opt("native", "layers: native PyTorch, or the fused conv->BN->act C++/CUDA op "
+                    "(same weights and checkpoints)", IMPLS)
     # data
     dataset: str = opt("cifar100", "cifar100 (torchvision's CIFAR100 from --data-dir) or synthetic "
                        "(deterministic learnable stand-in with CIFAR-100's shapes)", DATASETS)
@@ -137,7 +141,19 @@ class TrainConfig:
             raise ConfigError(f"--eta-min ({self.eta_min:g}) must not exceed --lr ({self.lr:g})")
         if self.train_limit is not None and self.train_limit < 100:
             raise ConfigError(f"--train-limit must be >= 100 (one image per class), got {self.train_limit}")
+        if self.impl == "fused":
+            self._check_fusable()
         return self
+
+    def _check_fusable(self) -> None:
+        """--impl fused covers BN before a LeakyReLU, and needs the built extension."""
+        if self.activation != "leaky_relu" or self.bn_position != "before":
+            raise ConfigError("--impl fused computes conv -> BN -> LeakyReLU; --activation sigmoid and "
+                              "--bn-position after need --impl native")
+        try:
+            import vggbench.ops  # noqa: F401
+        except ImportError as err:
+            raise ConfigError(str(err)) from None
 
 
 def flag(name: str) -> str:

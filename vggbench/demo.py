@@ -20,6 +20,7 @@ from vggbench import plot, report
 from vggbench.checkpoint import CheckpointError, epoch_checkpoints
 from vggbench.config import ConfigError, TrainConfig
 from vggbench.data import DataError, cifar100_available, prepare_cifar100
+from vggbench.models import IMPLS
 from vggbench.runs import load_run
 from vggbench.train import SYNTHETIC_BANNER, train
 
@@ -46,7 +47,7 @@ def run_configs(args: argparse.Namespace, dataset: str) -> list[TrainConfig]:
         dataset=dataset, data_dir=args.data_dir, verify_checksums=args.verify_checksums, epochs=args.epochs, lr=args.lr, seed=args.seed,
         batch_size=100, val_size=args.val_size, train_limit=args.train_limit if dataset == "cifar100" else None,
         synthetic_train_size=args.synthetic_train_size, synthetic_test_size=args.synthetic_test_size,
-        workers=args.workers, device=args.device, channels_last=True, progress=args.progress,
+        workers=args.workers, device=args.device, impl=args.impl, channels_last=True, progress=args.progress,
     )
     return [replace(base, model=m, variant=v, out_dir=str(Path(args.out) / "runs" / f"{m}-{v}"))
             for m, v in STUDY_RUNS]
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="synthetic only: test images (default: 1000)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (default: 0, best on 2 cores)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    parser.add_argument("--impl", default="native", choices=IMPLS,
+                        help="layers: native PyTorch or the fused C++/CUDA op (default: native)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="tqdm progress bars (default: only on a terminal)")
     return parser

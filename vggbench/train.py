@@ -74,7 +74,7 @@ def make_model(cfg: TrainConfig) -> VGG:
     return build_model(
         cfg.model, cfg.variant, filters=cfg.filters, stages=cfg.stages, convs_per_block=cfg.convs_per_block,
         residual_reduction=cfg.residual_reduction, activation=cfg.activation,
-        negative_slope=cfg.negative_slope, bn_position=cfg.bn_position,
+        negative_slope=cfg.negative_slope, bn_position=cfg.bn_position, impl=cfg.impl,
     )
 
 

@@ -2,12 +2,14 @@
 
 from vggbench.models.units import ConvNormAct, UnitFactory
 from vggbench.models.vgg import (
+    IMPLS,
     VARIANTS,
     VGG,
     VGGSpec,
     build_model,
     make_layers,
     model_label,
+    unit_for,
     vgg08,
     vgg38,
     vgg38_bn,
@@ -16,6 +18,6 @@ from vggbench.models.vgg import (
 )
 
 __all__ = [
-    "VARIANTS", "VGG", "VGGSpec", "ConvNormAct", "UnitFactory", "build_model", "make_layers",
+    "IMPLS", "unit_for", "VARIANTS", "VGG", "VGGSpec", "ConvNormAct", "UnitFactory", "build_model", "make_layers",
     "model_label", "vgg08", "vgg38", "vgg38_bn", "vgg38_rc", "vgg38_bn_rc",
 ]

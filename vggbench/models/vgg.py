@@ -168,14 +168,31 @@ def blocks_for_depth(depth: int, stages: int = 3, convs_per_block: int = 2) -> i
     return blocks
 
 
+IMPLS: tuple[str, ...] = ("native", "fused")
+
+
+def unit_for(impl: str) -> UnitFactory:
+    """The unit of an implementation: native PyTorch layers or the fused C++/CUDA op."""
+    if impl == "native":
+        return ConvNormAct
+    if impl == "fused":
+        from vggbench.models.fused import FusedConvNormAct  # loads the C++ extension
+
+        return FusedConvNormAct
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
 def build_model(
-    name: str = "vgg38", variant: str = "plain", *, unit: UnitFactory = ConvNormAct, **overrides
+    name: str = "vgg38", variant: str = "plain", *, impl: str = "native", unit: UnitFactory | None = None,
+    **overrides,
 ) -> VGG:
-    """The public factory: `build_model("vgg38", "bn_rc")`.
+    """The public factory: `build_model("vgg38", "bn_rc", impl="fused")`.
 
     `name` is "vgg<depth>" (depth = weight layers); `variant` one of plain/bn/rc/bn_rc;
-    `overrides` are other VGGSpec fields (filters, stages, convs_per_block,
-    residual_reduction, activation, bn_position, negative_slope, num_classes, ...).
+    `impl` "native" or "fused" (same parameters and state_dict either way); `unit` a
+    custom unit factory instead; `overrides` are other VGGSpec fields (filters, stages,
+    convs_per_block, residual_reduction, activation, bn_position, negative_slope,
+    num_classes, ...).
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
@@ -188,7 +205,7 @@ def build_model(
     convs = overrides.get("convs_per_block", VGGSpec.convs_per_block)
     blocks = blocks_for_depth(parse_model_name(name), stages, convs)
     spec = VGGSpec(blocks_per_stage=blocks, **{**VARIANTS[variant], **overrides})
-    return VGG(spec, unit)
+    return VGG(spec, unit or unit_for(impl))
 
 
 def model_label(name: str, variant: str) -> str:

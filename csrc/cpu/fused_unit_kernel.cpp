@@ -1,0 +1,216 @@
+// CPU passes of the fused unit (see ../fused_unit.h): float, double and bfloat16
+// activations, sums accumulated in double. Reductions run over fixed blocks of rows,
+// combined in block order, so results do not depend on the number of threads.
+#include "../fused_unit.h"
+#include "../fused_unit_math.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace vggbench {
+namespace {
+
+constexpr int64_t kBlockElements = 1 << 15;  // elements per reduction block (~L2-sized)
+
+template <typename T>
+const T* data_or_null(const OptTensor& t) {
+  return t ? t->const_data_ptr<T>() : nullptr;
+}
+
+// Runs body(first_row, end_row, partial) over fixed blocks of outer rows in parallel;
+// each block accumulates `width` doubles per channel into its own zeroed `partial`.
+// Returns the totals, blocks combined in order: entry j by combine(j, total, partial).
+template <typename Body, typename Combine>
+std::vector<double> reduce_blocks(const Geometry& g, int width, Body body, Combine combine) {
+  const int64_t row = std::max<int64_t>(1, g.channels * g.inner);
+  const int64_t rows = std::max<int64_t>(1, kBlockElements / row);
+  const int64_t blocks = (g.outer + rows - 1) / rows;
+  const int64_t stride = width * g.channels;
+  std::vector<double> partial(blocks * stride, 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      body(b * rows, std::min(g.outer, (b + 1) * rows), partial.data() + b * stride);
+    }
+  });
+  std::vector<double> total(partial.begin(), partial.begin() + stride);
+  for (int64_t b = 1; b < blocks; ++b) {
+    for (int64_t j = 0; j < stride; ++j) total[j] = combine(j, total[j], partial[b * stride + j]);
+  }
+  return total;
+}
+
+// Runs body(first_row, end_row) over the outer rows in parallel (elementwise passes).
+template <typename Body>
+void parallel_rows(const Geometry& g, Body body) {
+  const int64_t grain = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(1, g.channels * g.inner));
+  at::parallel_for(0, g.outer, grain, body);
+}
+
+Tensor channel_tensor(const std::vector<double>& values, int64_t offset, int64_t channels,
+                      const Tensor& like) {
+  Tensor t = at::empty({channels}, like.options().dtype(stats_dtype(like.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "vggbench_channel_tensor", [&] {
+    auto* out = t.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < channels; ++c) out[c] = static_cast<scalar_t>(values[offset + c]);
+  });
+  return t;
+}
+
+std::tuple<Tensor, Tensor> channel_stats(const Tensor& z) {
+  const Geometry g = geometry_of(z);
+  const int64_t C = g.channels;
+  std::vector<double> mean(C), var(C);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "vggbench_channel_stats", [&] {
+    const scalar_t* data = z.const_data_ptr<scalar_t>();
+    std::vector<double> shift(C);
+    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<double>(data[c * g.inner]);
+    const auto sums = reduce_blocks(
+        g, 2,
+        [&](int64_t first, int64_t end, double* partial) {
+          for (int64_t o = first; o < end; ++o) {
+            for (int64_t c = 0; c < C; ++c) {
+              const scalar_t* p = data + (o * C + c) * g.inner;
+              double s = 0, q = 0;
+              for (int64_t i = 0; i < g.inner; ++i) {
+                const double d = static_cast<double>(p[i]) - shift[c];
+                s += d, q += d * d;
+              }
+              partial[c] += s, partial[C + c] += q;
+            }
+          }
+        },
+        [](int64_t, double a, double b) { return a + b; });
+    for (int64_t c = 0; c < C; ++c) {
+      math::mean_var(sums[c], sums[C + c], shift[c], static_cast<double>(g.count()), mean[c],
+                     var[c]);
+    }
+  });
+  return {channel_tensor(mean, 0, C, z), channel_tensor(var, 0, C, z)};
+}
+
+void normalize_act(const Tensor& z, const OptTensor& scale, const OptTensor& shift,
+                   const OptTensor& residual, double slope, const Tensor& out) {
+  const Geometry g = geometry_of(z);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "vggbench_normalize_act", [&] {
+    using stat_t = at::opmath_type<scalar_t>;
+    const scalar_t* in = z.const_data_ptr<scalar_t>();
+    const scalar_t* res = data_or_null<scalar_t>(residual);
+    const stat_t* sc = data_or_null<stat_t>(scale);
+    const stat_t* sh = data_or_null<stat_t>(shift);
+    scalar_t* y = out.mutable_data_ptr<scalar_t>();
+    const auto s = static_cast<stat_t>(slope);
+    parallel_rows(g, [&](int64_t first, int64_t end) {
+      for (int64_t o = first; o < end; ++o) {
+        for (int64_t c = 0; c < g.channels; ++c) {
+          const stat_t a = sc ? sc[c] : stat_t(1), b = sh ? sh[c] : stat_t(0);
+          const int64_t base = (o * g.channels + c) * g.inner;
+          for (int64_t i = base; i < base + g.inner; ++i) {
+            stat_t v = static_cast<stat_t>(in[i]) * a + b;
+            if (res) v += static_cast<stat_t>(res[i]);
+            y[i] = static_cast<scalar_t>(math::leaky_relu(v, s));
+          }
+        }
+      }
+    });
+  });
+}
+
+// Per-element view of BackwardInputs: g and xhat at offset i of channel c.
+template <typename scalar_t>
+struct BackwardView {
+  using stat_t = at::opmath_type<scalar_t>;
+  const scalar_t *dy, *y, *res, *xhat;
+  const stat_t *rscale, *rshift;
+  stat_t slope;
+
+  explicit BackwardView(const BackwardInputs& in)
+      : dy(in.grad_out.const_data_ptr<scalar_t>()),
+        y(in.out.const_data_ptr<scalar_t>()),
+        res(data_or_null<scalar_t>(in.residual)),
+        xhat(data_or_null<scalar_t>(in.xhat)),
+        rscale(in.recover_scale.defined() ? in.recover_scale.const_data_ptr<stat_t>() : nullptr),
+        rshift(in.recover_shift.defined() ? in.recover_shift.const_data_ptr<stat_t>() : nullptr),
+        slope(static_cast<stat_t>(in.slope)) {}
+
+  stat_t g(int64_t i) const {
+    return math::act_grad(static_cast<stat_t>(y[i]), static_cast<stat_t>(dy[i]), slope);
+  }
+  stat_t pre(int64_t i) const { return math::inverse_act(static_cast<stat_t>(y[i]), slope); }
+  stat_t x_hat(int64_t i, int64_t c) const {
+    if (xhat) return static_cast<stat_t>(xhat[i]);
+    return math::recover_xhat(pre(i), res ? static_cast<stat_t>(res[i]) : stat_t(0), rscale[c],
+                              rshift[c]);
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
+  const Geometry g = geometry_of(in.out);
+  const int64_t C = g.channels;
+  std::vector<double> sums;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, in.out.scalar_type(), "vggbench_backward_reduce", [&] {
+    const BackwardView<scalar_t> v(in);
+    const bool recovering = !v.xhat;
+    const auto body = [&](int64_t first, int64_t end, double* partial) {
+      for (int64_t o = first; o < end; ++o) {
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t base = (o * C + c) * g.inner;
+          double sg = 0, sgx = 0, peak = partial[2 * C + c];
+          for (int64_t i = base; i < base + g.inner; ++i) {
+            const double gi = v.g(i);
+            sg += gi, sgx += gi * static_cast<double>(v.x_hat(i, c));
+            if (recovering) peak = std::max(peak, static_cast<double>(std::abs(v.pre(i))));
+          }
+          partial[c] += sg, partial[C + c] += sgx, partial[2 * C + c] = peak;
+        }
+      }
+    };
+    // Entries [0, 2C) are sums, [2C, 3C) maxima.
+    sums = reduce_blocks(g, 3, body, [C](int64_t j, double a, double b) {
+      return j < 2 * C ? a + b : std::max(a, b);
+    });
+  });
+  return {channel_tensor(sums, 0, C, in.out), channel_tensor(sums, C, C, in.out),
+          channel_tensor(sums, 2 * C, C, in.out)};
+}
+
+void backward_apply(const BackwardInputs& in, const OptTensor& k, const OptTensor& mean_g,
+                    const OptTensor& mean_gx, const Tensor& grad_z,
+                    const OptTensor& grad_residual) {
+  const Geometry g = geometry_of(in.out);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, in.out.scalar_type(), "vggbench_backward_apply", [&] {
+    using stat_t = at::opmath_type<scalar_t>;
+    const BackwardView<scalar_t> v(in);
+    const stat_t* kk = data_or_null<stat_t>(k);
+    const stat_t* mg = data_or_null<stat_t>(mean_g);
+    const stat_t* mgx = data_or_null<stat_t>(mean_gx);
+    scalar_t* dz = grad_z.mutable_data_ptr<scalar_t>();
+    scalar_t* dres = grad_residual ? grad_residual->mutable_data_ptr<scalar_t>() : nullptr;
+    parallel_rows(g, [&](int64_t first, int64_t end) {
+      for (int64_t o = first; o < end; ++o) {
+        for (int64_t c = 0; c < g.channels; ++c) {
+          const int64_t base = (o * g.channels + c) * g.inner;
+          for (int64_t i = base; i < base + g.inner; ++i) {
+            const stat_t gi = v.g(i);
+            dz[i] = static_cast<scalar_t>(
+                kk ? math::bn_input_grad(gi, v.x_hat(i, c), kk[c], mg[c], mgx[c]) : gi);
+            if (dres) dres[i] = static_cast<scalar_t>(gi);
+          }
+        }
+      }
+    });
+  });
+}
+
+const Kernels kCpuKernels{&channel_stats, &normalize_act, &backward_reduce, &backward_apply};
+
+}  // namespace
+}  // namespace vggbench
+
+TORCH_LIBRARY_IMPL(vggbench, CPU, m) { vggbench::register_backend(m, vggbench::kCpuKernels); }

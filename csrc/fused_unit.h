@@ -1,0 +1,68 @@
+// The fused conv -> BatchNorm -> (+residual) -> LeakyReLU unit: what the shared
+// orchestration (fused_unit.cpp) needs from a backend (cpu/, cuda/).
+//
+// The conv itself runs through ATen; a backend provides the passes over the
+// activation-sized tensors around it. Every such tensor is contiguous in one memory
+// format and seen as (outer, C, inner): NCHW -> (N, C, H*W), NHWC -> (N*H*W, C, 1),
+// element (o, c, i) at offset (o * C + c) * inner + i.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace torch {
+class Library;
+}
+
+namespace vggbench {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+struct Geometry {
+  int64_t outer, channels, inner;
+  int64_t count() const { return outer * inner; }  // elements per channel
+};
+
+// The (outer, C, inner) view of a 4-D tensor contiguous in NCHW or NHWC.
+Geometry geometry_of(const Tensor& t);
+
+// float for float/half/bfloat16 activations, double for double: the dtype of the
+// statistics and per-channel coefficients the kernels take and return.
+at::ScalarType stats_dtype(at::ScalarType activation);
+
+// The activation-sized inputs of the backward passes. xhat (the normalised conv output)
+// is recovered element by element from the output when `xhat` is absent:
+//   pre = y > 0 ? y : y / slope,   xhat = (pre - residual) * recover_scale - recover_shift
+// with recover_scale = 1 / gamma and recover_shift = beta / gamma per channel.
+struct BackwardInputs {
+  Tensor grad_out, out;
+  OptTensor residual;
+  OptTensor xhat;
+  Tensor recover_scale, recover_shift;  // undefined when xhat is not needed
+  double slope;
+};
+
+struct Kernels {
+  // Per-channel mean and biased variance of z.
+  std::tuple<Tensor, Tensor> (*channel_stats)(const Tensor& z);
+  // out = leaky_relu(z * scale[c] + shift[c] + residual, slope); absent scale/shift mean
+  // 1 and 0. `out` may be `z`.
+  void (*normalize_act)(const Tensor& z, const OptTensor& scale, const OptTensor& shift,
+                        const OptTensor& residual, double slope, const Tensor& out);
+  // Per channel: sum(g), sum(g * xhat) and max |pre| (0 when xhat is given), where
+  // g = dL/dpre = grad_out * (y > 0 ? 1 : slope).
+  std::tuple<Tensor, Tensor, Tensor> (*backward_reduce)(const BackwardInputs& in);
+  // grad_z = k[c] * (g - mean_g[c] - xhat * mean_gx[c]), or g when k is absent;
+  // grad_residual (if given) = g.
+  void (*backward_apply)(const BackwardInputs& in, const OptTensor& k, const OptTensor& mean_g,
+                         const OptTensor& mean_gx, const Tensor& grad_z,
+                         const OptTensor& grad_residual);
+};
+
+// Registers the vggbench ops for the backend whose TORCH_LIBRARY_IMPL block calls it.
+void register_backend(torch::Library& m, const Kernels& kernels);
+
+}  // namespace vggbench
