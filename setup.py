@@ -6,7 +6,8 @@ The fused conv -> BatchNorm -> (+residual) -> LeakyReLU op (csrc/) builds as
     (CUDA_HOME, else the toolkit holding nvcc, else /usr/local/cuda) or
     VGGBENCH_FORCE_CUDA=1; without a visible GPU it compiles for
     TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX"),
-  - a CppExtension (CPU kernels only) otherwise, or when VGGBENCH_CPU_ONLY=1.
+  - a CppExtension (CPU kernels only) otherwise: no toolkit, a CPU-only torch, or
+    VGGBENCH_CPU_ONLY=1.
 DEBUG=1 builds with -O0 -g. Install with `pip install --no-build-isolation -e .` so the
 build uses the installed torch.
 """
@@ -44,12 +45,15 @@ def find_cuda_home() -> str | None:
 
 
 def extension():
-    cpu_only = env_flag("VGGBENCH_CPU_ONLY")
+    import torch
+
+    cpu_only = env_flag("VGGBENCH_CPU_ONLY") or torch.version.cuda is None  # a CPU-only torch
     cuda_home = None if cpu_only else find_cuda_home()
     if env_flag("VGGBENCH_FORCE_CUDA") and not cuda_home:
         raise RuntimeError(
-            "VGGBENCH_FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME to the toolkit "
-            "root (the directory holding bin/nvcc and lib64/libcudart.so)"
+            "VGGBENCH_FORCE_CUDA=1 but CUDA cannot be built: it needs a CUDA build of torch "
+            f"(this one: {torch.__version__}) and a CUDA toolkit; set CUDA_HOME to the toolkit root "
+            "(the directory holding bin/nvcc and lib64/libcudart.so)"
         )
     if cuda_home:
         os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension on import
@@ -57,8 +61,6 @@ def extension():
 
     use_cuda = cuda_home is not None
     if use_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        import torch
-
         if not torch.cuda.is_available():  # with a GPU, torch targets the GPUs it sees
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
     optimise = ["-O0", "-g"] if env_flag("DEBUG") else ["-O3"]
@@ -68,10 +70,12 @@ def extension():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         extra["nvcc"] = optimise
         print(f"vggbench: building the CPU and CUDA kernels (CUDA_HOME={cuda_home})")
-        return cpp_extension.CUDAExtension("vggbench._C", sources, extra_compile_args=extra), cpp_extension
-    print("vggbench: building the CPU kernels only (no CUDA toolkit, or VGGBENCH_CPU_ONLY=1)")
-    return cpp_extension.CppExtension("vggbench._C", sources, extra_compile_args=extra), cpp_extension
+        return cpp_extension.CUDAExtension("vggbench._C", sources, extra_compile_args=extra)
+    print("vggbench: building the CPU kernels only (no CUDA toolkit or CUDA torch, or VGGBENCH_CPU_ONLY=1)")
+    return cpp_extension.CppExtension("vggbench._C", sources, extra_compile_args=extra)
 
 
-ext, cpp_extension = extension()
-setup(ext_modules=[ext], cmdclass={"build_ext": cpp_extension.BuildExtension})
+ext_modules = [extension()]
+from torch.utils.cpp_extension import BuildExtension  # noqa: E402  (after extension() set CUDA_HOME)
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExtension})

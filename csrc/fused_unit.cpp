@@ -274,8 +274,11 @@ Grads backward(const Kernels& k, const Tensor& grad_out, const Tensor& out, cons
                const OptTensor& bn_bias, const OptTensor& residual, const Tensor& mean,
                const Tensor& var, int64_t stride, int64_t padding, bool use_batch_stats,
                double eps, double slope, std::array<bool, 6> mask) {
-  TORCH_CHECK(grad_out.sizes() == out.sizes(), "vggbench.conv_bn_act_backward: grad_out has "
-              "shape ", grad_out.sizes(), " but the output has shape ", out.sizes());
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.device() == out.device() &&
+                  grad_out.scalar_type() == out.scalar_type(),
+              "vggbench.conv_bn_act_backward: grad_out (", grad_out.scalar_type(), ", ",
+              grad_out.device(), ", shape ", grad_out.sizes(), ") does not match the output (",
+              out.scalar_type(), ", ", out.device(), ", shape ", out.sizes(), ")");
   const auto fmt = memory_format_of(input);
   const auto stats = mean.scalar_type();
   const Tensor x = input.contiguous(fmt);

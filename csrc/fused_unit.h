@@ -29,6 +29,12 @@ struct Geometry {
 // The (outer, C, inner) view of a 4-D tensor contiguous in NCHW or NHWC.
 Geometry geometry_of(const Tensor& t);
 
+// The data of an optional tensor, or nullptr: how kernels see absent operands.
+template <typename T>
+const T* data_or_null(const OptTensor& t) {
+  return t ? t->const_data_ptr<T>() : nullptr;
+}
+
 // float for float/half/bfloat16 activations, double for double: the dtype of the
 // statistics and per-channel coefficients the kernels take and return.
 at::ScalarType stats_dtype(at::ScalarType activation);

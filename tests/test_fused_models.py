@@ -133,7 +133,8 @@ def test_torch_compile_fullgraph_matches_eager():
     x = torch.randn(4, 8, 8, 8)
     for _ in range(2):
         outs = [m(x) for m in (eager, compiled)]
-        grads = [torch.autograd.grad(out.square().sum(), list(m.parameters())) for out, m in zip(outs, (eager, compiled_block))]
+        grads = [torch.autograd.grad(out.square().sum(), list(m.parameters()))
+                 for out, m in zip(outs, (eager, compiled_block))]
         torch.testing.assert_close(outs[1], outs[0])
         torch.testing.assert_close(grads[1], grads[0])
     torch.testing.assert_close(compiled_block.state_dict(), eager.state_dict())

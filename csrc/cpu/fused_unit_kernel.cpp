@@ -19,11 +19,6 @@ namespace {
 
 constexpr int64_t kBlockElements = 1 << 15;  // elements per reduction block (~L2-sized)
 
-template <typename T>
-const T* data_or_null(const OptTensor& t) {
-  return t ? t->const_data_ptr<T>() : nullptr;
-}
-
 // Runs body(first_row, end_row, partial) over fixed blocks of outer rows in parallel;
 // each block accumulates `width` doubles per channel into its own zeroed `partial`.
 // Returns the totals, blocks combined in order: entry j by combine(j, total, partial).
