@@ -48,7 +48,7 @@ VGGBENCH_HD void mean_var(T sum, T sumsq, T shift, T count, T& mean, T& var) {
   const T m = sum / count;
   mean = shift + m;
   const T v = sumsq / count - m * m;
-  var = v > T(0) ? v : T(0);
+  var = v < T(0) ? T(0) : v;  // clamps rounding below 0; keeps NaN (as native)
 }
 
 }  // namespace vggbench::math

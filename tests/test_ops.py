@@ -1,0 +1,538 @@
+"""Op-level tests of the fused conv -> BatchNorm -> (+residual) -> LeakyReLU op.
+
+torch.ops.vggbench.conv_bn_act (through vggbench.ops.conv_bn_act), its registered backward
+and update_running_stats_ against the native chain F.conv2d -> F.batch_norm -> (+ residual)
+-> F.leaky_relu: registration (opcheck), float64 gradients (gradcheck), equivalence of
+outputs, gradients and running statistics across dtypes, layouts and the study's shapes,
+errors on bad inputs, NaN/Inf propagation, and the backward's recompute fallback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vggbench import ops
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+TENSOR_FIELDS = ("input", "weight", "bias", "bn_weight", "bn_bias", *BN_BUFFERS, "residual")
+
+
+@pytest.fixture(autouse=True)
+def ieee_float32():
+    """cuDNN may run float32 convs in TF32 (10-bit mantissa); the float32 tolerances assume IEEE float32."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        yield
+
+
+def reference(
+    input, weight, bias=None, bn_weight=None, bn_bias=None, running_mean=None, running_var=None,
+    num_batches_tracked=None, residual=None, *, stride=1, padding=0, training=False, momentum=0.1,
+    eps=1e-5, negative_slope=0.01,
+) -> Tensor:
+    """The native chain the op replaces; updates running statistics as nn.BatchNorm2d.forward does."""
+    out = F.conv2d(input, weight, bias, stride, padding)
+    if bn_weight is not None:
+        factor = 0.0 if momentum is None else momentum
+        if training and running_mean is not None:
+            num_batches_tracked.add_(1)
+            if momentum is None:  # cumulative moving average
+                factor = 1.0 / float(num_batches_tracked)
+        out = F.batch_norm(out, running_mean, running_var, bn_weight, bn_bias,
+                           training or running_mean is None, factor, eps)
+    if residual is not None:
+        out = out + residual
+    return F.leaky_relu(out, negative_slope)
+
+
+def in_layout(t: Tensor, layout: str) -> Tensor:
+    """t's values laid out contiguous, channels_last, strided (every other column of a twice
+    as wide tensor) or permuted (an (N, H, C, W) buffer seen as (N, C, H, W))."""
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        wide = t.new_zeros(*t.shape[:-1], 2 * t.shape[-1])
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    if layout == "permuted":
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    assert layout == "contiguous", layout
+    return t.contiguous()
+
+
+@dataclasses.dataclass
+class Sample:
+    """One labelled call of ops.conv_bn_act: its tensors and options, by keyword."""
+
+    label: str
+    input: Tensor
+    weight: Tensor
+    bias: Tensor | None = None
+    bn_weight: Tensor | None = None
+    bn_bias: Tensor | None = None
+    running_mean: Tensor | None = None
+    running_var: Tensor | None = None
+    num_batches_tracked: Tensor | None = None
+    residual: Tensor | None = None
+    stride: int = 1
+    padding: int = 0
+    training: bool = False
+    momentum: float | None = 0.1
+    eps: float = 1e-5
+    negative_slope: float = 0.01
+
+    def kwargs(self) -> dict:
+        """Arguments of ops.conv_bn_act (and of `reference`)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "label"}
+
+    @property
+    def use_batch_stats(self) -> bool:
+        return self.bn_weight is not None and (self.training or self.running_mean is None)
+
+    def op_args(self) -> tuple:
+        """Positional arguments of torch.ops.vggbench.conv_bn_act, as ops.conv_bn_act passes them."""
+        stats = (None, None) if self.use_batch_stats else (self.running_mean, self.running_var)
+        return (self.input, self.weight, self.bias, self.bn_weight, self.bn_bias, *stats, self.residual,
+                self.stride, self.padding, self.use_batch_stats, self.eps, self.negative_slope)
+
+    def grad_inputs(self) -> dict[str, Tensor]:
+        """The differentiable tensors present, by name."""
+        return {name: getattr(self, name) for name in ops.GRAD_INPUTS if getattr(self, name) is not None}
+
+    def cast(self, dtype: torch.dtype) -> Sample:
+        """Detached copies (floating point ones in `dtype`), with the same requires_grad."""
+        def copy(t: Tensor | None) -> Tensor | None:
+            if t is None:
+                return None
+            c = t.detach().to(dtype if t.is_floating_point() else t.dtype, copy=True)
+            return c.requires_grad_(t.requires_grad)
+        return dataclasses.replace(self, **{name: copy(getattr(self, name)) for name in TENSOR_FIELDS})
+
+
+def make_sample(
+    label: str, device: str, dtype: torch.dtype = torch.float32, requires_grad: bool = False, *,
+    n: int = 2, c: int = 3, k: int = 4, size: int = 6, kernel: int = 3, stride: int = 1, bn: str = "train",
+    bias: bool = False, residual: bool = False, slope: float = 0.01, layout: str = "contiguous",
+    gamma: list[float] | None = None, momentum: float | None = 0.1, param_dtype: torch.dtype | None = None,
+) -> Sample:
+    """A call with random values seeded by its label. bn: "none", "train", "eval" (running
+    statistics given) or "batch" (batch statistics without running ones). BN weights have
+    random signs and |gamma| in [0.5, 1.5) unless `gamma` is given; BN parameters and buffers
+    are float32 (float64 for float64 activations) unless `param_dtype` says otherwise."""
+    gen = torch.Generator().manual_seed(zlib.crc32(label.encode()))
+    param_dtype = param_dtype or ops.stats_dtype(dtype)
+
+    def randn(*shape: int, scale: float = 1.0, dtype: torch.dtype = dtype, layout: str = "contiguous",
+              grad: bool = requires_grad) -> Tensor:
+        t = torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+        return in_layout(t.to(device=device, dtype=dtype), layout).detach().requires_grad_(grad)
+
+    padding = kernel // 2
+    out_size = (size + 2 * padding - kernel) // stride + 1
+    sample = Sample(
+        label, randn(n, c, size, size, layout=layout), randn(k, c, kernel, kernel, scale=(c * kernel * kernel) ** -0.5),
+        stride=stride, padding=padding, training=bn == "train", momentum=momentum, negative_slope=slope,
+    )
+    if bias:
+        sample.bias = randn(k, scale=0.5)
+    if residual:
+        sample.residual = randn(n, k, out_size, out_size, layout=layout)
+    if bn != "none":
+        if gamma is None:
+            signs = torch.randint(0, 2, (k,), generator=gen) * 2 - 1
+            gamma = (signs * (0.5 + torch.rand(k, generator=gen, dtype=torch.float64))).tolist()
+        sample.bn_weight = torch.tensor(gamma, dtype=param_dtype, device=device).requires_grad_(requires_grad)
+        sample.bn_bias = randn(k, scale=0.5, dtype=param_dtype)
+    if bn in ("train", "eval"):
+        sample.running_mean = randn(k, scale=0.3, dtype=param_dtype, grad=False)
+        sample.running_var = (0.5 + torch.rand(k, generator=gen, dtype=torch.float64)).to(device, param_dtype)
+        sample.num_batches_tracked = torch.tensor(3, device=device)
+    return sample
+
+
+def sample_inputs(device: str, dtype: torch.dtype = torch.float32, requires_grad: bool = False,
+                  **shape: int) -> Iterator[Sample]:
+    """Labelled samples covering the op's options: BN mode x residual x conv bias, the
+    slopes 0 and 1, the 1x1 stride-2 projection, non-contiguous layouts, and BN weights at
+    and near 0 (the backward's recompute fallback). `shape` overrides n, c, k, size."""
+    def sample(label: str, **options) -> Sample:
+        return make_sample(label, device, dtype, requires_grad, **shape, **options)
+
+    for bn in ("none", "train", "eval"):
+        for residual in (False, True):
+            for bias in (False, True):
+                yield sample(bn + "-residual" * residual + "-bias" * bias, bn=bn, residual=residual, bias=bias)
+    yield sample("batch-stats-only", bn="batch", bias=True)
+    for slope in (0.0, 1.0):
+        for bn in ("train", "eval"):
+            yield sample(f"{bn}-residual-slope{slope:g}", bn=bn, residual=True, slope=slope)
+    for bn in ("none", "train", "eval"):
+        yield sample(f"{bn}-1x1-stride2", bn=bn, kernel=1, stride=2, slope=1.0, bias=bn == "none")
+    for layout in ("channels_last", "strided", "permuted"):
+        for bn in ("train", "eval"):
+            yield sample(f"{bn}-residual-{layout}", bn=bn, residual=True, bias=True, layout=layout)
+    gamma = ([0.0, 1e-9, 0.8, -1.3] * 4)[: shape.get("k", 4)]
+    for bn in ("train", "eval"):
+        yield sample(f"{bn}-residual-gamma0-gamma1e-9", bn=bn, residual=True, gamma=gamma)
+    yield sample("train-gamma0-slope0", bn="train", bias=True, gamma=gamma, slope=0.0)
+
+
+SAMPLE_LABELS = [s.label for s in sample_inputs("cpu")]
+
+
+def get_sample(label: str, device: str, dtype: torch.dtype = torch.float32, requires_grad: bool = False,
+               **shape: int) -> Sample:
+    return next(s for s in sample_inputs(device, dtype, requires_grad, **shape) if s.label == label)
+
+
+# --- 1. registration ------------------------------------------------------------------
+@pytest.mark.parametrize("label", SAMPLE_LABELS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_conv_bn_act(device, label):
+    """Schema, autograd registration, fake kernel and AOT dispatch of the forward (and so the backward's fake)."""
+    sample = get_sample(label, device, requires_grad=True)
+    torch.library.opcheck(torch.ops.vggbench.conv_bn_act, sample.op_args())
+
+
+@pytest.mark.parametrize("mask", [(True,) * 6, (True, False, True, False, True, False)], ids=["all", "some"])
+@pytest.mark.parametrize("label", ["none-residual-bias", "train-residual-bias", "eval-residual-bias",
+                                   "train-residual-channels_last"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_conv_bn_act_backward(device, label, mask):
+    """The backward op on the outputs of a real forward: its fake kernel gives the real gradients' metadata."""
+    args = get_sample(label, device).op_args()
+    out, mean, var = torch.ops.vggbench.conv_bn_act(*args)
+    grad_out = torch.randn_like(out)
+    torch.library.opcheck(
+        torch.ops.vggbench.conv_bn_act_backward,
+        (grad_out, out, *args[:5], args[7], mean, var, *args[8:], list(mask)),
+    )
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("device", DEVICES)
+def test_update_running_stats(device, dtype, momentum):
+    """opcheck (it mutates its first three arguments), and nn.BatchNorm2d's update rule:
+    running = (1 - f) * running + f * batch, f = momentum or 1 / num_batches_tracked, the variance unbiased."""
+    gen = torch.Generator().manual_seed(0)
+    running_mean, running_var, batch_mean, batch_var = (torch.rand(5, generator=gen, dtype=dtype).to(device)
+                                                        for _ in range(4))
+    tracked = torch.tensor(3, device=device)
+    args = (running_mean, running_var, tracked, batch_mean, batch_var, 50, momentum)
+    torch.library.opcheck(torch.ops.vggbench.update_running_stats_, args)
+    expected_mean, expected_var = running_mean.clone(), running_var.clone()
+    torch.ops.vggbench.update_running_stats_(*args)
+    factor = 0.25 if momentum is None else momentum
+    torch.testing.assert_close(running_mean, (1 - factor) * expected_mean + factor * batch_mean)
+    torch.testing.assert_close(running_var, (1 - factor) * expected_var + factor * batch_var * 50 / 49)
+    assert tracked.item() == 4
+
+
+# --- 2. float64 gradients ---------------------------------------------------------------
+@pytest.mark.parametrize("label", SAMPLE_LABELS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(device, label):
+    """Finite differences in float64 on tiny shapes agree with the registered backward for
+    every differentiable input (input, weight, bias, bn_weight, bn_bias, residual)."""
+    sample = get_sample(label, device, torch.float64, requires_grad=True, n=2, c=2, k=3, size=5)
+    names = list(sample.grad_inputs())
+
+    def fn(*tensors: Tensor) -> Tensor:
+        return ops.conv_bn_act(**{**sample.kwargs(), **dict(zip(names, tensors))})
+
+    assert torch.autograd.gradcheck(fn, tuple(sample.grad_inputs().values()))
+
+
+# --- 3. equivalence with the native chain ---------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """rtol, and atol relative to the compared tensor's largest magnitude (its scale); `grad`:
+    bound on ||actual - expected|| / ||expected|| for gradients (None: elementwise rtol/atol);
+    `kink`: grad_output is zeroed where |pre-activation| < kink * scale, where the two may
+    legitimately take different branches of the activation."""
+
+    rtol: float
+    atol: float
+    grad: float | None
+    kink: float
+
+
+# Every comparison is against the native chain in float64 run on the very same (rounded)
+# values, so it measures the op's error alone: native float32 itself is off by up to 1e-3
+# relative in gradients at N=100 (its BN backward loses digits when |mean| >> std), so
+# comparing two float32 results would test native's rounding, not the op.
+TOLERANCES = {
+    # the only difference is the summation order: ~1e-15 relative observed
+    torch.float64: Tolerance(rtol=1e-10, atol=1e-10, grad=None, kink=1e-10),
+    # BN divides by a std computed from up to 1e5 values and gradients are sums over
+    # M = N*H*W terms: ~5e-7 relative observed in outputs and ~4e-6 (of the largest
+    # entry) in weight gradients at N=100
+    torch.float32: Tolerance(rtol=1e-4, atol=1e-5, grad=None, kink=1e-4),
+    # unit roundoff u = 2^-8: the conv output is rounded before BN (as in native) and the
+    # output once more, so outputs are within ~1u of their scale (plus 1u relative); 2u is
+    # allowed. Gradients pass through a rounded dz and a bf16 conv backward: ~1.3e-2
+    # relative-norm error observed (native bf16 does no better), 2^-5 (8u) allowed. A
+    # pre-activation is only known to ~4u of the output scale, hence the kink margin.
+    torch.bfloat16: Tolerance(rtol=2**-7, atol=2**-7, grad=2**-5, kink=2**-6),
+    # the same multiples of u = 2^-11
+    torch.float16: Tolerance(rtol=2**-10, atol=2**-10, grad=2**-8, kink=2**-9),
+}
+
+
+def assert_close_scaled(actual: Tensor, expected: Tensor, tol: Tolerance, what: str,
+                        scale: Tensor | None = None, norm: bool = False) -> None:
+    """actual matches expected elementwise (or in relative norm) relative to |scale| (default: expected)."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    scale = (expected if scale is None else scale).detach().double()
+    if norm:
+        error = (actual - expected).norm() / scale.norm()
+        assert error <= tol.grad, f"{what}: relative-norm error {error:.3g} > {tol.grad:.3g}"
+    else:
+        torch.testing.assert_close(actual, expected, rtol=tol.rtol, atol=tol.atol * scale.abs().max().item(),
+                                   msg=lambda m: f"{what}: {m}")
+
+
+def assert_matches_native(sample: Sample, ref: Sample, seed: int = 0) -> None:
+    """One forward and backward of the op and of the native chain in float64 (`ref`: float64
+    copies of the sample's values): output, every gradient and the running statistics agree
+    to the tolerance of the sample's dtype."""
+    dtype = sample.input.dtype
+    tol = TOLERANCES[dtype]
+    pre = reference(**(ref.cast(torch.float64).kwargs() | {"negative_slope": 1.0})).detach()
+    out = ops.conv_bn_act(**sample.kwargs())
+    expected = reference(**ref.kwargs())
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert out.is_contiguous(memory_format=ops.memory_format_of(sample.input))
+    assert_close_scaled(out, expected, tol, "output")
+
+    gen = torch.Generator().manual_seed(seed)
+    grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device)
+    if sample.negative_slope != 1.0:
+        grad_out[pre.abs() < tol.kink * pre.abs().max()] = 0
+    grad_out = grad_out.to(dtype)
+    grads = torch.autograd.grad(out, list(sample.grad_inputs().values()), grad_out)
+    expected_grads = dict(zip(ref.grad_inputs(), torch.autograd.grad(
+        expected, list(ref.grad_inputs().values()), grad_out.double())))
+    for (name, tensor), grad in zip(sample.grad_inputs().items(), grads):
+        assert grad.dtype == tensor.dtype and grad.shape == tensor.shape, name
+        scale = None
+        if name == "bias" and sample.use_batch_stats:
+            # BN cancels a conv bias: its true gradient is 0, and what is left is the rounding
+            # of sum(dz) over M terms of size |gamma * invstd * g|, bounded relative to their sum
+            conv = F.conv2d(ref.input, ref.weight, None, ref.stride, ref.padding).detach()
+            invstd = conv.var((0, 2, 3), unbiased=False).add(ref.eps).rsqrt()
+            g = grad_out.double() * torch.where(pre > 0, 1.0, sample.negative_slope)
+            scale = ref.bn_weight.detach() * invstd * g.abs().sum((0, 2, 3))
+        assert_close_scaled(grad, expected_grads[name], tol, f"grad of {name}", scale, norm=tol.grad is not None)
+
+    if sample.running_mean is not None:
+        scale = ref.running_var.sqrt()  # both buffers are compared on the scale of the std
+        assert_close_scaled(sample.running_mean, ref.running_mean, tol, "running_mean", scale)
+        assert_close_scaled(sample.running_var, ref.running_var, tol, "running_var", ref.running_var)
+        assert torch.equal(sample.num_batches_tracked, ref.num_batches_tracked)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One of the study's conv units (vggbench/models/vgg.py) at a batch size and resolution."""
+
+    name: str
+    n: int
+    c: int
+    size: int
+    kernel: int = 3
+    stride: int = 1
+    bias: bool = False
+    residual: bool = False
+    slope: float = 0.01
+
+    def __str__(self) -> str:
+        return f"{self.name}-N{self.n}-{self.c}to32-H{self.size}"
+
+    def sample(self, device: str, dtype: torch.dtype, layout: str) -> Sample:
+        return make_sample(str(self), device, dtype, True, n=self.n, c=self.c, k=32, size=self.size,
+                           kernel=self.kernel, stride=self.stride, bias=self.bias, residual=self.residual,
+                           slope=self.slope, layout=layout)
+
+
+SMALL_UNITS = [
+    *(Unit("entry", 2, 3, size) for size in (32, 16, 8)),  # the first conv, 3 -> 32
+    *(Unit("block", 2, 32, size, bias=True, residual=True) for size in (32, 16, 8)),  # a block's last conv
+    Unit("projection", 2, 32, 32, kernel=1, stride=2, slope=1.0),  # 1x1 stride-2 shortcut, no activation
+]
+LARGE_UNITS = [Unit("entry", 100, 3, 32), Unit("block", 100, 32, 32, bias=True, residual=True)]
+
+
+def equivalence_params() -> Iterator:
+    for device, dtypes in (("cpu", (torch.float64, torch.float32, torch.bfloat16)),
+                           ("cuda", (torch.float32, torch.float16, torch.bfloat16))):
+        marks = [requires_cuda] if device == "cuda" else []
+        cases = [(dtype, layout, unit) for dtype in dtypes for layout in ("contiguous", "channels_last", "strided")
+                 for unit in SMALL_UNITS]
+        # the study's batch at full resolution, in its layout (time allows only a few)
+        cases += [(dtype, "channels_last", unit) for dtype in (torch.float32, torch.bfloat16) for unit in LARGE_UNITS]
+        for dtype, layout, unit in cases:
+            yield pytest.param(device, dtype, layout, unit, marks=marks,
+                               id=f"{device}-{str(dtype).removeprefix('torch.')}-{layout}-{unit}")
+
+
+@pytest.mark.parametrize(("device", "dtype", "layout", "unit"), list(equivalence_params()))
+def test_matches_native_chain(device, dtype, layout, unit):
+    """A training step (batch statistics, running statistics updated), then an eval step
+    with the updated running statistics (BN folded into the conv): outputs, gradients and
+    running statistics match the native chain."""
+    sample = unit.sample(device, dtype, layout)
+    ref = sample.cast(torch.float64)
+    assert_matches_native(sample, ref, seed=1)
+    sample.training = ref.training = False
+    assert_matches_native(sample, ref, seed=2)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("device", DEVICES)
+def test_running_statistics_over_several_steps(device, dtype, momentum):
+    """Three training steps on fresh batches from num_batches_tracked = 0: running
+    statistics follow nn.BatchNorm2d (momentum=None: the cumulative average of the batches)."""
+    sample = make_sample(f"steps-{momentum}", device, dtype, True, n=3, k=4, size=5, bias=True, momentum=momentum)
+    sample.num_batches_tracked.zero_()
+    ref = sample.cast(torch.float64)
+    for step in range(3):
+        if step:  # a fresh batch with another mean and variance
+            batch = torch.randn(sample.input.shape, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+            sample.input = (batch * (1 + step) + step).to(device, dtype).requires_grad_()
+            ref.input = sample.input.detach().double().requires_grad_()
+        assert_matches_native(sample, ref, seed=step)
+    assert sample.num_batches_tracked.item() == 3
+
+
+@pytest.mark.parametrize("case", ["gamma0", "gamma1e-9", "slope0", "slope0-gamma0"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("device", DEVICES)
+def test_recompute_fallback_matches_native(device, dtype, case):
+    """Training-mode gradients where the normalised conv output cannot be recovered from the
+    output (a BN weight of exactly 0 or ~0: recomputed for that channel only; slope 0: for
+    all channels) match native. Recovering through 1 / gamma = inf would give NaN instead."""
+    gamma = {"gamma0": [0.0, 0.8, -1.2, 0.6], "gamma1e-9": [0.9, 1e-9, -1.1, 0.7], "slope0": None,
+             "slope0-gamma0": [0.0, 0.8, -1.2, 0.6]}[case]
+    sample = make_sample(f"fallback-{case}", device, dtype, True, n=4, c=5, k=4, size=8, bias=True,
+                         residual=True, gamma=gamma, slope=0.0 if case.startswith("slope0") else 0.01)
+    assert_matches_native(sample, sample.cast(torch.float64))
+
+
+# --- 4. bad inputs ---------------------------------------------------------------------------
+BAD_INPUTS = {  # label: (change to a valid call's arguments, exception, distinctive part of its message)
+    "3d-input": (lambda a: {"input": a["input"][0]}, RuntimeError, r"expected a 4-D input \(N, C, H, W\), got 3-D"),
+    "channel-mismatch": (lambda a: {"weight": a["weight"][:, :2]}, RuntimeError,
+                         "input has 3 channels but the conv weight expects 2"),
+    "weight-dtype": (lambda a: {"weight": a["weight"].double()}, RuntimeError,
+                     "weight has dtype Double but input has dtype Float"),
+    "integer-input": (lambda a: {"input": a["input"].long()}, RuntimeError, "input must be floating point"),
+    "float16-on-cpu": (lambda a: {n: a[n].half() for n in ("input", "weight", "bias", "residual")}, RuntimeError,
+                       "float16 is supported on CUDA only"),
+    "bn-weight-length": (lambda a: {"bn_weight": a["bn_weight"][:3]}, RuntimeError, r"bn_weight must have shape \(4,\)"),
+    "bn-bias-missing": (lambda a: {"bn_bias": None}, RuntimeError, "bn_weight and bn_bias must be given together"),
+    "running-mean-length-eval": (lambda a: {"running_mean": a["running_mean"][:3], "training": False},
+                                 RuntimeError, r"running_mean must have shape \(4,\)"),
+    "running-mean-length-train": (lambda a: {"running_mean": a["running_mean"][:3]}, RuntimeError,
+                                  r"running statistics of shape \[3\] do not match batch statistics of shape \[4\]"),
+    "tracked-missing": (lambda a: {"num_batches_tracked": None}, ValueError,
+                        "needs running_var and num_batches_tracked too"),
+    "residual-shape": (lambda a: {"residual": a["residual"][:, :, 1:]}, RuntimeError,
+                       r"residual must have the conv output's shape \[2, 4, 6, 6\], got \[2, 4, 5, 6\]"),
+    "residual-dtype": (lambda a: {"residual": a["residual"].double()}, RuntimeError,
+                       "residual has dtype Double but input has dtype Float"),
+    "empty-batch": (lambda a: {"input": a["input"][:0], "residual": a["residual"][:0]}, RuntimeError, "empty batch"),
+    "smaller-than-kernel": (lambda a: {"input": a["input"][..., :2, :2], "padding": 0, "residual": None},
+                            RuntimeError, "input of spatial size 2x2 with padding 0 is smaller than the 3x3 kernel"),
+    "negative-slope": (lambda a: {"negative_slope": -0.1}, RuntimeError, "negative_slope must be finite and >= 0"),
+    "stride-0": (lambda a: {"stride": 0}, RuntimeError, "stride must be >= 1, got 0"),
+    "eps-0": (lambda a: {"eps": 0.0}, RuntimeError, "eps must be > 0"),
+    "momentum-above-1": (lambda a: {"momentum": 1.5}, RuntimeError, r"momentum must be in \[0, 1\], got 1.5"),
+}
+
+
+@pytest.mark.parametrize("label", list(BAD_INPUTS))
+def test_bad_input_raises(label):
+    """A bad call raises with a message naming the problem, and leaves the BN buffers untouched."""
+    change, error, message = BAD_INPUTS[label]
+    sample = make_sample("bad", "cpu", residual=True, bias=True)
+    args = sample.kwargs()
+    buffers = [args[name].clone() for name in BN_BUFFERS]
+    with pytest.raises(error, match=message):
+        ops.conv_bn_act(**{**args, **change(args)})
+    for name, before in zip(BN_BUFFERS, buffers):
+        assert torch.equal(args[name], before), name
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", ["weight", "bn_weight", "residual"])
+def test_device_mismatch_raises(name):
+    """A CPU tensor in a CUDA call is named in the error, not read as device memory."""
+    sample = make_sample("device", "cuda", residual=True)
+    setattr(sample, name, getattr(sample, name).cpu())
+    with pytest.raises(RuntimeError, match=f"{name} is on cpu but input is on cuda"):
+        ops.conv_bn_act(**sample.kwargs())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_value_per_channel(device):
+    """Training on a single value per channel (N=1, 1x1 output) fails with native's message;
+    eval mode accepts it and matches native."""
+    sample = make_sample("one-value", device, n=1, size=1, kernel=1)
+    message = "Expected more than 1 value per channel when training"
+    with pytest.raises(RuntimeError, match=message):
+        ops.conv_bn_act(**sample.kwargs())
+    with pytest.raises(ValueError, match=message):
+        reference(**sample.cast(torch.float32).kwargs())
+    sample.training = False
+    torch.testing.assert_close(ops.conv_bn_act(**sample.kwargs()), reference(**sample.kwargs()))
+
+
+NONFINITE = {  # label: (make_sample options, the tensor poisoned, its value)
+    "nan-input-train": ({}, "input", float("nan")),
+    "nan-input-eval": ({"bn": "eval"}, "input", float("nan")),
+    "nan-input-no-bn": ({"bn": "none"}, "input", float("nan")),
+    "inf-input-eval": ({"bn": "eval"}, "input", float("inf")),
+    "inf-input-train": ({}, "input", float("inf")),
+    # a 1x1 conv makes the conv output +-inf in one element per channel: a channel's mean is
+    # +-inf and its variance NaN
+    "inf-input-train-1x1": ({"kernel": 1}, "input", float("inf")),
+    "nan-residual-train": ({}, "residual", float("nan")),
+    "nan-bn-weight-train": ({}, "bn_weight", float("nan")),
+}
+
+
+@pytest.mark.parametrize("label", list(NONFINITE))
+@pytest.mark.parametrize("device", DEVICES)
+def test_nonfinite_values_propagate_like_native(device, label):
+    """NaN/Inf give NaN and +-Inf exactly where native gives them (training BN spreads a NaN
+    to whole channels) and the same running statistics."""
+    options, name, value = NONFINITE[label]
+    sample = make_sample(label, device, residual=True, **options)
+    poisoned = getattr(sample, name)
+    poisoned.view(-1)[1] = value
+    ref = sample.cast(torch.float32)
+    out, expected = ops.conv_bn_act(**sample.kwargs()), reference(**ref.kwargs())
+    assert (out.isnan() | out.isinf()).any()
+    for kind in ("isnan", "isposinf", "isneginf"):
+        mask, native_mask = getattr(out, kind)(), getattr(expected, kind)()
+        same = torch.equal(mask, native_mask)
+        assert same, f"{kind}: true at {mask.sum()} elements, native at {native_mask.sum()} of {out.numel()}"
+    torch.testing.assert_close(out, expected, equal_nan=True)
+    for buffer in BN_BUFFERS:
+        if getattr(sample, buffer) is not None:
+            torch.testing.assert_close(getattr(sample, buffer), getattr(ref, buffer), equal_nan=True,
+                                       msg=lambda m, b=buffer: f"{b}: {m}")
