@@ -41,6 +41,23 @@ std::vector<double> reduce_blocks(const Geometry& g, int width, Body body, Combi
   return total;
 }
 
+// Calls fn(offset, channel) for every element of outer rows [first, end), innermost over
+// the contiguous dimension: H*W for NCHW, the channels for NHWC (so per-channel
+// coefficients and accumulators are contiguous there and the loop vectorises).
+template <typename F>
+inline void for_each_element(const Geometry& g, int64_t first, int64_t end, F fn) {
+  for (int64_t o = first; o < end; ++o) {
+    if (g.inner == 1) {
+      for (int64_t c = 0; c < g.channels; ++c) fn(o * g.channels + c, c);
+      continue;
+    }
+    for (int64_t c = 0; c < g.channels; ++c) {
+      const int64_t base = (o * g.channels + c) * g.inner;
+      for (int64_t i = base; i < base + g.inner; ++i) fn(i, c);
+    }
+  }
+}
+
 // Runs body(first_row, end_row) over the outer rows in parallel (elementwise passes).
 template <typename Body>
 void parallel_rows(const Geometry& g, Body body) {
@@ -69,17 +86,11 @@ std::tuple<Tensor, Tensor> channel_stats(const Tensor& z) {
     const auto sums = reduce_blocks(
         g, 2,
         [&](int64_t first, int64_t end, double* partial) {
-          for (int64_t o = first; o < end; ++o) {
-            for (int64_t c = 0; c < C; ++c) {
-              const scalar_t* p = data + (o * C + c) * g.inner;
-              double s = 0, q = 0;
-              for (int64_t i = 0; i < g.inner; ++i) {
-                const double d = static_cast<double>(p[i]) - shift[c];
-                s += d, q += d * d;
-              }
-              partial[c] += s, partial[C + c] += q;
-            }
-          }
+          double* sumsq = partial + C;
+          for_each_element(g, first, end, [&](int64_t i, int64_t c) {
+            const double d = static_cast<double>(data[i]) - shift[c];
+            partial[c] += d, sumsq[c] += d * d;
+          });
         },
         [](int64_t, double a, double b) { return a + b; });
     for (int64_t c = 0; c < C; ++c) {
@@ -102,17 +113,11 @@ void normalize_act(const Tensor& z, const OptTensor& scale, const OptTensor& shi
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
     const auto s = static_cast<stat_t>(slope);
     parallel_rows(g, [&](int64_t first, int64_t end) {
-      for (int64_t o = first; o < end; ++o) {
-        for (int64_t c = 0; c < g.channels; ++c) {
-          const stat_t a = sc ? sc[c] : stat_t(1), b = sh ? sh[c] : stat_t(0);
-          const int64_t base = (o * g.channels + c) * g.inner;
-          for (int64_t i = base; i < base + g.inner; ++i) {
-            stat_t v = static_cast<stat_t>(in[i]) * a + b;
-            if (res) v += static_cast<stat_t>(res[i]);
-            y[i] = static_cast<scalar_t>(math::leaky_relu(v, s));
-          }
-        }
-      }
+      for_each_element(g, first, end, [&](int64_t i, int64_t c) {
+        stat_t v = static_cast<stat_t>(in[i]) * (sc ? sc[c] : stat_t(1)) + (sh ? sh[c] : stat_t(0));
+        if (res) v += static_cast<stat_t>(res[i]);
+        y[i] = static_cast<scalar_t>(math::leaky_relu(v, s));
+      });
     });
   });
 }
@@ -153,18 +158,12 @@ std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
     const BackwardView<scalar_t> v(in);
     const bool recovering = !v.xhat;
     const auto body = [&](int64_t first, int64_t end, double* partial) {
-      for (int64_t o = first; o < end; ++o) {
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t base = (o * C + c) * g.inner;
-          double sg = 0, sgx = 0, peak = partial[2 * C + c];
-          for (int64_t i = base; i < base + g.inner; ++i) {
-            const double gi = v.g(i);
-            sg += gi, sgx += gi * static_cast<double>(v.x_hat(i, c));
-            if (recovering) peak = std::max(peak, static_cast<double>(std::abs(v.pre(i))));
-          }
-          partial[c] += sg, partial[C + c] += sgx, partial[2 * C + c] = peak;
-        }
-      }
+      double *sum_gx = partial + C, *peak = partial + 2 * C;
+      for_each_element(g, first, end, [&](int64_t i, int64_t c) {
+        const double gi = v.g(i);
+        partial[c] += gi, sum_gx[c] += gi * static_cast<double>(v.x_hat(i, c));
+        if (recovering) peak[c] = std::max(peak[c], static_cast<double>(std::abs(v.pre(i))));
+      });
     };
     // Entries [0, 2C) are sums, [2C, 3C) maxima.
     sums = reduce_blocks(g, 3, body, [C](int64_t j, double a, double b) {
@@ -188,17 +187,12 @@ void backward_apply(const BackwardInputs& in, const OptTensor& k, const OptTenso
     scalar_t* dz = grad_z.mutable_data_ptr<scalar_t>();
     scalar_t* dres = grad_residual ? grad_residual->mutable_data_ptr<scalar_t>() : nullptr;
     parallel_rows(g, [&](int64_t first, int64_t end) {
-      for (int64_t o = first; o < end; ++o) {
-        for (int64_t c = 0; c < g.channels; ++c) {
-          const int64_t base = (o * g.channels + c) * g.inner;
-          for (int64_t i = base; i < base + g.inner; ++i) {
-            const stat_t gi = v.g(i);
-            dz[i] = static_cast<scalar_t>(
-                kk ? math::bn_input_grad(gi, v.x_hat(i, c), kk[c], mg[c], mgx[c]) : gi);
-            if (dres) dres[i] = static_cast<scalar_t>(gi);
-          }
-        }
-      }
+      for_each_element(g, first, end, [&](int64_t i, int64_t c) {
+        const stat_t gi = v.g(i);
+        dz[i] = static_cast<scalar_t>(
+            kk ? math::bn_input_grad(gi, v.x_hat(i, c), kk[c], mg[c], mgx[c]) : gi);
+        if (dres) dres[i] = static_cast<scalar_t>(gi);
+      });
     });
   });
 }
