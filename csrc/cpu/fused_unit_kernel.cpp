@@ -1,8 +1,7 @@
 // CPU passes of the fused unit (see ../fused_unit.h): float, double and bfloat16
 // activations, sums accumulated in double. Reductions run over fixed blocks of rows,
 // combined in block order, so results do not depend on the number of threads.
-#include "../fused_unit.h"
-#include "../fused_unit_math.h"
+#include "../backward_view.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -121,34 +120,6 @@ void normalize_act(const Tensor& z, const OptTensor& scale, const OptTensor& shi
     });
   });
 }
-
-// Per-element view of BackwardInputs: g and xhat at offset i of channel c.
-template <typename scalar_t>
-struct BackwardView {
-  using stat_t = at::opmath_type<scalar_t>;
-  const scalar_t *dy, *y, *res, *xhat;
-  const stat_t *rscale, *rshift;
-  stat_t slope;
-
-  explicit BackwardView(const BackwardInputs& in)
-      : dy(in.grad_out.const_data_ptr<scalar_t>()),
-        y(in.out.const_data_ptr<scalar_t>()),
-        res(data_or_null<scalar_t>(in.residual)),
-        xhat(data_or_null<scalar_t>(in.xhat)),
-        rscale(in.recover_scale.defined() ? in.recover_scale.const_data_ptr<stat_t>() : nullptr),
-        rshift(in.recover_shift.defined() ? in.recover_shift.const_data_ptr<stat_t>() : nullptr),
-        slope(static_cast<stat_t>(in.slope)) {}
-
-  stat_t g(int64_t i) const {
-    return math::act_grad(static_cast<stat_t>(y[i]), static_cast<stat_t>(dy[i]), slope);
-  }
-  stat_t pre(int64_t i) const { return math::inverse_act(static_cast<stat_t>(y[i]), slope); }
-  stat_t x_hat(int64_t i, int64_t c) const {
-    if (xhat) return static_cast<stat_t>(xhat[i]);
-    return math::recover_xhat(pre(i), res ? static_cast<stat_t>(res[i]) : stat_t(0), rscale[c],
-                              rshift[c]);
-  }
-};
 
 std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
   const Geometry g = geometry_of(in.out);

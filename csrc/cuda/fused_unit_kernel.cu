@@ -7,8 +7,7 @@
 // With inner == 1 (NHWC) a reduction block's loads are strided by C; the blocks of one
 // slice run side by side (c is the fastest grid index), so neighbouring channels share
 // those cache lines in L2.
-#include "../fused_unit.h"
-#include "../fused_unit_math.h"
+#include "../backward_view.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -48,36 +47,6 @@ template <typename T>
 __device__ __forceinline__ T max_of(T a, T b) {  // std::max's rule: NaN in b is dropped
   return a < b ? b : a;
 }
-
-// Device view of BackwardInputs: g, pre and xhat at offset i of channel c (as on the CPU).
-template <typename scalar_t>
-struct BackwardView {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t *dy, *y, *res, *xhat;
-  const acc_t *rscale, *rshift;
-  acc_t slope;
-
-  explicit BackwardView(const BackwardInputs& in)
-      : dy(in.grad_out.const_data_ptr<scalar_t>()),
-        y(in.out.const_data_ptr<scalar_t>()),
-        res(data_or_null<scalar_t>(in.residual)),
-        xhat(data_or_null<scalar_t>(in.xhat)),
-        rscale(in.recover_scale.defined() ? in.recover_scale.const_data_ptr<acc_t>() : nullptr),
-        rshift(in.recover_shift.defined() ? in.recover_shift.const_data_ptr<acc_t>() : nullptr),
-        slope(static_cast<acc_t>(in.slope)) {}
-
-  __device__ acc_t g(int64_t i) const {
-    return math::act_grad(static_cast<acc_t>(y[i]), static_cast<acc_t>(dy[i]), slope);
-  }
-  __device__ acc_t pre(int64_t i) const {
-    return math::inverse_act(static_cast<acc_t>(y[i]), slope);
-  }
-  __device__ acc_t x_hat(int64_t i, int64_t c) const {
-    if (xhat) return static_cast<acc_t>(xhat[i]);
-    return math::recover_xhat(pre(i), res ? static_cast<acc_t>(res[i]) : acc_t(0), rscale[c],
-                              rshift[c]);
-  }
-};
 
 // ---- Reductions: block (c, p) -> partials[w][c][p] -> one thread per channel ---------
 
