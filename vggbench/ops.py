@@ -32,6 +32,7 @@ except ImportError as err:  # pragma: no cover - depends on the install
         f"(import error: {err})"
     ) from err
 
+# The differentiable inputs, in the order conv_bn_act_backward returns their gradients.
 GRAD_INPUTS = ("input", "weight", "bias", "bn_weight", "bn_bias", "residual")
 
 
