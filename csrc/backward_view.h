@@ -32,10 +32,16 @@ struct BackwardView {
   VGGBENCH_HD acc_t pre(int64_t i) const {
     return math::inverse_act(static_cast<acc_t>(y[i]), slope);
   }
+  // xhat recovered from the output; HasResidual: whether `res` is set (a compile-time
+  // flag keeps the CPU's inner loops branch-free).
+  template <bool HasResidual>
+  VGGBENCH_HD acc_t recovered_xhat(int64_t i, int64_t c) const {
+    const acc_t r = HasResidual ? static_cast<acc_t>(res[i]) : acc_t(0);
+    return math::recover_xhat(pre(i), r, rscale[c], rshift[c]);
+  }
   VGGBENCH_HD acc_t x_hat(int64_t i, int64_t c) const {
     if (xhat) return static_cast<acc_t>(xhat[i]);
-    return math::recover_xhat(pre(i), res ? static_cast<acc_t>(res[i]) : acc_t(0), rscale[c],
-                              rshift[c]);
+    return res ? recovered_xhat<true>(i, c) : recovered_xhat<false>(i, c);
   }
 };
 

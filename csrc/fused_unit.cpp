@@ -51,6 +51,23 @@ at::ScalarType stats_dtype(at::ScalarType activation) {
   return activation == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+Tensor aten_conv(const Tensor& x, const Tensor& weight, const OptTensor& bias, int64_t stride,
+                 int64_t padding) {
+  return at::convolution(x, weight, bias, {stride, stride}, {padding, padding}, {1, 1},
+                         /*transposed=*/false, {0, 0}, /*groups=*/1);
+}
+
+std::tuple<Tensor, Tensor, Tensor> aten_conv_backward(const Tensor& grad_z, const Tensor& x,
+                                                      const Tensor& weight, bool has_bias,
+                                                      int64_t stride, int64_t padding,
+                                                      std::array<bool, 3> mask) {
+  const std::array<int64_t, 1> bias_size{weight.size(0)};
+  return at::convolution_backward(grad_z, x, weight,
+                                  has_bias ? at::OptionalIntArrayRef(bias_size) : std::nullopt,
+                                  {stride, stride}, {padding, padding}, {1, 1}, false, {0, 0}, 1,
+                                  mask);
+}
+
 namespace {
 
 using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
@@ -155,12 +172,6 @@ void check_forward_args(const Tensor& input, const Tensor& weight, const OptTens
   }
 }
 
-Tensor conv(const Tensor& x, const Tensor& weight, const OptTensor& bias, int64_t stride,
-            int64_t padding) {
-  return at::convolution(x, weight, bias, {stride, stride}, {padding, padding}, {1, 1},
-                         /*transposed=*/false, {0, 0}, /*groups=*/1);
-}
-
 Tensor as_stats(const Tensor& t, at::ScalarType dtype) { return t.to(dtype); }
 
 Tensor per_channel(const Tensor& t) { return t.view({1, -1, 1, 1}); }
@@ -192,7 +203,7 @@ std::tuple<Tensor, Tensor, Tensor> forward(
   const bool batch_norm = bn_weight.has_value();
 
   if (batch_norm && use_batch_stats) {
-    const Tensor z = conv(x, weight, bias, stride, padding).contiguous(fmt);
+    const Tensor z = k.conv(x, weight, bias, stride, padding).contiguous(fmt);
     auto [mean, var] = k.channel_stats(z);
     const Tensor scale = as_stats(*bn_weight, stats) * at::rsqrt(var + eps);
     const Tensor shift = as_stats(*bn_bias, stats) - mean * scale;
@@ -207,11 +218,11 @@ std::tuple<Tensor, Tensor, Tensor> forward(
     var = running_var->to(stats, /*non_blocking=*/false, /*copy=*/true);
     auto [folded_weight, folded_bias, scale] =
         fold_bn(weight, bias, *bn_weight, *bn_bias, mean, var, eps);
-    z = conv(x, folded_weight, folded_bias, stride, padding).contiguous(fmt);
+    z = k.conv(x, folded_weight, folded_bias, stride, padding).contiguous(fmt);
   } else {
     mean = at::empty({0}, x.options().dtype(stats));
     var = at::empty({0}, x.options().dtype(stats));
-    z = conv(x, weight, bias, stride, padding).contiguous(fmt);
+    z = k.conv(x, weight, bias, stride, padding).contiguous(fmt);
   }
   k.normalize_act(z, std::nullopt, std::nullopt, res, slope, z);
   return {z, mean, var};
@@ -240,9 +251,10 @@ Tensor unrecoverable_channels(const Tensor& gamma, const Tensor& max_abs_pre,
 
 // xhat for every channel when some cannot be recovered: recovered where possible,
 // recomputed from the saved input (one conv over those channels) elsewhere.
-Tensor xhat_with_fallback(const BackwardInputs& in, const Tensor& fallback, const Tensor& x,
-                          const Tensor& weight, const OptTensor& bias, const Tensor& mean,
-                          const Tensor& invstd, int64_t stride, int64_t padding) {
+Tensor xhat_with_fallback(const Kernels& k, const BackwardInputs& in, const Tensor& fallback,
+                          const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                          const Tensor& mean, const Tensor& invstd, int64_t stride,
+                          int64_t padding) {
   const auto fmt = memory_format_of(in.out);
   const Tensor channels = at::nonzero(fallback).squeeze(1);
   const bool all = channels.numel() == fallback.numel();
@@ -251,7 +263,7 @@ Tensor xhat_with_fallback(const BackwardInputs& in, const Tensor& fallback, cons
   const Tensor mu = all ? mean : mean.index_select(0, channels);
   const Tensor r = all ? invstd : invstd.index_select(0, channels);
   const Tensor recomputed =
-      ((conv(x, w, b, stride, padding) - per_channel(mu)) * per_channel(r)).to(in.out.scalar_type());
+      ((k.conv(x, w, b, stride, padding) - per_channel(mu)) * per_channel(r)).to(in.out.scalar_type());
   if (all) return recomputed.contiguous(fmt);
   const Tensor y = in.out.to(mean.scalar_type());
   Tensor pre = at::where(y > 0, y, y / in.slope);
@@ -306,7 +318,7 @@ Grads backward(const Kernels& k, const Tensor& grad_out, const Tensor& out, cons
       fallback_needed = fallback.any().item<bool>();
     }
     if (fallback_needed) {
-      in.xhat = xhat_with_fallback(in, fallback, x, weight, bias, mean, invstd, stride, padding);
+      in.xhat = xhat_with_fallback(k, in, fallback, x, weight, bias, mean, invstd, stride, padding);
       std::tie(sum_g, sum_gx, max_abs_pre) = k.backward_reduce(in);
     }
     const double count = static_cast<double>(geometry_of(in.out).count());
@@ -328,10 +340,8 @@ Grads backward(const Kernels& k, const Tensor& grad_out, const Tensor& out, cons
   const bool want_bn = batch_norm && (mask[3] || mask[4]);
   const std::array<bool, 3> conv_mask{mask[0], mask[1] || (eval_bn && mask[3]),
                                       want_bias || (eval_bn && want_bn)};
-  const std::array<int64_t, 1> bias_size{weight.size(0)};
-  auto [grad_x, grad_w, grad_b] = at::convolution_backward(
-      grad_z, x, conv_weight, conv_bias ? at::OptionalIntArrayRef(bias_size) : std::nullopt,
-      {stride, stride}, {padding, padding}, {1, 1}, false, {0, 0}, 1, conv_mask);
+  auto [grad_x, grad_w, grad_b] = k.conv_backward(grad_z, x, conv_weight, conv_bias.has_value(),
+                                                   stride, padding, conv_mask);
 
   if (eval_bn) {  // chain rule through W' = W * s and b' = beta + (b - mean) * s
     const Tensor invstd = at::rsqrt(var + eps);

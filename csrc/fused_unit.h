@@ -1,14 +1,15 @@
 // The fused conv -> BatchNorm -> (+residual) -> LeakyReLU unit: what the shared
 // orchestration (fused_unit.cpp) needs from a backend (cpu/, cuda/).
 //
-// The conv itself runs through ATen; a backend provides the passes over the
-// activation-sized tensors around it. Every such tensor is contiguous in one memory
+// A backend provides the conv (ATen's, or its own for the shapes it is fast at) and the
+// passes over the activation-sized tensors around it. Every such tensor is contiguous in one memory
 // format and seen as (outer, C, inner): NCHW -> (N, C, H*W), NHWC -> (N*H*W, C, 1),
 // element (o, c, i) at offset (o * C + c) * inner + i.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 
@@ -51,7 +52,23 @@ struct BackwardInputs {
   double slope;
 };
 
+// ATen's conv and conv backward (grads of input, weight, bias as `mask` asks; undefined
+// where not asked): the Kernels default, and the fallback of a backend's own conv.
+Tensor aten_conv(const Tensor& x, const Tensor& weight, const OptTensor& bias, int64_t stride,
+                 int64_t padding);
+std::tuple<Tensor, Tensor, Tensor> aten_conv_backward(const Tensor& grad_z, const Tensor& x,
+                                                      const Tensor& weight, bool has_bias,
+                                                      int64_t stride, int64_t padding,
+                                                      std::array<bool, 3> mask);
+
 struct Kernels {
+  // The conv and its backward (with aten_conv's and aten_conv_backward's contracts).
+  Tensor (*conv)(const Tensor& x, const Tensor& weight, const OptTensor& bias, int64_t stride,
+                 int64_t padding);
+  std::tuple<Tensor, Tensor, Tensor> (*conv_backward)(const Tensor& grad_z, const Tensor& x,
+                                                      const Tensor& weight, bool has_bias,
+                                                      int64_t stride, int64_t padding,
+                                                      std::array<bool, 3> mask);
   // Per-channel mean and biased variance of z.
   std::tuple<Tensor, Tensor> (*channel_stats)(const Tensor& z);
   // out = leaky_relu(z * scale[c] + shift[c] + residual, slope); absent scale/shift mean

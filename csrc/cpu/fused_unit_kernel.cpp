@@ -1,15 +1,25 @@
-// CPU passes of the fused unit (see ../fused_unit.h): float, double and bfloat16
-// activations, sums accumulated in double. Reductions run over fixed blocks of rows,
-// combined in block order, so results do not depend on the number of threads.
+// CPU backend of the fused unit (see ../fused_unit.h): float, double and bfloat16
+// activations. The 3x3 stride-1 float32 channels_last convs run as Winograd F(4x4, 3x3)
+// (winograd.h); other convs through ATen.
+//
+// Reductions run over fixed blocks of rows, combined in block order, so results do not
+// depend on the number of threads. Within a block, values are summed in the compute type
+// (float for float/bfloat16) over spans of at most kSpan values per channel, and the spans
+// in double: vectorisable loops, and float rounding over at most kSpan terms.
+// Per-element options (residual, recovery of xhat, ...) are template parameters, so every
+// inner loop is branch-free and the compiler vectorises it.
 #include "../backward_view.h"
+#include "winograd.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <vector>
 
@@ -17,51 +27,107 @@ namespace vggbench {
 namespace {
 
 constexpr int64_t kBlockElements = 1 << 15;  // elements per reduction block (~L2-sized)
+constexpr int64_t kSpan = 256;               // values per channel summed before widening
+constexpr int kLanes = 8;                    // independent partial sums along a contiguous run
 
-// Runs body(first_row, end_row, partial) over fixed blocks of outer rows in parallel;
-// each block accumulates `width` doubles per channel into its own zeroed `partial`.
-// Returns the totals, blocks combined in order: entry j by combine(j, total, partial).
-template <typename Body, typename Combine>
-std::vector<double> reduce_blocks(const Geometry& g, int width, Body body, Combine combine) {
-  const int64_t row = std::max<int64_t>(1, g.channels * g.inner);
-  const int64_t rows = std::max<int64_t>(1, kBlockElements / row);
+// fn(flags...) with each runtime bool turned into std::true_type / std::false_type, so
+// per-element options become compile-time constants (`if constexpr`).
+template <typename F>
+void with_flags(F fn) {
+  fn();
+}
+template <typename F, typename... Rest>
+void with_flags(F fn, bool first, Rest... rest) {
+  if (first) {
+    with_flags([&](auto... flags) { fn(std::true_type{}, flags...); }, rest...);
+  } else {
+    with_flags([&](auto... flags) { fn(std::false_type{}, flags...); }, rest...);
+  }
+}
+
+// Per-channel reductions of W values per element: entries [0, Sums) are summed, the
+// rest are maxima. value(i, c) returns the W values of the element at offset i, channel c.
+// Returns W*C doubles (entry w*C + c), blocks of rows combined in order.
+template <typename acc_t, int W, int Sums, typename Value>
+std::vector<double> reduce_channels(const Geometry& g, Value value) {
+  const int64_t C = g.channels;
+  const auto combine = [](int w, auto a, auto b) { return w < Sums ? a + b : std::max(a, b); };
+  const int64_t rows = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(1, C * g.inner));
   const int64_t blocks = (g.outer + rows - 1) / rows;
-  const int64_t stride = width * g.channels;
-  std::vector<double> partial(blocks * stride, 0.0);
+  std::vector<double> partial(blocks * W * C, 0.0);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const Value value_of = value;  // a local copy: its captures stay in registers
+    std::vector<acc_t> acc(W * C);
     for (int64_t b = begin; b < end; ++b) {
-      body(b * rows, std::min(g.outer, (b + 1) * rows), partial.data() + b * stride);
+      double* out = partial.data() + b * W * C;
+      const int64_t first = b * rows, last = std::min(g.outer, first + rows);
+      if (g.inner == 1) {  // NHWC: channels contiguous, accumulate across rows
+        for (int64_t o = first; o < last; o += kSpan) {
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          for (int64_t r = o; r < std::min(last, o + kSpan); ++r) {
+#pragma GCC ivdep
+            for (int64_t c = 0; c < C; ++c) {
+              const std::array<acc_t, W> v = value_of(r * C + c, c);
+              for (int w = 0; w < W; ++w) acc[w * C + c] = combine(w, acc[w * C + c], v[w]);
+            }
+          }
+          for (int64_t j = 0; j < W * C; ++j) out[j] = combine(j / C, out[j], double(acc[j]));
+        }
+        continue;
+      }
+      for (int64_t o = first; o < last; ++o) {  // NCHW: a contiguous run per channel
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t base = (o * C + c) * g.inner;
+          for (int64_t s = 0; s < g.inner; s += kSpan) {
+            const int64_t n = std::min(kSpan, g.inner - s);
+            std::array<std::array<acc_t, kLanes>, W> lanes{};
+            int64_t i = 0;
+            for (; i + kLanes <= n; i += kLanes) {
+#pragma GCC ivdep
+              for (int l = 0; l < kLanes; ++l) {
+                const std::array<acc_t, W> v = value_of(base + s + i + l, c);
+                for (int w = 0; w < W; ++w) lanes[w][l] = combine(w, lanes[w][l], v[w]);
+              }
+            }
+            for (; i < n; ++i) {
+              const std::array<acc_t, W> v = value_of(base + s + i, c);
+              for (int w = 0; w < W; ++w) lanes[w][0] = combine(w, lanes[w][0], v[w]);
+            }
+            for (int w = 0; w < W; ++w) {
+              for (int l = 0; l < kLanes; ++l) out[w * C + c] = combine(w, out[w * C + c], double(lanes[w][l]));
+            }
+          }
+        }
+      }
     }
   });
-  std::vector<double> total(partial.begin(), partial.begin() + stride);
+  std::vector<double> total(partial.begin(), partial.begin() + W * C);
   for (int64_t b = 1; b < blocks; ++b) {
-    for (int64_t j = 0; j < stride; ++j) total[j] = combine(j, total[j], partial[b * stride + j]);
+    for (int64_t j = 0; j < W * C; ++j) total[j] = combine(j / C, total[j], partial[b * W * C + j]);
   }
   return total;
 }
 
-// Calls fn(offset, channel) for every element of outer rows [first, end), innermost over
-// the contiguous dimension: H*W for NCHW, the channels for NHWC (so per-channel
-// coefficients and accumulators are contiguous there and the loop vectorises).
+// Calls fn(i, c) for every element, in parallel over rows, innermost over the contiguous
+// dimension (H*W for NCHW, the channels for NHWC).
 template <typename F>
-inline void for_each_element(const Geometry& g, int64_t first, int64_t end, F fn) {
-  for (int64_t o = first; o < end; ++o) {
-    if (g.inner == 1) {
-      for (int64_t c = 0; c < g.channels; ++c) fn(o * g.channels + c, c);
-      continue;
-    }
-    for (int64_t c = 0; c < g.channels; ++c) {
-      const int64_t base = (o * g.channels + c) * g.inner;
-      for (int64_t i = base; i < base + g.inner; ++i) fn(i, c);
-    }
-  }
-}
-
-// Runs body(first_row, end_row) over the outer rows in parallel (elementwise passes).
-template <typename Body>
-void parallel_rows(const Geometry& g, Body body) {
+void for_each_element(const Geometry& g, F fn) {
   const int64_t grain = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(1, g.channels * g.inner));
-  at::parallel_for(0, g.outer, grain, body);
+  at::parallel_for(0, g.outer, grain, [&](int64_t first, int64_t end) {
+    const F fn_copy = fn;  // a local copy: its captures stay in registers, not re-read after stores
+    for (int64_t o = first; o < end; ++o) {
+      if (g.inner == 1) {
+#pragma GCC ivdep
+        for (int64_t c = 0; c < g.channels; ++c) fn_copy(o * g.channels + c, c);
+        continue;
+      }
+      for (int64_t c = 0; c < g.channels; ++c) {
+        const int64_t base = (o * g.channels + c) * g.inner;
+#pragma GCC ivdep
+        for (int64_t i = base; i < base + g.inner; ++i) fn_copy(i, c);
+      }
+    }
+  });
 }
 
 Tensor channel_tensor(const std::vector<double>& values, int64_t offset, int64_t channels,
@@ -79,22 +145,19 @@ std::tuple<Tensor, Tensor> channel_stats(const Tensor& z) {
   const int64_t C = g.channels;
   std::vector<double> mean(C), var(C);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "vggbench_channel_stats", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* data = z.const_data_ptr<scalar_t>();
-    std::vector<double> shift(C);
-    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<double>(data[c * g.inner]);
-    const auto sums = reduce_blocks(
-        g, 2,
-        [&](int64_t first, int64_t end, double* partial) {
-          double* sumsq = partial + C;
-          for_each_element(g, first, end, [&](int64_t i, int64_t c) {
-            const double d = static_cast<double>(data[i]) - shift[c];
-            partial[c] += d, sumsq[c] += d * d;
-          });
-        },
-        [](int64_t, double a, double b) { return a + b; });
+    // sums of z - shift, shift = one sample of the channel: no cancellation when |mean| >> std
+    std::vector<acc_t> shift(C);
+    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc_t>(data[c * g.inner]);
+    const acc_t* sh = shift.data();
+    const auto sums = reduce_channels<acc_t, 2, 2>(g, [=](int64_t i, int64_t c) {
+      const acc_t d = static_cast<acc_t>(data[i]) - sh[c];
+      return std::array<acc_t, 2>{d, d * d};
+    });
     for (int64_t c = 0; c < C; ++c) {
-      math::mean_var(sums[c], sums[C + c], shift[c], static_cast<double>(g.count()), mean[c],
-                     var[c]);
+      math::mean_var(sums[c], sums[C + c], static_cast<double>(shift[c]),
+                     static_cast<double>(g.count()), mean[c], var[c]);
     }
   });
   return {channel_tensor(mean, 0, C, z), channel_tensor(var, 0, C, z)};
@@ -104,20 +167,21 @@ void normalize_act(const Tensor& z, const OptTensor& scale, const OptTensor& shi
                    const OptTensor& residual, double slope, const Tensor& out) {
   const Geometry g = geometry_of(z);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "vggbench_normalize_act", [&] {
-    using stat_t = at::opmath_type<scalar_t>;
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* in = z.const_data_ptr<scalar_t>();
     const scalar_t* res = data_or_null<scalar_t>(residual);
-    const stat_t* sc = data_or_null<stat_t>(scale);
-    const stat_t* sh = data_or_null<stat_t>(shift);
+    const acc_t* sc = data_or_null<acc_t>(scale);
+    const acc_t* sh = data_or_null<acc_t>(shift);
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
-    const auto s = static_cast<stat_t>(slope);
-    parallel_rows(g, [&](int64_t first, int64_t end) {
-      for_each_element(g, first, end, [&](int64_t i, int64_t c) {
-        stat_t v = static_cast<stat_t>(in[i]) * (sc ? sc[c] : stat_t(1)) + (sh ? sh[c] : stat_t(0));
-        if (res) v += static_cast<stat_t>(res[i]);
+    const auto s = static_cast<acc_t>(slope);
+    with_flags([&](auto affine, auto add_residual) {
+      for_each_element(g, [=](int64_t i, int64_t c) {
+        acc_t v = static_cast<acc_t>(in[i]);
+        if constexpr (affine) v = v * sc[c] + sh[c];
+        if constexpr (add_residual) v += static_cast<acc_t>(res[i]);
         y[i] = static_cast<scalar_t>(math::leaky_relu(v, s));
       });
-    });
+    }, sc != nullptr, res != nullptr);
   });
 }
 
@@ -126,20 +190,19 @@ std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
   const int64_t C = g.channels;
   std::vector<double> sums;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, in.out.scalar_type(), "vggbench_backward_reduce", [&] {
-    const BackwardView<scalar_t> v(in);
-    const bool recovering = !v.xhat;
-    const auto body = [&](int64_t first, int64_t end, double* partial) {
-      double *sum_gx = partial + C, *peak = partial + 2 * C;
-      for_each_element(g, first, end, [&](int64_t i, int64_t c) {
-        const double gi = v.g(i);
-        partial[c] += gi, sum_gx[c] += gi * static_cast<double>(v.x_hat(i, c));
-        if (recovering) peak[c] = std::max(peak[c], static_cast<double>(std::abs(v.pre(i))));
+    using acc_t = at::opmath_type<scalar_t>;
+    with_flags([&](auto has_res, auto recovering) {
+      const BackwardView<scalar_t> e(in);
+      // per channel: sum(g), sum(g * xhat), max |pre| (only when recovering)
+      sums = reduce_channels<acc_t, 3, 2>(g, [=](int64_t i, int64_t c) {
+        const acc_t gi = e.g(i);
+        if constexpr (recovering) {
+          return std::array<acc_t, 3>{gi, gi * e.template recovered_xhat<has_res>(i, c), std::abs(e.pre(i))};
+        } else {
+          return std::array<acc_t, 3>{gi, gi * static_cast<acc_t>(e.xhat[i]), acc_t(0)};
+        }
       });
-    };
-    // Entries [0, 2C) are sums, [2C, 3C) maxima.
-    sums = reduce_blocks(g, 3, body, [C](int64_t j, double a, double b) {
-      return j < 2 * C ? a + b : std::max(a, b);
-    });
+    }, in.residual.has_value(), !in.xhat.has_value());
   });
   return {channel_tensor(sums, 0, C, in.out), channel_tensor(sums, C, C, in.out),
           channel_tensor(sums, 2 * C, C, in.out)};
@@ -150,25 +213,55 @@ void backward_apply(const BackwardInputs& in, const OptTensor& k, const OptTenso
                     const OptTensor& grad_residual) {
   const Geometry g = geometry_of(in.out);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, in.out.scalar_type(), "vggbench_backward_apply", [&] {
-    using stat_t = at::opmath_type<scalar_t>;
-    const BackwardView<scalar_t> v(in);
-    const stat_t* kk = data_or_null<stat_t>(k);
-    const stat_t* mg = data_or_null<stat_t>(mean_g);
-    const stat_t* mgx = data_or_null<stat_t>(mean_gx);
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* kk = data_or_null<acc_t>(k);
+    const acc_t* mg = data_or_null<acc_t>(mean_g);
+    const acc_t* mgx = data_or_null<acc_t>(mean_gx);
     scalar_t* dz = grad_z.mutable_data_ptr<scalar_t>();
     scalar_t* dres = grad_residual ? grad_residual->mutable_data_ptr<scalar_t>() : nullptr;
-    parallel_rows(g, [&](int64_t first, int64_t end) {
-      for_each_element(g, first, end, [&](int64_t i, int64_t c) {
-        const stat_t gi = v.g(i);
-        dz[i] = static_cast<scalar_t>(
-            kk ? math::bn_input_grad(gi, v.x_hat(i, c), kk[c], mg[c], mgx[c]) : gi);
-        if (dres) dres[i] = static_cast<scalar_t>(gi);
+    const bool batch_norm = kk != nullptr, recovering = batch_norm && !in.xhat;
+    with_flags([&](auto has_res, auto recover, auto write_dres) {
+      const BackwardView<scalar_t> e(in);
+      for_each_element(g, [=](int64_t i, int64_t c) {
+        const acc_t gi = e.g(i);
+        acc_t out = gi;
+        if constexpr (recover) {
+          out = math::bn_input_grad(gi, e.template recovered_xhat<has_res>(i, c), kk[c], mg[c], mgx[c]);
+        } else if (batch_norm) {
+          out = math::bn_input_grad(gi, static_cast<acc_t>(e.xhat[i]), kk[c], mg[c], mgx[c]);
+        }
+        dz[i] = static_cast<scalar_t>(out);
+        if constexpr (write_dres) dres[i] = static_cast<scalar_t>(gi);
       });
-    });
+    }, in.residual.has_value(), recovering, dres != nullptr);
   });
 }
 
-const Kernels kCpuKernels{&channel_stats, &normalize_act, &backward_reduce, &backward_apply};
+Tensor conv(const Tensor& x, const Tensor& weight, const OptTensor& bias, int64_t stride,
+            int64_t padding) {
+  if (cpu::winograd_applies(x, weight, stride, padding)) {
+    return cpu::winograd_conv(x, weight, bias, /*transposed_weight=*/false);
+  }
+  return aten_conv(x, weight, bias, stride, padding);
+}
+
+std::tuple<Tensor, Tensor, Tensor> conv_backward(const Tensor& grad_z, const Tensor& x,
+                                                 const Tensor& weight, bool has_bias,
+                                                 int64_t stride, int64_t padding,
+                                                 std::array<bool, 3> mask) {
+  if (!cpu::winograd_applies(x, weight, stride, padding) ||
+      !cpu::winograd_applies(grad_z, weight.transpose(0, 1), stride, padding)) {
+    return aten_conv_backward(grad_z, x, weight, has_bias, stride, padding, mask);
+  }
+  // the input gradient is the conv of grad_z with the flipped, transposed weight
+  return {mask[0] ? cpu::winograd_conv(grad_z, weight, std::nullopt, /*transposed_weight=*/true)
+                  : Tensor(),
+          mask[1] ? cpu::winograd_weight_grad(x, grad_z) : Tensor(),
+          mask[2] && has_bias ? at::sum(grad_z, {0, 2, 3}) : Tensor()};
+}
+
+const Kernels kCpuKernels{&conv,          &conv_backward,   &channel_stats,
+                          &normalize_act, &backward_reduce, &backward_apply};
 
 }  // namespace
 }  // namespace vggbench

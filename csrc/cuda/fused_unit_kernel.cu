@@ -313,7 +313,8 @@ void backward_apply(const BackwardInputs& in, const OptTensor& k, const OptTenso
   });
 }
 
-const Kernels kCudaKernels{&channel_stats, &normalize_act, &backward_reduce, &backward_apply};
+const Kernels kCudaKernels{&aten_conv, &aten_conv_backward, &channel_stats, &normalize_act,
+                           &backward_reduce, &backward_apply};
 
 }  // namespace
 }  // namespace vggbench
