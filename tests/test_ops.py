@@ -388,6 +388,18 @@ def equivalence_params() -> Iterator:
                                id=f"{device}-{str(dtype).removeprefix('torch.')}-{layout}-{unit}")
 
 
+@pytest.mark.parametrize("bn", ["train", "eval", "none"])
+@pytest.mark.parametrize("size", [5, 9])
+def test_winograd_partial_tiles(bn, size):
+    """On the CPU, 3x3 float32 channels_last convs with channel counts divisible by 8 run as
+    Winograd F(4x4, 3x3) over 4x4 output tiles (forward, input and weight gradients): sizes
+    that are not a multiple of 4 leave partial tiles at the image edges."""
+    sample = make_sample(f"winograd-{bn}-{size}", "cpu", torch.float32, True, n=3, c=8, k=16, size=size,
+                         bn=bn, bias=True, residual=True, layout="channels_last")
+    ref = sample.cast(torch.float64)
+    assert_matches_native(sample, ref, seed=3)
+
+
 @pytest.mark.parametrize(("device", "dtype", "layout", "unit"), list(equivalence_params()))
 def test_matches_native_chain(device, dtype, layout, unit):
     """A training step (batch statistics, running statistics updated), then an eval step
