@@ -10,6 +10,7 @@
 
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/abs.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
@@ -189,6 +190,28 @@ std::tuple<Tensor, Tensor, Tensor> fold_bn(const Tensor& weight, const OptTensor
           folded_bias.to(weight.scalar_type()), scale};
 }
 
+// Training-mode BN in two halves, so that a distributed caller can merge the statistics
+// of all ranks in between: the conv and its per-channel mean and biased variance, ...
+std::tuple<Tensor, Tensor, Tensor> conv_stats(const Kernels& k, const Tensor& x,
+                                              const Tensor& weight, const OptTensor& bias,
+                                              int64_t stride, int64_t padding) {
+  const Tensor z = k.conv(x, weight, bias, stride, padding).contiguous(memory_format_of(x));
+  auto [mean, var] = k.channel_stats(z);
+  return {z, mean, var};
+}
+
+// ... then normalisation with given statistics, residual and activation.
+Tensor bn_act(const Kernels& k, const Tensor& z, const Tensor& mean, const Tensor& var,
+              const Tensor& bn_weight, const Tensor& bn_bias, const OptTensor& residual,
+              double eps, double slope) {
+  const auto stats = mean.scalar_type();
+  const Tensor scale = as_stats(bn_weight, stats) * at::rsqrt(var + eps);
+  const Tensor shift = as_stats(bn_bias, stats) - mean * scale;
+  Tensor y = at::empty_like(z);
+  k.normalize_act(z, scale, shift, residual, slope, y);
+  return y;
+}
+
 std::tuple<Tensor, Tensor, Tensor> forward(
     const Kernels& k, const Tensor& input, const Tensor& weight, const OptTensor& bias,
     const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean,
@@ -203,13 +226,8 @@ std::tuple<Tensor, Tensor, Tensor> forward(
   const bool batch_norm = bn_weight.has_value();
 
   if (batch_norm && use_batch_stats) {
-    const Tensor z = k.conv(x, weight, bias, stride, padding).contiguous(fmt);
-    auto [mean, var] = k.channel_stats(z);
-    const Tensor scale = as_stats(*bn_weight, stats) * at::rsqrt(var + eps);
-    const Tensor shift = as_stats(*bn_bias, stats) - mean * scale;
-    Tensor y = at::empty_like(z);
-    k.normalize_act(z, scale, shift, res, slope, y);
-    return {y, mean, var};
+    auto [z, mean, var] = conv_stats(k, x, weight, bias, stride, padding);
+    return {bn_act(k, z, mean, var, *bn_weight, *bn_bias, res, eps, slope), mean, var};
   }
   Tensor mean, var;
   Tensor z;
@@ -281,49 +299,83 @@ Tensor grad_or_empty(bool wanted, const Tensor& grad, const Tensor& like) {
                 : empty_grad(like);
 }
 
-Grads backward(const Kernels& k, const Tensor& grad_out, const Tensor& out, const Tensor& input,
-               const Tensor& weight, const OptTensor& bias, const OptTensor& bn_weight,
-               const OptTensor& bn_bias, const OptTensor& residual, const Tensor& mean,
-               const Tensor& var, int64_t stride, int64_t padding, bool use_batch_stats,
-               double eps, double slope, std::array<bool, 6> mask) {
+BackwardInputs backward_inputs(const Tensor& grad_out, const Tensor& out,
+                               const OptTensor& residual, at::MemoryFormat fmt, double slope) {
   TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.device() == out.device() &&
                   grad_out.scalar_type() == out.scalar_type(),
               "vggbench.conv_bn_act_backward: grad_out (", grad_out.scalar_type(), ", ",
               grad_out.device(), ", shape ", grad_out.sizes(), ") does not match the output (",
               out.scalar_type(), ", ", out.device(), ", shape ", out.sizes(), ")");
+  return {grad_out.contiguous(fmt), out.contiguous(fmt),
+          residual ? OptTensor(residual->contiguous(fmt)) : std::nullopt,
+          std::nullopt, Tensor(), Tensor(), slope};
+}
+
+// Training-mode BN backward's per-channel sums, sum(g) and sum(g * xhat), over this call's
+// batch. Sets in's recovery coefficients, and in.xhat when some channel's xhat cannot be
+// recovered from the output and is recomputed instead.
+std::tuple<Tensor, Tensor> bn_backward_sums(const Kernels& k, BackwardInputs& in, const Tensor& x,
+                                            const Tensor& weight, const OptTensor& bias,
+                                            const Tensor& bn_weight, const Tensor& bn_bias,
+                                            const Tensor& mean, const Tensor& var, int64_t stride,
+                                            int64_t padding, double eps) {
+  const auto stats = mean.scalar_type();
+  const Tensor gamma = as_stats(bn_weight, stats), beta = as_stats(bn_bias, stats);
+  in.recover_scale = at::reciprocal(gamma);
+  in.recover_shift = beta * in.recover_scale;
+  Tensor sum_g, sum_gx, max_abs_pre;
+  bool fallback_needed = in.slope == 0;
+  Tensor fallback = at::ones(gamma.sizes(), gamma.options().dtype(at::kBool));
+  if (!fallback_needed) {
+    std::tie(sum_g, sum_gx, max_abs_pre) = k.backward_reduce(in);
+    fallback = unrecoverable_channels(gamma, max_abs_pre, in.out.scalar_type());
+    fallback_needed = fallback.any().item<bool>();
+  }
+  if (fallback_needed) {
+    in.xhat = xhat_with_fallback(k, in, fallback, x, weight, bias, mean, at::rsqrt(var + eps),
+                                 stride, padding);
+    std::tie(sum_g, sum_gx, max_abs_pre) = k.backward_reduce(in);
+  }
+  return {sum_g, sum_gx};
+}
+
+// `reduced_sums`: sum(g) and sum(g * xhat) over the whole (distributed) batch of
+// `reduced_count` values per channel, replacing this call's own sums in the input
+// gradient (synchronised BN); the BN parameters' gradients stay this call's.
+Grads backward(const Kernels& k, const Tensor& grad_out, const Tensor& out, const Tensor& input,
+               const Tensor& weight, const OptTensor& bias, const OptTensor& bn_weight,
+               const OptTensor& bn_bias, const OptTensor& residual, const Tensor& mean,
+               const Tensor& var, int64_t stride, int64_t padding, bool use_batch_stats,
+               double eps, double slope, std::array<bool, 6> mask, const OptTensor& reduced_sums,
+               int64_t reduced_count) {
   const auto fmt = memory_format_of(input);
   const auto stats = mean.scalar_type();
   const Tensor x = input.contiguous(fmt);
-  BackwardInputs in{grad_out.contiguous(fmt), out.contiguous(fmt),
-                    residual ? OptTensor(residual->contiguous(fmt)) : std::nullopt,
-                    std::nullopt, Tensor(), Tensor(), slope};
+  BackwardInputs in = backward_inputs(grad_out, out, residual, fmt, slope);
   const bool batch_norm = bn_weight.has_value();
   const bool train_bn = batch_norm && use_batch_stats;
+  const int64_t channels = weight.size(0);
+  TORCH_CHECK(!reduced_sums || (train_bn && reduced_sums->dim() == 1 &&
+                                reduced_sums->size(0) == 2 * channels && reduced_count > 1),
+              "vggbench.conv_bn_act_backward: reduced_sums must be the (", 2 * channels,
+              ",) sums of a training-mode BN call over more than 1 value per channel");
   Tensor grad_z = at::empty_like(in.out);
   OptTensor grad_residual;
   if (residual && mask[5]) grad_residual = at::empty_like(in.out);
   Tensor grad_gamma, grad_beta;
 
   if (train_bn) {
-    const Tensor gamma = as_stats(*bn_weight, stats), beta = as_stats(*bn_bias, stats);
-    const Tensor invstd = at::rsqrt(var + eps);
-    in.recover_scale = at::reciprocal(gamma);
-    in.recover_shift = beta * in.recover_scale;
-    Tensor sum_g, sum_gx, max_abs_pre;
-    bool fallback_needed = slope == 0;
-    Tensor fallback = at::ones(gamma.sizes(), gamma.options().dtype(at::kBool));
-    if (!fallback_needed) {
-      std::tie(sum_g, sum_gx, max_abs_pre) = k.backward_reduce(in);
-      fallback = unrecoverable_channels(gamma, max_abs_pre, in.out.scalar_type());
-      fallback_needed = fallback.any().item<bool>();
+    std::tie(grad_beta, grad_gamma) = bn_backward_sums(k, in, x, weight, bias, *bn_weight, *bn_bias,
+                                                       mean, var, stride, padding, eps);
+    Tensor sum_g = grad_beta, sum_gx = grad_gamma;
+    double count = static_cast<double>(geometry_of(in.out).count());
+    if (reduced_sums) {
+      const Tensor sums = reduced_sums->to(stats);
+      sum_g = sums.narrow(0, 0, channels), sum_gx = sums.narrow(0, channels, channels);
+      count = static_cast<double>(reduced_count);
     }
-    if (fallback_needed) {
-      in.xhat = xhat_with_fallback(k, in, fallback, x, weight, bias, mean, invstd, stride, padding);
-      std::tie(sum_g, sum_gx, max_abs_pre) = k.backward_reduce(in);
-    }
-    const double count = static_cast<double>(geometry_of(in.out).count());
-    k.backward_apply(in, gamma * invstd, sum_g / count, sum_gx / count, grad_z, grad_residual);
-    grad_gamma = sum_gx, grad_beta = sum_g;
+    const Tensor k_scale = as_stats(*bn_weight, stats) * at::rsqrt(var + eps);
+    k.backward_apply(in, k_scale, sum_g / count, sum_gx / count, grad_z, grad_residual);
   } else {
     k.backward_apply(in, std::nullopt, std::nullopt, std::nullopt, grad_z, grad_residual);
   }
@@ -401,10 +453,41 @@ void register_backend(torch::Library& m, const Kernels& kernels) {
              const OptTensor& bias, const OptTensor& bn_weight, const OptTensor& bn_bias,
              const OptTensor& residual, const Tensor& mean, const Tensor& var, int64_t stride,
              int64_t padding, bool use_batch_stats, double eps, double negative_slope,
-             std::array<bool, 6> output_mask) {
+             std::array<bool, 6> output_mask, const OptTensor& reduced_sums,
+             int64_t reduced_count) {
            return backward(*k, grad_out, out, input, weight, bias, bn_weight, bn_bias, residual,
                            mean, var, stride, padding, use_batch_stats, eps, negative_slope,
-                           output_mask);
+                           output_mask, reduced_sums, reduced_count);
+         });
+  m.impl("conv_stats", [k](const Tensor& input, const Tensor& weight, const OptTensor& bias,
+                           int64_t stride, int64_t padding) {
+    check_forward_args(input, weight, bias, std::nullopt, std::nullopt, std::nullopt, std::nullopt,
+                       std::nullopt, stride, padding, true, 1e-5, 0.0);
+    return conv_stats(*k, input.contiguous(memory_format_of(input)), weight, bias, stride, padding);
+  });
+  m.impl("bn_act", [k](const Tensor& z, const Tensor& mean, const Tensor& var,
+                       const Tensor& bn_weight, const Tensor& bn_bias, const OptTensor& residual,
+                       double eps, double negative_slope) {
+    const auto fmt = memory_format_of(z);
+    TORCH_CHECK(z.dim() == 4 && mean.sizes() == var.sizes() && mean.dim() == 1 &&
+                    mean.size(0) == z.size(1) && (!residual || residual->sizes() == z.sizes()),
+                "vggbench.bn_act: expected z (N, C, H, W), mean and var (C,) and a residual "
+                "shaped like z; got z ", z.sizes(), ", mean ", mean.sizes(), ", var ", var.sizes());
+    const OptTensor res = residual ? OptTensor(residual->contiguous(fmt)) : std::nullopt;
+    return bn_act(*k, z.contiguous(fmt), mean.to(stats_dtype(z.scalar_type())),
+                  var.to(stats_dtype(z.scalar_type())), bn_weight, bn_bias, res, eps,
+                  negative_slope);
+  });
+  m.impl("conv_bn_act_backward_sums",
+         [k](const Tensor& grad_out, const Tensor& out, const Tensor& input, const Tensor& weight,
+             const OptTensor& bias, const Tensor& bn_weight, const Tensor& bn_bias,
+             const OptTensor& residual, const Tensor& mean, const Tensor& var, int64_t stride,
+             int64_t padding, double eps, double negative_slope) {
+           const auto fmt = memory_format_of(input);
+           BackwardInputs in = backward_inputs(grad_out, out, residual, fmt, negative_slope);
+           auto [sum_g, sum_gx] = bn_backward_sums(*k, in, input.contiguous(fmt), weight, bias,
+                                                   bn_weight, bn_bias, mean, var, stride, padding, eps);
+           return at::cat({sum_g, sum_gx});
          });
   m.impl("update_running_stats_", &update_running_stats);
 }
@@ -426,8 +509,20 @@ TORCH_LIBRARY(vggbench, m) {
       "conv_bn_act_backward(Tensor grad_out, Tensor out, Tensor input, Tensor weight, "
       "Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, Tensor? residual, Tensor mean, "
       "Tensor var, int stride, int padding, bool use_batch_stats, float eps, "
-      "float negative_slope, bool[6] output_mask)"
-      " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float negative_slope, bool[6] output_mask, Tensor? reduced_sums=None, "
+      "int reduced_count=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Training-mode BN split where a distributed caller merges statistics or sums across
+  // ranks (synchronised BN): the conv output and its per-channel mean and biased variance;
+  // the normalisation (+ residual) and activation with given statistics; and the
+  // backward's per-channel [sum(g), sum(g * xhat)] (2C) to pass back as reduced_sums.
+  m.def("conv_stats(Tensor input, Tensor weight, Tensor? bias, int stride, int padding)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("bn_act(Tensor z, Tensor mean, Tensor var, Tensor bn_weight, Tensor bn_bias, "
+        "Tensor? residual, float eps, float negative_slope) -> Tensor");
+  m.def(
+      "conv_bn_act_backward_sums(Tensor grad_out, Tensor out, Tensor input, Tensor weight, "
+      "Tensor? bias, Tensor bn_weight, Tensor bn_bias, Tensor? residual, Tensor mean, "
+      "Tensor var, int stride, int padding, float eps, float negative_slope) -> Tensor");
   m.def(
       "update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, "
       "Tensor(c!) num_batches_tracked, Tensor batch_mean, Tensor batch_var, int count, "

@@ -240,6 +240,40 @@ def test_update_running_stats(device, dtype, momentum):
     assert tracked.item() == 4
 
 
+@pytest.mark.parametrize("label", ["train-residual-bias", "train-residual-channels_last",
+                                   "train-residual-gamma0-gamma1e-9"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_split_ops_compose_to_conv_bn_act(device, label):
+    """The halves synchronised BN runs with cross-rank merges in between (conv_stats -> bn_act;
+    conv_bn_act_backward_sums -> conv_bn_act_backward(reduced_sums=...)) give exactly the
+    fused op's results when the merged statistics and sums are the call's own, and the same
+    input gradient when they come from two identical ranks (sums and count doubled)."""
+    args = get_sample(label, device).op_args()
+    input, weight, bias, bn_weight, bn_bias, _, _, residual, stride, padding, _, eps, slope = args
+    out, mean, var = torch.ops.vggbench.conv_bn_act(*args)
+    stats_args = (input, weight, bias, stride, padding)
+    z, z_mean, z_var = torch.ops.vggbench.conv_stats(*stats_args)
+    assert torch.equal(z_mean, mean) and torch.equal(z_var, var)
+    act_args = (z, mean, var, bn_weight, bn_bias, residual, eps, slope)
+    assert torch.equal(torch.ops.vggbench.bn_act(*act_args), out)
+
+    grad_out = torch.randn_like(out)
+    tensors = (grad_out, out, input, weight, bias, bn_weight, bn_bias, residual, mean, var, stride, padding)
+    sums_args = (*tensors, eps, slope)
+    sums = torch.ops.vggbench.conv_bn_act_backward_sums(*sums_args)
+    mask = [True] * 6
+    expected = torch.ops.vggbench.conv_bn_act_backward(*tensors, True, eps, slope, mask)
+    count = out.numel() // out.shape[1]
+    for scale in (1, 2):
+        reduced_args = (*tensors, True, eps, slope, mask, sums * scale, count * scale)
+        for got, want in zip(torch.ops.vggbench.conv_bn_act_backward(*reduced_args), expected):
+            assert torch.equal(got, want)
+    for op, op_args in ((torch.ops.vggbench.conv_stats, stats_args), (torch.ops.vggbench.bn_act, act_args),
+                        (torch.ops.vggbench.conv_bn_act_backward_sums, sums_args),
+                        (torch.ops.vggbench.conv_bn_act_backward, reduced_args)):
+        torch.library.opcheck(op, op_args)
+
+
 # --- 2. float64 gradients ---------------------------------------------------------------
 @pytest.mark.parametrize("label", SAMPLE_LABELS)
 @pytest.mark.parametrize("device", DEVICES)

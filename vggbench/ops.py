@@ -16,6 +16,9 @@ Ops (torch.ops.vggbench):
   conv_bn_act           functional forward -> (out, mean, var)
   conv_bn_act_backward  its gradients
   update_running_stats_ BatchNorm2d's running-statistics update (mutates its inputs)
+  conv_stats, bn_act, conv_bn_act_backward_sums
+                        training-mode BN split where ranks merge statistics and sums
+                        (synchronised BN: vggbench.models.sync_fused)
 """
 
 from __future__ import annotations
@@ -46,6 +49,16 @@ def memory_format_of(t: Tensor) -> torch.memory_format:
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics are float32, or float64 for float64 activations."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def autocast_operands(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The conv's operands (input, weight, bias, residual) cast to the autocast dtype when
+    torch.autocast is on for their device; BN parameters and statistics stay float32."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
 def conv_bn_act(
@@ -84,13 +97,7 @@ def conv_bn_act(
     Under torch.autocast the conv operands are cast to the autocast dtype; BN parameters,
     buffers and statistics stay float32.
     """
-    device_type = input.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        input, weight, bias, residual = (
-            t.to(dtype) if t is not None and t.is_floating_point() else t
-            for t in (input, weight, bias, residual)
-        )
+    input, weight, bias, residual = autocast_operands(input, weight, bias, residual)
     use_batch_stats = bn_weight is not None and (training or running_mean is None)
     out, mean, var = torch.ops.vggbench.conv_bn_act(
         input, weight, bias, bn_weight, bn_bias,
@@ -124,7 +131,7 @@ def _conv_bn_act_fake(
 @torch.library.register_fake("vggbench::conv_bn_act_backward")
 def _conv_bn_act_backward_fake(
     grad_out, out, input, weight, bias, bn_weight, bn_bias, residual, mean, var,
-    stride, padding, use_batch_stats, eps, negative_slope, output_mask,
+    stride, padding, use_batch_stats, eps, negative_slope, output_mask, reduced_sums=None, reduced_count=0,
 ):
     def grad(wanted: bool, like: Tensor | None) -> Tensor:
         if like is None:
@@ -135,6 +142,23 @@ def _conv_bn_act_backward_fake(
 
     params = (input, weight, bias, bn_weight, bn_bias, residual)
     return tuple(grad(wanted, like) for wanted, like in zip(output_mask, params))
+
+
+@torch.library.register_fake("vggbench::conv_stats")
+def _conv_stats_fake(input, weight, bias, stride, padding):
+    z, mean, var = _conv_bn_act_fake(input, weight, bias, weight, None, None, None, None, stride, padding, True, 0.0, 0.0)
+    return z, mean, var
+
+
+@torch.library.register_fake("vggbench::bn_act")
+def _bn_act_fake(z, mean, var, bn_weight, bn_bias, residual, eps, negative_slope):
+    return torch.empty_like(z, memory_format=memory_format_of(z))
+
+
+@torch.library.register_fake("vggbench::conv_bn_act_backward_sums")
+def _conv_bn_act_backward_sums_fake(grad_out, out, input, weight, bias, bn_weight, bn_bias, residual, mean, var,
+                                    stride, padding, eps, negative_slope):
+    return mean.new_empty((2 * weight.shape[0],))
 
 
 @torch.library.register_fake("vggbench::update_running_stats_")
