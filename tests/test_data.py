@@ -20,10 +20,10 @@ from vggbench.data import (
     SyntheticCIFAR,
     build_loader,
     build_splits,
+    cifar,
     cifar100_available,
     class_balanced_split,
 )
-from vggbench.data import cifar
 
 TRAIN_PER_CLASS, TEST_PER_CLASS, VAL_SIZE = 30, 5, 500
 
@@ -305,7 +305,7 @@ def test_train_loader_is_shuffled_reproducibly_and_keeps_the_last_batch(splits):
 
 def test_eval_loader_keeps_order(splits):
     loader = build_loader(splits.val, 64, train=False, workers=0, device=torch.device("cpu"))
-    images, labels = next(iter(loader))
+    images, _ = next(iter(loader))
     assert images.shape == (64, 3, 32, 32)
     assert torch.equal(torch.cat([labels for _, labels in loader]), torch.tensor(view_labels(splits.val)))
     assert not loader.pin_memory

@@ -4,7 +4,17 @@ import pytest
 import torch
 from torch import nn
 
-from vggbench.models import ConvNormAct, VGGSpec, build_model, model_label, vgg08, vgg38, vgg38_bn, vgg38_bn_rc, vgg38_rc
+from vggbench.models import (
+    ConvNormAct,
+    VGGSpec,
+    build_model,
+    model_label,
+    vgg08,
+    vgg38,
+    vgg38_bn,
+    vgg38_bn_rc,
+    vgg38_rc,
+)
 from vggbench.models.vgg import ProcessingBlock, ReductionBlock
 
 

@@ -42,7 +42,7 @@ def without_timing(rows: list[dict]) -> list[dict]:
 
 
 def final_weights(run: Path) -> dict:
-    newest = sorted((run / "checkpoints").glob("epoch-*.pt"))[-1]
+    newest = max((run / "checkpoints").glob("epoch-*.pt"))
     return load_checkpoint(newest)["model"]
 
 

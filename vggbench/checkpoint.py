@@ -122,7 +122,7 @@ def load_checkpoint(path: Path, required: tuple[str, ...] = REQUIRED_KEYS) -> di
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for torn or foreign files
+    except Exception as err:  # noqa: BLE001 (torch raises many types for torn or foreign files)
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a vggbench checkpoint "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).{_alternatives(path)}"

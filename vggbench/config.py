@@ -12,7 +12,13 @@ from pathlib import Path
 
 from vggbench.data import DATASETS
 from vggbench.models.units import ACTIVATIONS, NORM_POSITIONS
-from vggbench.models.vgg import IMPLS, VARIANTS, blocks_for_depth, model_label, parse_model_name
+from vggbench.models.vgg import (
+    IMPLS,
+    VARIANTS,
+    blocks_for_depth,
+    model_label,
+    parse_model_name,
+)
 
 OPTIMIZERS = ("adam", "sgd", "adamw")
 SCHEDULERS = ("cosine", "cosine_restarts", "none")
@@ -20,8 +26,10 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # Options that say where or how a run executes, not what it trains; they may change on
 # --resume and do not distinguish configurations.
 # impl is runtime too: both implementations compute the same model from the same
-# state_dict, so a run may continue on the other one.
-RUNTIME_OPTIONS = ("device", "impl", "workers", "progress", "out_dir", "data_dir", "download", "resume")
+# state_dict, so a run may continue on the other one. sync_bn is NOT: BatchNorm statistics
+# over the global batch instead of each rank's share change what is trained.
+RUNTIME_OPTIONS = ("device", "impl", "workers", "progress", "out_dir", "data_dir", "download", "resume",
+                   "dist_timeout")
 
 
 class ConfigError(ValueError):
@@ -72,13 +80,16 @@ class TrainConfig:
     lr: float = opt(1e-3, "learning rate")
     weight_decay: float = opt(0.0, "weight decay (L2 for adam/sgd, decoupled for adamw)")
     momentum: float = opt(0.9, "SGD momentum (sgd only)")
-    batch_size: int = opt(100, "images per step")
+    batch_size: int = opt(100, "images per step and PER RANK: a distributed run of N ranks takes global "
+                          "batches of N x this (the study's 100 on 2 ranks: --batch-size 50); lr is not scaled")
     epochs: int = opt(100, "training epochs")
     scheduler: str = opt("cosine", "cosine: CosineAnnealingLR(T_max=epochs); cosine_restarts: SGDR "
                          "with a restart every --restart-period epochs; none: constant lr", SCHEDULERS)
     eta_min: float = opt(2e-5, "minimum learning rate of the cosine schedules")
     restart_period: int = opt(50, "epochs between warm restarts (cosine_restarts)")
     seed: int = opt(7112018, "seed of initialisation, shuffling and augmentation")
+    sync_bn: bool = opt(False, "distributed runs: BatchNorm statistics over the global batch (SyncBatchNorm "
+                        "semantics) instead of each rank's share; no effect in a single process")
     # execution
     device: str = opt("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
     channels_last: bool = opt(False, "channels_last memory format for model and inputs")
@@ -88,6 +99,8 @@ class TrainConfig:
     deterministic: bool = opt(False, "deterministic algorithms only (exact resume on CPU)")
     gradflow_every: int = opt(0, "also record gradient flow averaged over windows of N steps "
                               "(0: per epoch only)")
+    dist_timeout: int = opt(1800, "distributed runs: seconds a rank waits for the others (in a collective, or "
+                             "while rank 0 prepares the data) before failing")
     keep_checkpoints: int = opt(2, "epoch checkpoints to keep (0 keeps all); best.pt is always kept")
     out_dir: str | None = opt(None, "run directory (default: runs/<model>-<variant>-lr<lr>-seed<seed>)")
     resume: str | None = opt(None, "continue the run in --out-dir from its newest checkpoint "
@@ -114,7 +127,7 @@ class TrainConfig:
         """The fields that say where and how the run executes (RUNTIME_OPTIONS)."""
         return {k: getattr(self, k) for k in RUNTIME_OPTIONS}
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Raise ConfigError naming the first impossible value; return self."""
         try:
             blocks_for_depth(parse_model_name(self.model), self.stages, self.convs_per_block)
@@ -126,7 +139,7 @@ class TrainConfig:
                 raise ConfigError(f"--{flag(f.name)} must be one of {', '.join(choices)}, "
                                   f"got {getattr(self, f.name)!r}")
         positive = ("filters", "stages", "convs_per_block", "batch_size", "epochs", "restart_period",
-                    "synthetic_train_size", "synthetic_test_size")
+                    "synthetic_train_size", "synthetic_test_size", "dist_timeout")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{flag(name)} must be >= 1, got {getattr(self, name)}")

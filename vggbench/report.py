@@ -97,8 +97,8 @@ def render_markdown(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(_table_line(cells))
     synthetic = [row["label"] for row in rows if row["dataset"] == "synthetic"]
     if synthetic:
-        lines += ["", f"**Synthetic data**: {', '.join(synthetic)} trained on the synthetic stand-in dataset (learnable class patterns), "
-                      "not CIFAR-100; they show the mechanism, not the study's figures."]
+        lines += ["", (f"**Synthetic data**: {', '.join(synthetic)} trained on the synthetic stand-in dataset "
+                       "(learnable class patterns), not CIFAR-100; they show the mechanism, not the study's figures.")]
     return "\n".join(lines) + "\n"
 
 

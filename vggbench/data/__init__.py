@@ -7,15 +7,27 @@ images are augmented (random crop with padding 4, horizontal flip); all images a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch.utils.data import Dataset
 
-from vggbench.data.cifar import DataError, cifar100_available, prepare_cifar100, read_cifar100
-from vggbench.data.loaders import CIFAR_MEAN, CIFAR_STD, TransformedView, build_loader, make_transform
+from vggbench.data.cifar import (
+    DataError,
+    cifar100_available,
+    prepare_cifar100,
+    read_cifar100,
+)
+from vggbench.data.loaders import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    TransformedView,
+    build_loader,
+    make_transform,
+    rank_shard,
+)
 from vggbench.data.synthetic import SyntheticCIFAR
 
 __all__ = [
@@ -31,6 +43,7 @@ __all__ = [
     "cifar100_available",
     "class_balanced_split",
     "make_transform",
+    "rank_shard",
 ]
 
 DATASETS = ("cifar100", "synthetic")

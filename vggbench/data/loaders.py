@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import transforms
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -45,19 +46,34 @@ def build_loader(
     workers: int,
     device: torch.device,
     generator: torch.Generator | None = None,
+    sampler: Sampler | None = None,
 ) -> DataLoader:
     """A DataLoader for training (reshuffled every epoch, last partial batch kept) or evaluation (fixed order).
 
     ``generator`` drives the shuffling and the worker seeds (hence the augmentation in workers), making
     the batches reproducible (the trainer builds one loader per epoch from a per-epoch generator, so
-    workers are not kept across epochs). Memory is pinned only for CUDA devices.
+    workers are not kept across epochs). A ``sampler`` (a DistributedSampler in distributed training)
+    replaces the shuffling. Memory is pinned only for CUDA devices.
     """
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
+        shuffle=train and sampler is None,
+        sampler=sampler,
         drop_last=False,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         generator=generator,
     )
+
+
+def rank_shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:
+    """Rank ``rank``'s share of ``dataset`` for evaluation: every ``world_size``-th sample from ``rank`` on.
+
+    The shares of all ranks hold every sample exactly once (unlike DistributedSampler, which
+    pads them to equal length with repeated samples), so sums over the shares equal the sums
+    over the dataset. The dataset itself for a single process.
+    """
+    if world_size == 1:
+        return dataset
+    return Subset(dataset, range(rank, len(dataset), world_size))

@@ -1,5 +1,6 @@
 """The study's VGG family built from swappable conv->BN->act units."""
 
+from vggbench.models.sync_bn import SyncBatchNorm2d, convert_sync_batchnorm
 from vggbench.models.units import ConvNormAct, UnitFactory
 from vggbench.models.vgg import (
     IMPLS,
@@ -18,6 +19,21 @@ from vggbench.models.vgg import (
 )
 
 __all__ = [
-    "IMPLS", "unit_for", "VARIANTS", "VGG", "VGGSpec", "ConvNormAct", "UnitFactory", "build_model", "make_layers",
-    "model_label", "vgg08", "vgg38", "vgg38_bn", "vgg38_rc", "vgg38_bn_rc",
+    "IMPLS",
+    "VARIANTS",
+    "VGG",
+    "ConvNormAct",
+    "SyncBatchNorm2d",
+    "UnitFactory",
+    "VGGSpec",
+    "build_model",
+    "convert_sync_batchnorm",
+    "make_layers",
+    "model_label",
+    "unit_for",
+    "vgg08",
+    "vgg38",
+    "vgg38_bn",
+    "vgg38_bn_rc",
+    "vgg38_rc",
 ]

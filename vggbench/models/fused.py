@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 from vggbench import ops
+from vggbench.models.sync_bn import SyncBatchNorm2d
+from vggbench.models.sync_fused import synced_conv_bn_act
 from vggbench.models.units import ConvNormAct
 
 
@@ -19,7 +21,8 @@ class FusedConvNormAct(ConvNormAct):
     Covers what the study's models use: BN before the activation (or no BN), LeakyReLU
     with any slope >= 0, no activation (projection shortcuts), conv bias on or off, any
     square kernel, stride and padding. BN after the activation and sigmoid are not fused:
-    use the native unit for those.
+    use the native unit for those. When `bn` is a SyncBatchNorm2d (convert_sync_batchnorm)
+    in a distributed run, training statistics cover every rank's batch.
     """
 
     def __init__(self, in_channels: int, out_channels: int, **kwargs) -> None:
@@ -36,6 +39,12 @@ class FusedConvNormAct(ConvNormAct):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         conv, bn = self.conv, self.bn
         slope = self.negative_slope if self.activation == "leaky_relu" else 1.0  # slope 1 = identity
+        if isinstance(bn, SyncBatchNorm2d) and bn.synchronised():
+            return synced_conv_bn_act(
+                x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                bn.num_batches_tracked, residual, stride=conv.stride[0], padding=conv.padding[0],
+                momentum=bn.momentum, eps=bn.eps, negative_slope=slope, group=bn.process_group,
+            )
         bn_args = (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked) if bn else ()
         return ops.conv_bn_act(
             x, conv.weight, conv.bias, *bn_args, residual=residual,

@@ -7,7 +7,8 @@ replace it without touching model code, and checkpoints stay interchangeable.
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

@@ -239,6 +239,17 @@ def vgg38_bn_rc(**overrides) -> VGG:
 
 
 __all__ = [
-    "VARIANTS", "VGG", "VGGSpec", "ProcessingBlock", "ReductionBlock", "build_model", "make_layers",
-    "model_label", "vgg08", "vgg38", "vgg38_bn", "vgg38_rc", "vgg38_bn_rc",
+    "VARIANTS",
+    "VGG",
+    "ProcessingBlock",
+    "ReductionBlock",
+    "VGGSpec",
+    "build_model",
+    "make_layers",
+    "model_label",
+    "vgg08",
+    "vgg38",
+    "vgg38_bn",
+    "vgg38_bn_rc",
+    "vgg38_rc",
 ]
