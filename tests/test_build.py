@@ -20,7 +20,7 @@ def test_cpu_only_build_from_a_clean_tree(tmp_path):
                     ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     env = {**os.environ, "VGGBENCH_CPU_ONLY": "1", "MAX_JOBS": "2"}
     build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, check=False)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     assert "building the CPU kernels only" in build.stdout
     assert not any(".cu" in line for line in build.stdout.splitlines() if "nvcc" in line)
@@ -33,6 +33,6 @@ def test_cpu_only_build_from_a_clean_tree(tmp_path):
         "print(ops.__file__)\n"
     )
     run = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)}, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().startswith(str(tmp_path))
