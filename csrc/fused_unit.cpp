@@ -200,16 +200,15 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats(const Kernels& k, const Tensor& x,
   return {z, mean, var};
 }
 
-// ... then normalisation with given statistics, residual and activation.
-Tensor bn_act(const Kernels& k, const Tensor& z, const Tensor& mean, const Tensor& var,
-              const Tensor& bn_weight, const Tensor& bn_bias, const OptTensor& residual,
-              double eps, double slope) {
+// ... then normalisation with given statistics, residual and activation, into `out`
+// (which may be z).
+void bn_act(const Kernels& k, const Tensor& z, const Tensor& mean, const Tensor& var,
+            const Tensor& bn_weight, const Tensor& bn_bias, const OptTensor& residual, double eps,
+            double slope, const Tensor& out) {
   const auto stats = mean.scalar_type();
   const Tensor scale = as_stats(bn_weight, stats) * at::rsqrt(var + eps);
   const Tensor shift = as_stats(bn_bias, stats) - mean * scale;
-  Tensor y = at::empty_like(z);
-  k.normalize_act(z, scale, shift, residual, slope, y);
-  return y;
+  k.normalize_act(z, scale, shift, residual, slope, out);
 }
 
 std::tuple<Tensor, Tensor, Tensor> forward(
@@ -227,7 +226,8 @@ std::tuple<Tensor, Tensor, Tensor> forward(
 
   if (batch_norm && use_batch_stats) {
     auto [z, mean, var] = conv_stats(k, x, weight, bias, stride, padding);
-    return {bn_act(k, z, mean, var, *bn_weight, *bn_bias, res, eps, slope), mean, var};
+    bn_act(k, z, mean, var, *bn_weight, *bn_bias, res, eps, slope, z);  // in place: z is ours
+    return {z, mean, var};
   }
   Tensor mean, var;
   Tensor z;
@@ -474,9 +474,11 @@ void register_backend(torch::Library& m, const Kernels& kernels) {
                 "vggbench.bn_act: expected z (N, C, H, W), mean and var (C,) and a residual "
                 "shaped like z; got z ", z.sizes(), ", mean ", mean.sizes(), ", var ", var.sizes());
     const OptTensor res = residual ? OptTensor(residual->contiguous(fmt)) : std::nullopt;
-    return bn_act(*k, z.contiguous(fmt), mean.to(stats_dtype(z.scalar_type())),
-                  var.to(stats_dtype(z.scalar_type())), bn_weight, bn_bias, res, eps,
-                  negative_slope);
+    const auto stats = stats_dtype(z.scalar_type());
+    Tensor out = at::empty_like(z, fmt);
+    bn_act(*k, z.contiguous(fmt), mean.to(stats), var.to(stats), bn_weight, bn_bias, res, eps,
+           negative_slope, out);
+    return out;
   });
   m.impl("conv_bn_act_backward_sums",
          [k](const Tensor& grad_out, const Tensor& out, const Tensor& input, const Tensor& weight,

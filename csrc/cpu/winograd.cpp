@@ -136,33 +136,57 @@ inline void transform_2d(const __m256 (&in)[In][In], __m256 (&out)[Out][Out]) {
   for (int i = 0; i < Out; ++i) Transform(&rows[i][0], 1, &out[i][0], 1);
 }
 
-// V[p][t][c..c+8] for the tiles [first, first + count): B^T d B of each tile's 6x6 input
-// window (zero outside the image: the conv's padding).
+// Transformed blocks are laid out [tile][point][channel]: one tile's 36 points are
+// contiguous (the transforms write and read them together), and the products of one point
+// over the block's tiles are a matrix with row stride kPoints * channels.
+
+// Stores a tile's 36 transformed entries for channels c..c+8.
+inline void store_points(const __m256 (&out)[kWindow][kWindow], float* tile, int64_t channels) {
+#pragma GCC unroll 6
+  for (int i = 0; i < kWindow; ++i)
+#pragma GCC unroll 6
+    for (int j = 0; j < kWindow; ++j) _mm256_storeu_ps(tile + (i * kWindow + j) * channels, out[i][j]);
+}
+
+// V[t][p][c] for the tiles [first, first + count): B^T d B of each tile's 6x6 input window
+// (zero outside the image: the conv's padding). Inside: the window lies in the image.
+template <bool Inside>
+inline void transform_input_tile(const float* x, int64_t C, const Tiles& tl, int64_t n, int64_t top,
+                                 int64_t left, float* tile) {
+  for (int64_t c = 0; c < C; c += 8) {
+    __m256 d[kWindow][kWindow];
+#pragma GCC unroll 6
+    for (int i = 0; i < kWindow; ++i) {
+      const int64_t h = top - 1 + i;
+#pragma GCC unroll 6
+      for (int j = 0; j < kWindow; ++j) {
+        const int64_t w = left - 1 + j;
+        d[i][j] = Inside || (h >= 0 && h < tl.h && w >= 0 && w < tl.w)
+                      ? _mm256_loadu_ps(x + ((n * tl.h + h) * tl.w + w) * C + c)
+                      : _mm256_setzero_ps();
+      }
+    }
+    __m256 out[kWindow][kWindow];
+    transform_2d<kWindow, kWindow, input_1d>(d, out);
+    store_points(out, tile + c, C);
+  }
+}
+
 void transform_inputs(const float* x, int64_t C, const Tiles& tl, int64_t first, int64_t count,
                       float* v) {
   for (int64_t t = 0; t < count; ++t) {
     int64_t n, top, left;
     tl.locate(first + t, n, top, left);
-    for (int64_t c = 0; c < C; c += 8) {
-      __m256 d[kWindow][kWindow];
-      for (int i = 0; i < kWindow; ++i) {
-        const int64_t h = top - 1 + i;
-        for (int j = 0; j < kWindow; ++j) {
-          const int64_t w = left - 1 + j;
-          d[i][j] = h >= 0 && h < tl.h && w >= 0 && w < tl.w
-                        ? _mm256_loadu_ps(x + ((n * tl.h + h) * tl.w + w) * C + c)
-                        : _mm256_setzero_ps();
-        }
-      }
-      __m256 out[kWindow][kWindow];
-      transform_2d<kWindow, kWindow, input_1d>(d, out);
-      for (int p = 0; p < kPoints; ++p)
-        _mm256_storeu_ps(v + (p * kBlockTiles + t) * C + c, out[p / kWindow][p % kWindow]);
+    float* tile = v + t * kPoints * C;
+    if (top >= 1 && top + kWindow - 1 <= tl.h && left >= 1 && left + kWindow - 1 <= tl.w) {
+      transform_input_tile<true>(x, C, tl, n, top, left, tile);
+    } else {
+      transform_input_tile<false>(x, C, tl, n, top, left, tile);
     }
   }
 }
 
-// E[p][t][k..k+8] = A g A^T of each tile's 4x4 block of output gradients (zero outside).
+// E[t][p][k] = A g A^T of each tile's 4x4 block of output gradients (zero outside).
 void transform_grads(const float* g, int64_t K, const Tiles& tl, int64_t first, int64_t count,
                      float* e) {
   for (int64_t t = 0; t < count; ++t) {
@@ -179,8 +203,7 @@ void transform_grads(const float* g, int64_t K, const Tiles& tl, int64_t first, 
       }
       __m256 out[kWindow][kWindow];
       transform_2d<kTile, kWindow, grad_1d>(d, out);
-      for (int p = 0; p < kPoints; ++p)
-        _mm256_storeu_ps(e + (p * kBlockTiles + t) * K + k, out[p / kWindow][p % kWindow]);
+      store_points(out, e + t * kPoints * K + k, K);
     }
   }
 }
@@ -193,8 +216,11 @@ void transform_outputs(const float* m, int64_t K, const float* bias, const Tiles
     tl.locate(first + t, n, top, left);
     for (int64_t k = 0; k < K; k += 8) {
       __m256 in[kWindow][kWindow];
-      for (int p = 0; p < kPoints; ++p)
-        in[p / kWindow][p % kWindow] = _mm256_loadu_ps(m + (p * kBlockTiles + t) * K + k);
+      const float* tile = m + t * kPoints * K + k;
+#pragma GCC unroll 6
+      for (int i = 0; i < kWindow; ++i)
+#pragma GCC unroll 6
+        for (int j = 0; j < kWindow; ++j) in[i][j] = _mm256_loadu_ps(tile + (i * kWindow + j) * K);
       __m256 out[kTile][kTile];
       transform_2d<kWindow, kTile, output_1d>(in, out);
       const __m256 b = bias ? _mm256_loadu_ps(bias + k) : _mm256_setzero_ps();
@@ -265,8 +291,8 @@ void conv_blocks(const float* x, const float* u, const float* bias, int64_t C, i
     const int64_t count = std::min(kBlockTiles, tl.count() - first);
     transform_inputs(x, C, tl, first, count, v.data());
     for (int p = 0; p < kPoints; ++p) {
-      gemm<false>(count, K, C, v.data() + p * kBlockTiles * C, C, 1, u + p * C * K, K,
-                  m.data() + p * kBlockTiles * K, K);
+      gemm<false>(count, K, C, v.data() + p * C, kPoints * C, 1, u + p * C * K, K,
+                  m.data() + p * K, kPoints * K);
     }
     transform_outputs(m.data(), K, bias, tl, first, count, y);
   }
@@ -284,8 +310,8 @@ void weight_grad_chunk(const float* x, const float* g, int64_t C, int64_t K, con
     transform_inputs(x, C, tl, first, count, v.data());
     transform_grads(g, K, tl, first, count, e.data());
     for (int p = 0; p < kPoints; ++p) {
-      gemm<true>(C, K, count, v.data() + p * kBlockTiles * C, 1, C, e.data() + p * kBlockTiles * K,
-                 K, partial + p * C * K, K);
+      gemm<true>(C, K, count, v.data() + p * C, 1, kPoints * C, e.data() + p * K, kPoints * K,
+                 partial + p * C * K, K);
     }
   }
 }
