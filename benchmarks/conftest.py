@@ -1,0 +1,161 @@
+"""pytest-benchmark suite of the fused op vs native PyTorch (eager and torch.compile).
+
+    pytest benchmarks/ --benchmark-json out.json                   # full mode: real figures
+    pytest benchmarks/ --bench-quick --benchmark-json out.json     # quick mode (CI): also correctness checks
+    python -m vggbench.bench [--quick] --out DIR                   # the same, plus report.md and charts
+
+Options: --bench-quick (or VGGBENCH_BENCH_QUICK=1), --bench-device cpu|cuda,
+--bench-no-compile (leave torch.compile out). Timing and speedups: vggbench/bench/timing.py.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import pytest
+import torch
+
+from vggbench.bench import machine
+from vggbench.bench.layers import PASSES, LayerBench, LayerCase, layer_cases
+from vggbench.bench.models import model_cases
+from vggbench.bench.timing import (
+    LAYER_POLICY,
+    MODEL_POLICY,
+    QUICK_POLICY,
+    TimingPolicy,
+    interleaved,
+    synchronized,
+    time_once,
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What this session runs: mode, device, whether torch.compile is benchmarked, rounds."""
+
+    quick: bool
+    device: torch.device
+    compile: bool
+    layer_policy: TimingPolicy
+    model_policy: TimingPolicy
+
+    @property
+    def mode(self) -> str:
+        return "quick" if self.quick else "full"
+
+
+SETTINGS = pytest.StashKey[Settings]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("vggbench", "vggbench benchmark suite")
+    group.addoption("--bench-quick", action="store_true", default=False,
+                    help="quick mode: few small shapes, 3 rounds, errors asserted (also VGGBENCH_BENCH_QUICK=1)")
+    group.addoption("--bench-device", default="cpu", choices=("cpu", "cuda"), help="device to benchmark on")
+    group.addoption("--bench-no-compile", action="store_true", default=False,
+                    help="leave out the torch.compile implementation")
+
+
+def _settings(config: pytest.Config) -> Settings:
+    quick = config.getoption("--bench-quick") or os.environ.get("VGGBENCH_BENCH_QUICK", "") not in ("", "0")
+    return Settings(
+        quick=quick, device=torch.device(config.getoption("--bench-device")),
+        compile=not config.getoption("--bench-no-compile"),
+        layer_policy=QUICK_POLICY if quick else LAYER_POLICY, model_policy=QUICK_POLICY if quick else MODEL_POLICY,
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    settings = _settings(config)
+    if settings.device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise pytest.UsageError("--bench-device cuda: CUDA is not available on this machine; use --bench-device cpu")
+        # float32 means IEEE float32 for every implementation (tests/test_ops.py does the same)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    torch._dynamo.config.fail_on_recompile_limit_hit = True  # never time eager as "compile"
+    config.stash[SETTINGS] = settings
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Layer benchmarks ordered case -> pass -> implementation, models case -> implementation:
+    the baseline of each group (eager / native) runs first and sets the group's rounds."""
+    settings = metafunc.config.stash[SETTINGS]
+    if "layer" in metafunc.fixturenames:
+        params = [(case, pass_, impl) for case in layer_cases(settings.quick, settings.compile)
+                  for pass_ in PASSES for impl in case.impls]
+        metafunc.parametrize("layer", params, ids=[f"{case.group(pass_)}-{impl}" for case, pass_, impl in params])
+    if "step" in metafunc.fixturenames:
+        params = [(case, impl) for case in model_cases(settings.quick) for impl in case.impls]
+        metafunc.parametrize("step", params, ids=[f"{case.group}-{impl}" for case, impl in params])
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    machine_info["vggbench"] = machine.collect(config.stash[SETTINGS].device)
+
+
+def pytest_benchmark_update_json(config: pytest.Config, benchmarks: list, output_json: dict) -> None:
+    settings = config.stash[SETTINGS]
+    output_json["vggbench"] = {
+        "mode": settings.mode, "device": str(settings.device), "compile": settings.compile,
+        "layer_policy": asdict(settings.layer_policy), "model_policy": asdict(settings.model_policy),
+    }
+
+
+@pytest.fixture(scope="session")
+def settings(pytestconfig: pytest.Config) -> Settings:
+    return pytestconfig.stash[SETTINGS]
+
+
+@pytest.fixture(scope="session")
+def group_rounds() -> dict[str, int]:
+    """Rounds per benchmark group, set by the group's first benchmark."""
+    return {}
+
+
+@pytest.fixture(scope="session")
+def layer_bench(settings: Settings) -> Callable[[LayerCase, float], LayerBench]:
+    """LayerBench of a case, kept while consecutive benchmarks use it (one case in memory at a time).
+
+    A new case starts from a reset torch.compile state: every case compiles the same
+    ConvNormAct.forward for another shape, and past dynamo's recompile limit (8) it would
+    fall back to eager (made an error in pytest_configure, not a silent eager timing)."""
+    current: dict[LayerCase, LayerBench] = {}
+
+    def get(case: LayerCase, kink: float) -> LayerBench:
+        if case not in current:
+            current.clear()
+            torch._dynamo.reset()
+            current[case] = LayerBench(case, settings.device, kink)
+        return current[case]
+
+    return get
+
+
+@pytest.fixture
+def measure(benchmark, settings: Settings, group_rounds: dict[str, int]) -> Callable[..., None]:
+    """measure(fn, group=, policy=, baseline=): time `fn` with benchmark.pedantic using the
+    group's rounds. With a `baseline` function (native), one call of it is timed before each
+    round and extra_info records its median and the speedup = that median / fn's median
+    (vggbench/bench/timing.py); without, `fn` is the baseline (speedup 1)."""
+
+    def run(fn: Callable[[], object], *, group: str, policy: TimingPolicy,
+            baseline: Callable[[], object] | None) -> None:
+        benchmark.group = group
+        target, setup = synchronized(fn, settings.device)
+        if group not in group_rounds:
+            group_rounds[group] = policy.rounds_for(time_once(target, setup))
+        paired: list[float] = []
+        if baseline is not None:
+            setup, paired = interleaved(baseline, settings.device, setup)
+        benchmark.pedantic(target, setup=setup, rounds=group_rounds[group], warmup_rounds=policy.warmup_rounds)
+        if not benchmark.stats:  # --benchmark-disable: ran once, nothing timed
+            return
+        median = benchmark.stats.stats.median
+        base = statistics.median(paired[policy.warmup_rounds:]) if paired else median
+        benchmark.extra_info.update(baseline_median_s=base, speedup=base / median)
+
+    return run

@@ -1,0 +1,24 @@
+"""Model-level benchmarks: a training step of VGG08, VGG38 BN and VGG38 BN+RC, native vs fused,
+and VGG38 BN+RC with gradient-flow recording (vggbench/bench/models.py).
+
+Group `step-<model>-N<n>-H<size>`; extra_info records the case and the bytes autograd keeps
+for backward after a training forward, and the speedup over native (timed interleaved with
+its rounds, on a native model of its own); images/s = n / median step time.
+"""
+
+from __future__ import annotations
+
+from vggbench.bench.models import ModelBench
+
+
+def test_step(step, benchmark, measure, settings) -> None:
+    case, impl = step
+    bench = ModelBench(case, settings.device)
+    model = bench.model(impl)
+    saved = bench.saved_bytes(model)
+    fn = bench.step_fn(model, impl)
+    benchmark.extra_info.update(kind="model", model=case.model, label=case.label, n=case.n, size=case.size,
+                                impl=impl, device=str(settings.device), saved_bytes=saved.total,
+                                saved_activation_bytes=saved.activations)
+    baseline = None if impl == "native" else bench.step_fn(bench.model("native"), "native")
+    measure(fn, group=case.group, policy=settings.model_policy, baseline=baseline)

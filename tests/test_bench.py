@@ -1,0 +1,60 @@
+"""The benchmark suite end to end: `python -m vggbench.bench --quick` writes a JSON, report and charts.
+
+Quick mode with --no-compile here: a cold torch.compile costs ~15 s per graph on a 2-core
+CPU, and the suite's torch.compile path is exercised by `python -m vggbench.bench --quick`
+run directly. In quick mode each fused benchmark also asserts its errors against native
+float64, so this test fails on a numerical regression of the fused op too.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vggbench.bench", *args], check=False, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_quick_mode_writes_json_report_and_charts(tmp_path):
+    run = run_bench("--quick", "--no-compile", "--out", str(tmp_path))
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    data = json.loads((tmp_path / "benchmark.json").read_text())
+    assert data["vggbench"]["mode"] == "quick"
+    assert data["machine_info"]["vggbench"]["torch"] == torch.__version__
+    layers = [b for b in data["benchmarks"] if b["extra_info"]["kind"] == "layer"]
+    models = [b for b in data["benchmarks"] if b["extra_info"]["kind"] == "model"]
+    assert {b["extra_info"]["impl"] for b in layers} == {"eager", "fused"}
+    assert {b["extra_info"]["pass"] for b in layers} == {"trainfwd", "fwdbwd", "evalfwd"}
+    assert {b["extra_info"]["impl"] for b in models} == {"native", "fused", "gradflow"}
+    for b in layers:
+        info = b["extra_info"]
+        assert b["stats"]["rounds"] == 3 and b["stats"]["median"] > 0
+        assert info["speedup"] == pytest.approx(info["baseline_median_s"] / b["stats"]["median"])
+        assert info["within_tolerance"] or info["impl"] != "fused"
+        assert set(info["errors"]) == {"vs_eager", "vs_float64"}
+        if info["pass"] == "fwdbwd":
+            assert {"out", "grad_weight", "grad_bn_weight", "grad_bn_bias"} <= set(info["errors"]["vs_eager"])
+        if info["pass"] != "evalfwd":
+            assert info["saved_activation_bytes"] > 0
+    report = (tmp_path / "report.md").read_text()
+    for heading in ("## Machine and software", "## Targets", "### training forward+backward", "## Numerical agreement",
+                    "## Bytes saved for backward", "## Model training step", "Gradient-flow recording"):
+        assert heading in report
+    for chart in ("speedup.png", "memory.png", "throughput.png"):
+        assert (tmp_path / chart).read_bytes().startswith(b"\x89PNG"), chart
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_cuda_without_gpu_is_a_clear_error(tmp_path):
+    run = run_bench("--device", "cuda", "--out", str(tmp_path))
+    assert run.returncode == 2
+    assert "CUDA is not available on this machine" in run.stderr

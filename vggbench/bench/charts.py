@@ -1,0 +1,88 @@
+"""PNG charts of one run: speedup per layer shape, memory per model, images/s per model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # after choosing the non-interactive backend
+from matplotlib.ticker import FuncFormatter
+
+from vggbench.bench.layers import PASSES
+from vggbench.bench.models import MODEL_IMPLS
+from vggbench.bench.results import Record, Results
+
+
+def _bars(ax, labels: list[str], series: dict[str, list[float | None]], base: float = 0.0) -> None:
+    """Grouped bars from `base`: one group per label, one bar per series (None values and
+    series without any value left out)."""
+    series = {name: values for name, values in series.items() if any(v is not None for v in values)}
+    width = 0.8 / max(len(series), 1)
+    for i, (name, values) in enumerate(series.items()):
+        points = [(j + (i - (len(series) - 1) / 2) * width, v) for j, v in enumerate(values) if v is not None]
+        ax.bar([x for x, _ in points], [v - base for _, v in points], width, bottom=base, label=name)
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+    ax.legend(fontsize=8)
+
+
+def speedup_chart(results: Results, path: Path) -> bool:
+    """Speedup over native eager (timed interleaved) of compile and fused, per case, one panel per pass."""
+    cases = results.cases()
+    panels = [p for p in PASSES if any(r.info["pass"] == p for r in results.layers)]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 0.45 * len(cases) + 2), 3.2 * len(panels)),
+                             squeeze=False)
+    for ax, pass_ in zip(axes[:, 0], panels):
+        series = {name: [r.info["speedup"] if (r := results.find(f"{case}-{pass_}", impl)) else None for case in cases]
+                  for impl, name in (("compile", "torch.compile"), ("fused", "fused"))}
+        ax.set_yscale("log")
+        _bars(ax, cases, series, base=1.0)  # bars from 1: up is faster than eager, down slower
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
+        ax.set_ylabel("speedup over eager")
+        ax.set_title(PASSES[pass_], fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _model_chart(results: Results, path: Path, ylabel: str, value: Callable[[Record], float],
+                 impls: tuple[str, ...] = MODEL_IMPLS) -> bool:
+    """Grouped bars of `value` per model and implementation."""
+    groups = results.model_groups()
+    if not groups:
+        return False
+    labels = [next(r.info["label"] for r in results.models if r.group == g) for g in groups]
+    series = {impl: [value(r) if (r := results.find(g, impl)) else None for g in groups] for impl in impls}
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    _bars(ax, labels, series)
+    ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def memory_chart(results: Results, path: Path) -> bool:
+    """MiB autograd saves for backward per model, per implementation."""
+    return _model_chart(results, path, "saved for backward (MiB)", lambda r: r.info["saved_activation_bytes"] / 2**20,
+                        impls=("native", "fused"))  # gradient-flow recording saves nothing more
+
+
+def throughput_chart(results: Results, path: Path) -> bool:
+    """Training images/s per model, per implementation."""
+    return _model_chart(results, path, "training images/s", lambda r: r.info["n"] / r.median_s)
+
+
+CHARTS = {"speedup.png": speedup_chart, "memory.png": memory_chart, "throughput.png": throughput_chart}
+
+
+def write_charts(results: Results, out_dir: Path) -> list[str]:
+    """Write the charts there is data for into `out_dir`; return their file names."""
+    return [name for name, chart in CHARTS.items() if chart(results, out_dir / name)]

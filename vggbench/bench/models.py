@@ -1,0 +1,99 @@
+"""Model-level cases: one training step of the study's models, native vs fused.
+
+A step is what vggbench.train does per batch (fp32, no scaler): forward, cross-entropy,
+zero_grad(set_to_none=True), backward, [gradient-flow recording], Adam step; images
+channels_last. Implementations (timed in this order; `native` is the baseline):
+
+  native    build_model(..., impl="native")
+  fused     build_model(..., impl="fused"), loaded with the native model's initial state
+  gradflow  native plus GradientFlowRecorder.record() after backward, as train.py does:
+            its time over `native`'s is the cost of recording the gradient flow
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vggbench.gradflow import GradientFlowRecorder
+from vggbench.memory import SavedBytes, saved_bytes
+from vggbench.models import VGG, build_model, model_label
+
+# id: (model name, variant)
+MODELS: dict[str, tuple[str, str]] = {"vgg08": ("vgg08", "plain"), "vgg38bn": ("vgg38", "bn"),
+                                      "vgg38bnrc": ("vgg38", "bn_rc")}
+MODEL_IMPLS: tuple[str, ...] = ("native", "fused", "gradflow")
+GRADFLOW_MODEL = "vgg38bnrc"  # gradient-flow recording is measured on this model only
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    """One model (`MODELS` id) trained on batches of `n` images of `size` x `size`, channels_last float32."""
+
+    model: str
+    n: int
+    size: int = 32
+
+    @property
+    def label(self) -> str:
+        """The study's name, e.g. "VGG38 BN+RC"."""
+        return model_label(*MODELS[self.model])
+
+    @property
+    def group(self) -> str:
+        """The pytest-benchmark group: e.g. step-vgg38bnrc-N100-H32."""
+        return f"step-{self.model}-N{self.n}-H{self.size}"
+
+    @property
+    def impls(self) -> tuple[str, ...]:
+        """The implementations benchmarked for this model."""
+        return tuple(impl for impl in MODEL_IMPLS if impl != "gradflow" or self.model == GRADFLOW_MODEL)
+
+
+def model_cases(quick: bool) -> list[ModelCase]:
+    """The study's batch of 100 at 32x32; quick mode (CI): batches of 8."""
+    return [ModelCase(model, 8 if quick else 100) for model in MODELS]
+
+
+class ModelBench:
+    """A batch and the initial state of one case's model, and its training steps per implementation."""
+
+    def __init__(self, case: ModelCase, device: torch.device) -> None:
+        self.case, self.device = case, device
+        seed = zlib.crc32(case.group.encode())
+        gen = torch.Generator().manual_seed(seed)
+        images = torch.randn(case.n, 3, case.size, case.size, generator=gen)
+        self.images = images.to(device).contiguous(memory_format=torch.channels_last)
+        self.targets = torch.randint(0, 100, (case.n,), generator=gen).to(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.state = build_model(*MODELS[case.model]).state_dict()
+
+    def model(self, impl: str) -> VGG:
+        """A fresh model of `impl` in training mode, from the case's initial state."""
+        model = build_model(*MODELS[self.case.model], impl="native" if impl == "gradflow" else impl)
+        model.load_state_dict(self.state)
+        return model.to(self.device, memory_format=torch.channels_last).train()
+
+    def saved_bytes(self, model: VGG) -> SavedBytes:
+        """Bytes autograd keeps after a training forward; images and parameters are `excluded`."""
+        return saved_bytes(lambda: model(self.images), exclude=[self.images, *model.parameters()])
+
+    def step_fn(self, model: VGG, impl: str) -> Callable[[], None]:
+        """One training step of `model` (Adam, lr 1e-3), recording the gradient flow for `gradflow`."""
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        recorder = GradientFlowRecorder(model) if impl == "gradflow" else None
+
+        def step() -> None:
+            loss = F.cross_entropy(model(self.images), self.targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if recorder is not None:
+                recorder.record()
+            optimizer.step()
+
+        return step

@@ -1,0 +1,248 @@
+"""report.md from one run of the suite: machine, targets, timings, errors, memory, models.
+
+Time ratios come from the speedups each benchmark recorded over its baseline (native eager
+or native model) timed interleaved with its rounds (vggbench/bench/timing.py): a / b =
+speedup(b) / speedup(a), the baseline's own speedup being 1. Byte ratios divide counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from vggbench.bench.layers import PASSES, UNITS
+from vggbench.bench.results import Record, Results
+
+KEY_CASE = "conv-N100-H32-float32-channels_last"  # the issue's target shape (training, CPU)
+KEY_MODEL = "step-vgg38bnrc-N100-H32"
+
+
+@dataclass(frozen=True)
+class Target:
+    """`impl` / `reference` of `metric` ("time", or an extra_info key) in `group` must be <= `limit`."""
+
+    what: str
+    group: str
+    impl: str
+    reference: str
+    limit: float
+    metric: str = "time"
+
+
+TARGETS = (
+    Target("training forward+backward, fused vs native eager", f"{KEY_CASE}-fwdbwd", "fused", "eager", 0.6),
+    Target("training forward+backward, fused vs torch.compile", f"{KEY_CASE}-fwdbwd", "fused", "compile", 0.7),
+    Target("training forward, fused vs native eager", f"{KEY_CASE}-trainfwd", "fused", "eager", 0.85),
+    Target("VGG38 BN+RC training step (batch 100), fused vs native", KEY_MODEL, "fused", "native", 0.75),
+    Target("VGG38 BN+RC bytes saved for backward (batch 100), fused vs native", KEY_MODEL, "fused", "native",
+           0.45, metric="saved_activation_bytes"),
+)
+
+
+def ratio(a: Record | None, b: Record | None, metric: str = "time") -> float | None:
+    """a / b of `metric`: time from the recorded speedups (see the module doc), else extra_info values."""
+    if a is None or b is None:
+        return None
+    if metric == "time":
+        return b.info["speedup"] / a.info["speedup"]
+    x, y = a.info.get(metric), b.info.get(metric)
+    return x / y if x is not None and y else None
+
+
+def _vs_baseline(record: Record | None) -> float | None:
+    """Time over the baseline timed interleaved with it (the baseline is in every benchmark's pairs)."""
+    return 1 / record.info["speedup"] if record else None
+
+
+def _fmt(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else "–"
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
+
+
+def _timed(record: Record | None, paired: bool = False) -> str:
+    """Median ms, with the median of the baseline calls interleaved with it (`paired`)."""
+    if record is None:
+        return "–"
+    return _ms(record.median_s) + (f" ({_ms(record.info['baseline_median_s'])})" if paired else "")
+
+
+def _mb(n: int | None) -> str:
+    return f"{n / 2**20:.2f}" if n is not None else "–"
+
+
+def _table(header: Iterable[str], rows: Iterable[Iterable[str]]) -> list[str]:
+    header = list(header)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _case_label(results: Results, case: str) -> str:
+    info = next(r.info for r in results.layers if r.info["case"] == case)
+    return (f"{UNITS[info['unit']][2]}, N={info['n']}, {info['size']}x{info['size']}, {info['dtype']}, "
+            f"{info['layout']}")
+
+
+def machine_section(results: Results) -> list[str]:
+    """Machine and software, and the run's settings."""
+    rows = [(key, str(value)) for key, value in results.machine.items()]
+    rows += [(f"suite {key}", str(value)) for key, value in results.settings.items()]
+    return ["## Machine and software", "", *_table(("", ""), rows)]
+
+
+def targets_section(results: Results) -> list[str]:
+    """Issue 6's CPU targets as a checklist with the ratios measured in this run."""
+    device = results.settings.get("device", "cpu")
+    lines = ["## Targets (issue 6; set for the 2-core CPU, float32, channels_last, training)", ""]
+    if device != "cpu":
+        lines += [f"Measured on {device}: the targets are the CPU's, shown for comparison.", ""]
+    for t in TARGETS:
+        value = ratio(results.find(t.group, t.impl), results.find(t.group, t.reference), t.metric)
+        if value is None:
+            lines.append(f"- [ ] NOT MEASURED: {t.what} <= {t.limit}x (needs `{t.group}` {t.impl} and "
+                         f"{t.reference} in one run: the full suite)")
+            continue
+        passed = value <= t.limit
+        lines.append(f"- [{'x' if passed else ' '}] {'PASS' if passed else 'FAIL'}: {t.what}: {value:.2f}x "
+                     f"{'<=' if passed else '>'} {t.limit}x (`{t.group}`, {t.metric.replace('_', ' ')})")
+    return [*lines, ""]
+
+
+def layer_time_sections(results: Results) -> list[str]:
+    """One table per pass: median times per implementation and their paired time ratios."""
+    lines = ["## Layer timings", "",
+             ("Median over each benchmark's rounds, ms; in parentheses the median of the eager calls timed "
+              "interleaved with those rounds, which the ratios use (time ratios, < 1: faster than the reference; "
+              "on a loaded machine the two eager figures differ). compile is native under "
+              "torch.compile(dynamic=False)."), ""]
+    for pass_, label in PASSES.items():
+        rows = []
+        for case in results.cases():
+            group = f"{case}-{pass_}"
+            eager, compiled, fused = (results.find(group, impl) for impl in ("eager", "compile", "fused"))
+            if eager or compiled or fused:
+                rows.append((_case_label(results, case), _timed(eager), _timed(compiled, True), _timed(fused, True),
+                             _fmt(_vs_baseline(fused)), _fmt(ratio(fused, compiled)), _fmt(_vs_baseline(compiled))))
+        if rows:
+            lines += [f"### {label}", "", *_table(
+                ("case", "eager ms", "compile ms", "fused ms", "fused/eager", "fused/compile", "compile/eager"), rows)]
+    return lines
+
+
+def _errors(results: Results, case: str, impl: str, ref: str) -> dict[str, dict[str, float]]:
+    """Errors of `impl` against `ref` ("eager" or "float64") over all passes run for `case`."""
+    merged: dict[str, dict[str, float]] = {}
+    for r in results.layers:
+        if r.info["case"] == case and r.impl == impl:
+            merged |= r.info["errors"][f"vs_{ref}"]
+    return merged
+
+
+def _worst(errors: dict[str, dict[str, float]], metric: str) -> str:
+    if not errors:
+        return "–"
+    name = max(errors, key=lambda n: errors[n][metric])
+    return f"{errors[name][metric]:.2e} ({name})"
+
+
+def errors_section(results: Results) -> list[str]:
+    """The fused op's errors against native eager and float64, per case (all passes run)."""
+    rows = []
+    for case in results.cases():
+        fused = [r for r in results.layers if r.info["case"] == case and r.impl == "fused"]
+        if not fused:
+            continue
+        tolerance = {k: v for r in fused for k, v in r.info["tolerance"].items()}
+        vs64 = _errors(results, case, "fused", "float64")
+        of_bound = {name: vs64[name][metric] / limit for name, (metric, limit) in tolerance.items()}
+        worst = max(of_bound, key=of_bound.get)
+        metric, limit = tolerance[worst]
+        rows.append((
+            _case_label(results, case), _worst(_errors(results, case, "fused", "eager"), "max_abs"),
+            _worst(_errors(results, case, "fused", "eager"), "max_rel"),
+            f"{worst} {metric} {vs64[worst][metric]:.2e} / {limit:.2e}",
+            "yes" if all(r.info["within_tolerance"] for r in fused) else "**NO**",
+            _worst(_errors(results, case, "eager", "float64"), "max_rel"),
+            _worst(_errors(results, case, "compile", "eager"), "max_rel"),
+        ))
+    return ["## Numerical agreement", "",
+            ("Outputs and gradients (input, weight, BN weight and bias, residual; eval output) after one training "
+             "step and one eval forward from the same state. max_rel = max|a - b| / max|b| (relative to the "
+             "tensor's scale, robust to entries near 0); norm_rel = ||a - b|| / ||b||. The tolerance is "
+             "tests/test_ops.py's, against native float64 on the same rounded inputs (worst tensor shown as "
+             "error / bound); native eager's own error is shown for scale."), "",
+            *_table(("case", "fused vs eager max abs", "fused vs eager max rel", "fused vs float64 (worst)",
+                     "within tolerance", "eager vs float64 max rel", "compile vs eager max rel"), rows)]
+
+
+def memory_section(results: Results) -> list[str]:
+    """Bytes autograd keeps for backward besides inputs and parameters: layers and models."""
+    def saved(records: list[Record], impl: str) -> int | None:
+        return next((r.info["saved_activation_bytes"] for r in records
+                     if r.impl == impl and "saved_activation_bytes" in r.info), None)
+
+    layer_rows = []
+    for case in results.cases():
+        records = [r for r in results.layers if r.info["case"] == case]
+        eager, compiled, fused = (saved(records, impl) for impl in ("eager", "compile", "fused"))
+        if eager or compiled or fused:
+            layer_rows.append((_case_label(results, case), _mb(eager), _mb(compiled), _mb(fused),
+                               _fmt(fused / eager if fused is not None and eager else None)))
+    model_rows = []
+    for group in results.model_groups():
+        records = [r for r in results.models if r.group == group]
+        native, fused = saved(records, "native"), saved(records, "fused")
+        model_rows.append((f"{records[0].info['label']}, batch {records[0].info['n']}", _mb(native), _mb(fused),
+                           _fmt(fused / native if fused is not None and native else None)))
+    lines = ["## Bytes saved for backward", "",
+             ("After a training forward, each distinct storage counted once (vggbench.memory), besides the "
+              "inputs and parameters; MiB."), ""]
+    if layer_rows:
+        lines += _table(("layer case", "eager", "compile", "fused", "fused/eager"), layer_rows)
+    if model_rows:
+        lines += _table(("model", "native", "fused", "fused/native"), model_rows)
+    return lines
+
+
+def models_section(results: Results) -> list[str]:
+    """Training-step time and images/s per model, and the cost of gradient-flow recording."""
+    rows, lines = [], []
+    for group in results.model_groups():
+        for r in (r for r in results.models if r.group == group):
+            impl = {"gradflow": "native + gradient-flow recording"}.get(r.impl, r.impl)
+            rows.append((f"{r.info['label']}, batch {r.info['n']}", impl, _timed(r, r.impl != "native"),
+                         f"{r.info['n'] / r.median_s:.0f}", _fmt(_vs_baseline(r))))
+            if r.impl == "gradflow":
+                lines.append(f"Gradient-flow recording ({r.info['label']}, batch {r.info['n']}): "
+                             f"{(_vs_baseline(r) - 1) * 100:+.1f}% step time over native (interleaved).")
+    if not rows:
+        return []
+    return ["## Model training step", "",
+            ("forward + cross-entropy + backward + Adam step, float32, channels_last, 32x32; median ms over the "
+             "benchmark's rounds, in parentheses the median of the native steps timed interleaved with them, "
+             "which time / native uses."), "",
+            *_table(("model", "implementation", "step ms", "images/s", "time / native"), rows), *lines, ""]
+
+
+def render(results: Results, charts: Iterable[str] = ()) -> str:
+    """The whole report as Markdown; `charts`: PNG file names next to it."""
+    mode = results.settings.get("mode", "?")
+    lines = [
+        "# vggbench benchmark report", "",
+        (f"{results.datetime}, {mode} mode, device {results.settings.get('device', '?')}. "
+         "All figures come from one pytest-benchmark session: within a group (one shape, dtype, layout and pass, "
+         "or one model) the implementations run back to back with the same number of rounds, and before each "
+         "round of compile or fused one call of native eager is timed, so every speedup pairs calls made "
+         "seconds apart. Timings on a shared machine drift over hours; only these ratios compare."),
+        "",
+        *machine_section(results), *targets_section(results), *layer_time_sections(results),
+        *errors_section(results), *memory_section(results), *models_section(results),
+    ]
+    charts = list(charts)
+    if charts:
+        lines += ["## Charts", "", *(f"![{name}]({name})" for name in charts), ""]
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""The benchmark JSON (pytest-benchmark's, with the suite's extra_info) read back as records."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Record:
+    """One benchmark: its group, median and IQR over its rounds (seconds), and its extra_info."""
+
+    group: str
+    name: str
+    median_s: float
+    iqr_s: float
+    rounds: int
+    info: dict
+
+    @property
+    def impl(self) -> str:
+        return self.info["impl"]
+
+
+@dataclass(frozen=True)
+class Results:
+    """A run of the suite: layer and model records in run order, the machine, the run's settings."""
+
+    layers: list[Record]
+    models: list[Record]
+    machine: dict
+    settings: dict
+    datetime: str
+
+    def find(self, group: str, impl: str) -> Record | None:
+        """The record of `impl` in `group`, or None if it was not run."""
+        return next((r for r in (*self.layers, *self.models) if r.group == group and r.impl == impl), None)
+
+    def cases(self) -> list[str]:
+        """Layer case names in run order, each once."""
+        return list(dict.fromkeys(r.info["case"] for r in self.layers))
+
+    def model_groups(self) -> list[str]:
+        """Model groups in run order, each once."""
+        return list(dict.fromkeys(r.group for r in self.models))
+
+
+def load(path: Path) -> Results:
+    """Read a benchmark JSON written by `pytest benchmarks/ --benchmark-json PATH`."""
+    data = json.loads(Path(path).read_text())
+    records = [
+        Record(group=b["group"], name=b["name"], median_s=b["stats"]["median"], iqr_s=b["stats"]["iqr"],
+               rounds=b["stats"]["rounds"], info=b["extra_info"])
+        for b in data["benchmarks"]
+    ]
+    return Results(
+        layers=[r for r in records if r.info.get("kind") == "layer"],
+        models=[r for r in records if r.info.get("kind") == "model"],
+        machine=data["machine_info"].get("vggbench", {}), settings=data.get("vggbench", {}),
+        datetime=data.get("datetime", ""),
+    )
