@@ -149,21 +149,30 @@ inline void store_points(const __m256 (&out)[kWindow][kWindow], float* tile, int
 }
 
 // V[t][p][c] for the tiles [first, first + count): B^T d B of each tile's 6x6 input window
-// (zero outside the image: the conv's padding). Inside: the window lies in the image.
+// (zero outside the image: the conv's padding). Inside: the window lies in the image;
+// otherwise positions outside read a clamped (valid) address and are masked to zero, which
+// keeps the loads branch-free.
 template <bool Inside>
 inline void transform_input_tile(const float* x, int64_t C, const Tiles& tl, int64_t n, int64_t top,
                                  int64_t left, float* tile) {
+  int64_t rows[kWindow], cols[kWindow];
+  int row_in[kWindow], col_in[kWindow];
+  for (int i = 0; i < kWindow; ++i) {
+    const int64_t h = top - 1 + i, w = left - 1 + i;
+    row_in[i] = h >= 0 && h < tl.h, col_in[i] = w >= 0 && w < tl.w;
+    rows[i] = std::clamp<int64_t>(h, 0, tl.h - 1), cols[i] = std::clamp<int64_t>(w, 0, tl.w - 1);
+  }
   for (int64_t c = 0; c < C; c += 8) {
     __m256 d[kWindow][kWindow];
 #pragma GCC unroll 6
     for (int i = 0; i < kWindow; ++i) {
-      const int64_t h = top - 1 + i;
 #pragma GCC unroll 6
       for (int j = 0; j < kWindow; ++j) {
-        const int64_t w = left - 1 + j;
-        d[i][j] = Inside || (h >= 0 && h < tl.h && w >= 0 && w < tl.w)
-                      ? _mm256_loadu_ps(x + ((n * tl.h + h) * tl.w + w) * C + c)
-                      : _mm256_setzero_ps();
+        d[i][j] = _mm256_loadu_ps(x + ((n * tl.h + rows[i]) * tl.w + cols[j]) * C + c);
+        if constexpr (!Inside) {
+          const __m256 keep = _mm256_castsi256_ps(_mm256_set1_epi32(-(row_in[i] & col_in[j])));
+          d[i][j] = _mm256_and_ps(d[i][j], keep);
+        }
       }
     }
     __m256 out[kWindow][kWindow];
@@ -372,26 +381,36 @@ at::Tensor winograd_weight_grad(const at::Tensor& x, const at::Tensor& grad) {
     for (int64_t chunk = begin; chunk < end; ++chunk)
       weight_grad_chunk(in, g, C, K, tl, chunk, partial.data() + chunk * kPoints * C * K);
   });
-  std::vector<double> total(kPoints * C * K, 0.0);
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    const float* p = partial.data() + chunk * kPoints * C * K;
-    for (int64_t i = 0; i < kPoints * C * K; ++i) total[i] += p[i];
-  }
   at::Tensor w = at::empty({K, C, 3, 3}, x.options().memory_format(at::MemoryFormat::Contiguous));
   float* out = w.mutable_data_ptr<float>();
-  for (int64_t c = 0; c < C; ++c) {
-    for (int64_t k = 0; k < K; ++k) {
-      for (int i = 0; i < 3; ++i) {  // dW = G^T M G
-        for (int j = 0; j < 3; ++j) {
-          double s = 0;
-          for (int a = 0; a < kWindow; ++a)
-            for (int b = 0; b < kWindow; ++b)
-              s += kG[a][i] * total[((a * kWindow + b) * C + c) * K + k] * kG[b][j];
-          out[((k * C + c) * 3 + i) * 3 + j] = static_cast<float>(s);
-        }
+  const int64_t size = kPoints * C * K;
+  std::vector<double> total(size, 0.0);  // the chunks' sums, each entry in chunk order
+  at::parallel_for(0, size, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      const float* p = partial.data() + chunk * size;
+      for (int64_t i = begin; i < end; ++i) total[i] += p[i];
+    }
+  });
+  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      for (int64_t k = 0; k < K; ++k) {
+        double m[kWindow][kWindow];
+        for (int p = 0; p < kPoints; ++p) m[p / kWindow][p % kWindow] = total[(p * C + c) * K + k];
+        double half[kWindow][3];  // dW = G^T M G, one side at a time
+        for (int a = 0; a < kWindow; ++a)
+          for (int j = 0; j < 3; ++j) {
+            half[a][j] = 0;
+            for (int b = 0; b < kWindow; ++b) half[a][j] += m[a][b] * kG[b][j];
+          }
+        for (int i = 0; i < 3; ++i)
+          for (int j = 0; j < 3; ++j) {
+            double v = 0;
+            for (int a = 0; a < kWindow; ++a) v += kG[a][i] * half[a][j];
+            out[((k * C + c) * 3 + i) * 3 + j] = static_cast<float>(v);
+          }
       }
     }
-  }
+  });
   return w;
 }
 #else
