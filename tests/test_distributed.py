@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from tests import dist_workers
+from tests.test_train import metrics, option, set_option, without_timing
 from vggbench import launch
 from vggbench.checkpoint import load_checkpoint
 from vggbench.config import ConfigError, TrainConfig
@@ -33,16 +34,6 @@ from vggbench.train import Trainer, build_parser, main, make_model, rank_seed
 ROOT = Path(__file__).resolve().parents[1]
 TWO_CPU_RANKS = ["--nproc", "2"]
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-
-
-def option(args: list[str], name: str) -> str:
-    return args[args.index(name) + 1]
-
-
-def set_option(args: list[str], name: str, value: str) -> list[str]:
-    args = list(args)
-    args[args.index(name) + 1] = value
-    return args
 
 
 def start_launch(args: list[str]) -> subprocess.Popen:
@@ -76,14 +67,6 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 def alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def without_timing(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in ("epoch_time_s", "images_per_s")} for row in rows]
 
 
 # --- (a) where a process sits: torchrun, SLURM, host lists ---------------------------------------------
