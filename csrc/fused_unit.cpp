@@ -1,7 +1,7 @@
 // Schemas of the fused conv -> BatchNorm -> (+residual) -> LeakyReLU ops, and the code
-// every backend shares: argument checks, the conv (through ATen), eval-mode folding,
-// running statistics, and the backward's control flow. The passes over activations come
-// from the backend's Kernels (cpu/, cuda/).
+// every backend shares: argument checks, eval-mode folding, running statistics, and the
+// backward's control flow. The conv and the passes over activations come from the
+// backend's Kernels (cpu/, cuda/; ATen's conv unless the backend has a faster one).
 //
 // Forward saves nothing activation-sized besides its input and output: backward
 // recovers the normalised conv output from the output (see fused_unit_math.h) and

@@ -11,6 +11,9 @@ between, the same kernels as the single-process op:
               -> all_reduce
               -> conv_bn_act_backward with the global sums (input gradient), this rank's
                  sums for the BN parameters' gradients (DDP averages those)
+    The backward op reduces this rank's batch once more: that pass also decides, per
+    channel, whether xhat is recovered from the output or recomputed, which the sums op
+    does not hand over. One extra read of the activations, in synchronised runs only.
 
 Like the single-process op it saves only its input and output for backward.
 """
