@@ -1,12 +1,65 @@
-"""Shared fixtures: small CIFAR-100 data in the real on-disk format, and a tiny training setup."""
+"""Shared fixtures and the suite's markers.
+
+Markers (registered in pyproject.toml):
+  slurm  needs a private SLURM cluster (root, Debian packages): runs when VGGBENCH_TEST_SLURM=1,
+         and then fails if the cluster cannot start; skipped with the recipe otherwise
+  build  compiles the C++ extension from a clean tree (minutes on 2 cores): runs when
+         VGGBENCH_TEST_BUILD=1, skipped otherwise
+  cuda   needs a CUDA device: skipped without one
+`.ci/run` sets both switches, so CI runs every test this machine can run.
+"""
 
 from __future__ import annotations
 
+import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.cifar_files import write_cifar100
+
+# marker -> (environment switch that enables it, why it is off by default)
+OPT_IN = {
+    "slurm": ("VGGBENCH_TEST_SLURM", "needs a private SLURM cluster (root; installs Debian's slurm packages)"),
+    "build": ("VGGBENCH_TEST_BUILD", "compiles the C++ extension from a clean tree (minutes on 2 cores)"),
+}
+
+
+def opted_in(marker: str) -> bool:
+    """Whether the environment switch of an opt-in marker is on."""
+    return os.environ.get(OPT_IN[marker][0], "0").lower() in ("1", "true", "yes", "on")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark tests that use the SLURM cluster; skip opt-in and CUDA tests this run cannot run, saying how."""
+    for item in items:
+        if "slurm_env" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slurm)
+        for marker, (switch, why) in OPT_IN.items():
+            if item.get_closest_marker(marker) and not opted_in(marker):
+                item.add_marker(pytest.mark.skip(
+                    reason=f"{why}: run with {switch}=1 .venv/bin/python -m pytest -m {marker} (.ci/run does)"))
+        if item.get_closest_marker("cuda") and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device (none is visible here)"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sigint_raises_keyboardinterrupt() -> Iterator[None]:
+    """Let Ctrl-C (SIGINT) raise KeyboardInterrupt here and in child processes.
+
+    A shell running the suite in the background (`cmd &`, CI runners, nohup-like wrappers)
+    starts it with SIGINT ignored; children inherit an ignored signal, and Python then never
+    turns SIGINT into KeyboardInterrupt, so the Ctrl-C tests would test nothing. A handled
+    signal is reset to the default in an exec'd child, which Python turns into KeyboardInterrupt.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from tests import dist_workers
-from tests.test_train import metrics, option, set_option, without_timing
+from tests.helpers import metrics, option, set_option, without_timing
 from vggbench import launch
 from vggbench.checkpoint import load_checkpoint
 from vggbench.config import ConfigError, TrainConfig

@@ -15,30 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import metrics, option, set_option, without_timing
 from vggbench import plot, report
 from vggbench.checkpoint import atomic_write, load_checkpoint
 from vggbench.config import TrainConfig, flag
 from vggbench.train import METRIC_COLUMNS, main, make_model
-
-TIMING = ("epoch_time_s", "images_per_s")
-
-
-def option(args: list[str], name: str) -> str:
-    return args[args.index(name) + 1]
-
-
-def set_option(args: list[str], name: str, value: str) -> list[str]:
-    args = list(args)
-    args[args.index(name) + 1] = value
-    return args
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def without_timing(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
 
 
 def final_weights(run: Path) -> dict:
