@@ -17,7 +17,8 @@ newest one with `--resume` (vggbench.resume): no completed epoch is lost.
 tool then tabulates them: `python -m vggbench.report <out_dir>/*/`.
 
 `--executor local` runs the same jobs through submitit's LocalExecutor, without SLURM.
-`--wait` blocks until every job has ended, reports each, and exits non-zero if any failed.
+`--wait` blocks until every job has ended, reports each (a failed one with its state, the cause
+from the failing rank's stderr log and that log's path), and exits non-zero if any failed.
 """
 
 from __future__ import annotations
