@@ -40,7 +40,11 @@
 # then requeues the job, which continues in a new allocation (the epoch in progress is
 # redone). The output file is appended to (--open-mode=append) across restarts.
 #
-#SBATCH --job-name=vgg38-bn_rc
+# Job name: the script renames its job after what it trains, e.g. vggbench-vgg08-plain-lr0.01-seed3
+# (`python -m vggbench.jobname` on the training options; `scontrol update ... JobName=`), so squeue
+# and sacct say what runs. `sbatch --job-name=NAME` keeps NAME instead.
+#
+#SBATCH --job-name=vggbench
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=4
 #SBATCH --gpus-per-node=4
@@ -49,7 +53,7 @@
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@180
 #SBATCH --open-mode=append
-#SBATCH --output=slurm-%x-%j.out
+#SBATCH --output=slurm-vggbench-%j.out
 set -euo pipefail
 
 log() { echo "vgg38.sh [job ${SLURM_JOB_ID:-?}]: $*" >&2; }
@@ -94,6 +98,13 @@ train_args=(--model "${VGGBENCH_MODEL:-vgg38}" --variant "${VGGBENCH_VARIANT:-bn
 [ -z "${VGGBENCH_BATCH_SIZE:-}" ] || train_args+=(--batch-size "$VGGBENCH_BATCH_SIZE")
 [ -z "${VGGBENCH_OUT:-}" ] || train_args+=(--out-dir "$VGGBENCH_OUT")
 train_args+=("$@")
+
+# Name the job after the training unless sbatch was given another name (a failure only costs the name).
+if [ "${SLURM_JOB_NAME:-}" = vggbench ]; then
+    name=$("$PYTHON" -m vggbench.jobname "${train_args[@]}") &&
+        scontrol update JobId="$SLURM_JOB_ID" JobName="$name" ||
+        log "could not rename the job after its training; it stays '$SLURM_JOB_NAME'"
+fi
 
 # Near the time limit: requeue (completed epochs are checkpointed; the new allocation resumes).
 requeued=""

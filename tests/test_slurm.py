@@ -119,6 +119,7 @@ def test_sbatch_script_trains_two_cpu_ranks_to_completion(slurm_env, cifar_dir, 
     assert wait_for_job(env, job) == ["COMPLETED"]
     log = (tmp_path / f"job-{job}.out").read_text()
     assert "1 node(s) x 2 task(s), 0 GPU(s) per node, device cpu" in log
+    assert job_name(env, job) == "vggbench-vgg08-bn_rc-lr0.001-seed3"  # renamed after what it trains
     assert epochs_recorded(run_dir) == [1, 2]
     assert (run_dir / "checkpoints" / "epoch-0002.pt").is_file() and (run_dir / "checkpoints" / "best.pt").is_file()
     config = json.loads((run_dir / "config.json").read_text())
@@ -194,7 +195,7 @@ def test_sweep_job_array_with_concurrency_cap_then_report(slurm_env, cifar_dir, 
         assert f"  {array}_{index}  {run_dir}\n" in result.stdout
         assert f"job {array}_{index} finished: {run_dir}" in result.stdout
     submission = (tmp_path / "study" / ".submitit" / f"{array}_submission.sh").read_text()
-    assert "#SBATCH --array=0-2%2" in submission
+    assert "#SBATCH --array=0-2%2" in submission and "#SBATCH --job-name=vggbench-sweep-sweep" in submission
     for task in range(3):
         assert wait_for_job(slurm_env, f"{array}_{task}") == ["COMPLETED"]
     times = run(["sacct", "--jobs", array, "--allocations", "--noheader", "--parsable2", "--format=Start,End"],
@@ -205,6 +206,37 @@ def test_sweep_job_array_with_concurrency_cap_then_report(slurm_env, cifar_dir, 
     [row] = report.rows  # the seeds of one configuration form one row
     assert row["seeds"] == 3 and row["label"] == "VGG08 BN+RC"
     assert row["test_acc"]["std"] is not None and " ± " in report.markdown
+
+
+def test_a_failing_job_s_state_and_cause_reach_the_launcher(slurm_env, tmp_path):
+    """A rank fails inside the job (no data on the node: exit 2); `--wait` shows why, not only the .err file."""
+    job = assert_failure_reported(slurm_env, tmp_path, [], "SLURM", "FAILED")
+    assert job_states(slurm_env, job) == ["FAILED"]
+    assert job_name(slurm_env, job) == "vggbench-vgg08-plain-lr0.01-seed3"  # what the command line trains
+
+
+def assert_failure_reported(env: dict[str, str], tmp_path: Path, executor: list[str], where: str, state: str) -> str:
+    """Run a 2-rank `launch --slurm --wait` whose --data-dir is empty; check its report; return the job id."""
+    run_dir, missing = tmp_path / "run", tmp_path / "no-data"
+    args = tiny_train_args(missing, variant="plain", lr=0.01)
+    result = run([sys.executable, "-m", "vggbench.launch", "--slurm", *executor, "--ntasks-per-node", "2",
+                  "--time", "5", "--wait", *args, "--out-dir", str(run_dir)], env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    job = re.search(rf"submitted job (\d+) to {where} ", result.stdout).group(1)
+    lines = result.stderr.splitlines()
+    report = lines[lines.index(f"job {job} failed (state {state}): {run_dir}"):]
+    assert report[1] == "  rank 0:"
+    assert report[2].startswith(f"    python -m vggbench.train: error: rank 0: CIFAR-100 not found: expected the "
+                                f"files train, test, meta in {missing / 'cifar-100-python'}")
+    assert report[3:] == [f"  full log: {run_dir / '.submitit' / f'{job}_0_log.err'}", "1 of 1 job(s) failed"]
+    return job
+
+
+def job_name(env: dict[str, str], job_id: str) -> str:
+    """The job's name as sacct recorded it."""
+    result = run(["sacct", "--jobs", job_id, "--allocations", "--noheader", "--parsable2", "--format=JobName"], env,
+                 timeout=30)
+    return result.stdout.strip()
 
 
 def test_gpu_request_on_a_cluster_without_gpus_is_refused_clearly(slurm_env, cifar_dir, tmp_path):
@@ -226,6 +258,12 @@ def test_local_executor_runs_the_same_path_without_slurm(cifar_dir, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "to local processes (1 node(s) x 1 task(s)" in result.stdout
     assert epochs_recorded(run_dir) == [1] and (run_dir / "test.json").is_file()
+
+
+def test_local_executor_wait_prints_the_failing_rank_s_cause_and_log(tmp_path):
+    """The local executor's path through `launch --slurm --wait`: a rank fails inside the job (no data there)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    assert_failure_reported(env, tmp_path, ["--executor", "local"], "local processes", "FINISHED")
 
 
 def test_missing_sbatch_is_explained(cifar_dir, tmp_path):

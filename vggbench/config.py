@@ -99,8 +99,8 @@ class TrainConfig:
     deterministic: bool = opt(False, "deterministic algorithms only (exact resume on CPU)")
     gradflow_every: int = opt(0, "also record gradient flow averaged over windows of N steps "
                               "(0: per epoch only)")
-    dist_timeout: int = opt(1800, "distributed runs: seconds a rank waits for the others (in a collective, or "
-                             "while rank 0 prepares the data) before failing")
+    dist_timeout: int = opt(300, "distributed runs: seconds a rank waits for the others in a collective before "
+                             "failing (waiting for rank 0 to prepare the data has its own 30 min)")
     keep_checkpoints: int = opt(2, "epoch checkpoints to keep (0 keeps all); best.pt is always kept")
     out_dir: str | None = opt(None, "run directory (default: runs/<model>-<variant>-lr<lr>-seed<seed>)")
     resume: str | None = opt(None, "continue the run in --out-dir from its newest checkpoint "

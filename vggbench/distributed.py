@@ -16,7 +16,8 @@
 - neither: one process (world size 1), which trains exactly as it does without this module.
 
 `process_group(env, device, timeout)` joins (and leaves) the process group: NCCL on CUDA,
-gloo on the CPU. `rank_device` picks this rank's GPU (cuda:LOCAL_RANK).
+gloo on the CPU. `rank_device` picks this rank's GPU (cuda:LOCAL_RANK). `main_rank_first(env)`
+runs a block (preparing the data) on rank 0 before the others, with its own, longer timeout.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ import torch.distributed as dist
 from vggbench.config import ConfigError
 
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 20000
+# How long the other ranks wait for rank 0 to prepare the data: a download of CIFAR-100 (161 MB)
+# may take far longer than any collective should (--dist-timeout).
+DATA_TIMEOUT = timedelta(minutes=30)
 _NODELIST_VARS = ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
 
 
@@ -235,3 +239,25 @@ def process_group(env: DistEnv, device: torch.device, timeout: timedelta) -> Ite
         yield
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def main_rank_first(env: DistEnv, timeout: timedelta = DATA_TIMEOUT) -> Iterator[None]:
+    """Run the block on rank 0 first and on the other ranks once it has finished there.
+
+    The others wait up to `timeout` (not the process group's timeout) in a gloo group of
+    their own, which also notices at once when rank 0 fails in the block (NCCL would not).
+    Nothing happens around the block in a single process.
+    """
+    if not env.distributed:
+        yield
+        return
+    group = dist.new_group(backend="gloo", timeout=timeout)
+    try:
+        if not env.is_main:
+            dist.barrier(group)
+        yield
+        if env.is_main:
+            dist.barrier(group)
+    finally:
+        dist.destroy_process_group(group)

@@ -17,7 +17,8 @@ newest one with `--resume` (vggbench.resume): no completed epoch is lost.
 tool then tabulates them: `python -m vggbench.report <out_dir>/*/`.
 
 `--executor local` runs the same jobs through submitit's LocalExecutor, without SLURM.
-`--wait` blocks until every job has ended, reports each, and exits non-zero if any failed.
+`--wait` blocks until every job has ended, reports each (a failed one with its state, the cause
+from the failing rank's stderr log and that log's path), and exits non-zero if any failed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,8 @@ import submitit
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from vggbench.config import TrainConfig, explicit_options
+from vggbench.joblogs import failed_task
+from vggbench.jobname import job_name
 from vggbench.resume import resumable_argv
 from vggbench.sweep import SweepError, SweepRun, load_sweep
 from vggbench.train import build_parser
@@ -42,6 +46,8 @@ from vggbench.train import main as train_main
 
 LOG_DIR = ".submitit"  # inside the run directory (or a sweep's output directory); hidden from `<dir>/*`
 SIGNAL_DELAY_MAX_S = 90  # submitit's default warning before the time limit, for limits of 6+ minutes
+FINAL_STATE_WAIT_S = 30  # how long a failed job's report waits for sacct to record the job's end
+UNFINISHED_STATES = ("PENDING", "RUNNING", "COMPLETING", "REQUEUED", "UNKNOWN")
 # sbatch messages and what to do about them (SLURM's own words come first).
 SBATCH_HINTS = (
     ("Invalid generic resource",
@@ -109,7 +115,8 @@ def _submit(args: argparse.Namespace, train_argv: list[str]) -> int:
     train_argv = [*train_argv, "--device", device] if "device" not in explicit_options(train_argv) else train_argv
     runs = _runs(args, cfg, train_argv)
     log_dir = (runs[0].run_dir.parent if args.sweep else runs[0].run_dir) / LOG_DIR
-    executor = _executor(args, log_dir, tasks_per_node, f"vggbench-{cfg.model}-{cfg.variant}")
+    name = f"vggbench-sweep-{Path(args.sweep).stem}" if args.sweep else job_name(cfg)
+    executor = _executor(args, log_dir, tasks_per_node, name)
     jobs = _submit_all(executor, runs, bool(args.sweep))
     where = "SLURM" if args.executor == "slurm" else "local processes"
     shape = f"{args.nodes} node(s) x {tasks_per_node} task(s), {args.gpus_per_node or 'no'} GPU(s) per node"
@@ -240,7 +247,11 @@ def _explain_refusal(message: str) -> str:
 
 
 def _wait(jobs: list[submitit.Job], runs: list[SweepRun]) -> int:
-    """Block until every job has ended; print each outcome; 0 if all succeeded, else 1 (130 on Ctrl-C)."""
+    """Block until every job has ended; print each outcome; 0 if all succeeded, else 1 (130 on Ctrl-C).
+
+    A failed job is reported with its final state, the cause from the failing task's stderr
+    (vggbench.joblogs) and the path of that log.
+    """
     failed = 0
     for job, run in zip(jobs, runs):
         try:
@@ -248,10 +259,9 @@ def _wait(jobs: list[submitit.Job], runs: list[SweepRun]) -> int:
         except KeyboardInterrupt:
             print("\ninterrupted: stopped waiting; the jobs go on (squeue, sacct, or scancel them)", file=sys.stderr)
             return 130
-        except (FailedJobError, UncompletedJobError) as err:
+        except (FailedJobError, UncompletedJobError):
             failed += 1
-            print(f"job {job.job_id} FAILED ({job.state}): {run.run_dir}\n{_error_lines(str(err))}\n"
-                  f"  logs: {job.paths.stdout.parent}", file=sys.stderr)
+            print(_failure_report(job, run), file=sys.stderr)
             continue
         test = next((r["test"] for r in results if r["test"]), None)
         outcome = f"test accuracy {test['test_acc']:.2f}%" if test else "no test result"
@@ -261,8 +271,21 @@ def _wait(jobs: list[submitit.Job], runs: list[SweepRun]) -> int:
     return 1 if failed else 0
 
 
-def _error_lines(message: str, count: int = 3) -> str:
-    """The last lines of a failed job's error (its traceback or stderr), without srun's own notices."""
-    lines = [line for line in message.strip().splitlines()
-             if line.strip() and not line.startswith(("srun:", "slurmstepd", "----"))]
-    return "\n".join(f"  {line}" for line in lines[-count:])
+def _failure_report(job: submitit.Job, run: SweepRun) -> str:
+    """"job ID failed (state ...): run dir", the cause from the failing task's log, and that log's path."""
+    head = f"job {job.job_id} failed (state {_final_state(job)}): {run.run_dir}"
+    failure = failed_task(job.paths.folder, job.job_id)
+    if failure is None:
+        return f"{head}\n  its tasks wrote no error; logs in {job.paths.folder}"
+    cause = "\n".join(f"    {line}" for line in failure.cause.lines)
+    return f"{head}\n  rank {failure.task}:\n{cause}\n  full log: {failure.log}"
+
+
+def _final_state(job: submitit.Job) -> str:
+    """The job's state once the scheduler has recorded its end (sacct lags a little), or the last one seen."""
+    deadline = time.monotonic() + FINAL_STATE_WAIT_S
+    while True:
+        job.get_info(mode="force")  # submitit's cached state may date from before the job ended
+        if job.state not in UNFINISHED_STATES or time.monotonic() > deadline:
+            return job.state
+        time.sleep(1)

@@ -13,7 +13,6 @@ prints progress.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import hashlib
 import io
@@ -52,7 +51,7 @@ from vggbench.config import (
     flag,
 )
 from vggbench.data import DataError, build_loader, build_splits, rank_shard
-from vggbench.distributed import DistEnv, process_group, rank_device
+from vggbench.distributed import DistEnv, main_rank_first, process_group, rank_device
 from vggbench.gradflow import GradientFlowRecorder
 from vggbench.models import VGG, build_model, convert_sync_batchnorm
 
@@ -166,7 +165,7 @@ class Trainer:
         self.memory_format = memory_format(cfg)
         torch.manual_seed(cfg.seed)
         try:
-            with self._rank0_first():  # rank 0 alone checks (or downloads) the data files
+            with main_rank_first(self.env):  # rank 0 alone checks (or downloads) the data files
                 self.splits = build_splits(
                     cfg.dataset, cfg.data_dir, download=cfg.download, verify_checksums=cfg.verify_checksums,
                     val_size=cfg.val_size, split_seed=cfg.split_seed, train_limit=cfg.train_limit,
@@ -229,15 +228,6 @@ class Trainer:
         """Wait until every rank has arrived (nothing on a single process)."""
         if self.env.distributed:
             dist.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)
-
-    @contextlib.contextmanager
-    def _rank0_first(self):
-        """Run the block on rank 0 first and on the other ranks once it has finished there."""
-        if not self.env.is_main:
-            self._barrier()
-        yield
-        if self.env.is_main:
-            self._barrier()
 
     def _sum_over_ranks(self, *values: torch.Tensor | int) -> list[float]:
         """Sums of scalars over all ranks in one all-reduce (float64: counts stay exact)."""

@@ -1,14 +1,18 @@
-"""CIFAR-100 on disk: checking, downloading and reading it through torchvision's ``CIFAR100``."""
+"""CIFAR-100 on disk: checking, downloading and reading it (safely) through torchvision's ``CIFAR100``."""
 
 from __future__ import annotations
 
 import pickle
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from torchvision.datasets import CIFAR100
 from torchvision.datasets.utils import check_md5, download_and_extract_archive
+from torchvision.datasets.vision import VisionDataset
+
+from vggbench.data.safe_pickle import ForbiddenGlobal, load_data
 
 NUM_CLASSES = 100
 HOMEPAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
@@ -19,7 +23,7 @@ CHECKSUMS: dict[str, str] = {
 }
 FILES = tuple(CHECKSUMS)  # ("train", "test", "meta")
 
-# What reading a damaged pickle (or one with unexpected contents) can raise inside torchvision.
+# What reading a damaged pickle (or one with unexpected contents) can raise.
 _READ_ERRORS = (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError, ImportError)
 
 
@@ -28,21 +32,26 @@ class DataError(RuntimeError):
 
 
 class CIFAR100Files(CIFAR100):
-    """torchvision's ``CIFAR100`` without its MD5 checks, raising ``DataError`` naming a file it cannot read.
+    """torchvision's ``CIFAR100`` read without running code a file carries; ``DataError`` names a bad file.
 
-    The official MD5 sums are dropped on the instance (torchvision then only checks that the files exist):
-    ``prepare_cifar100`` verifies them once, when asked to, and this also admits custom data written in
-    the official format.
+    ``CIFAR100.__init__`` and ``_load_meta`` read the files with ``pickle.load``, which runs any code a
+    crafted file carries; this class does their small load with ``safe_pickle.load_data`` instead and keeps
+    the rest of torchvision's dataset (items, transforms, class names). It checks no MD5 sums:
+    ``prepare_cifar100`` verifies them once, when asked to, and this also admits custom data written in the
+    official format.
     """
 
     def __init__(self, root: str | Path, train: bool = True):
-        self.train_list = [[name, None] for name, _ in CIFAR100.train_list]
-        self.test_list = [[name, None] for name, _ in CIFAR100.test_list]
-        self.meta = {**CIFAR100.meta, "md5": None}
+        VisionDataset.__init__(self, root)  # not CIFAR100.__init__: it would pickle.load the files
+        self.train = train
+        entry = _unpickle(self.data_path)
         try:
-            super().__init__(root, train=train)
+            # as CIFAR10.__init__: rows of CHW bytes to HWC images; CIFAR-100's labels are the fine ones
+            self.data = np.asarray(entry["data"]).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
+            self.targets = list(entry["fine_labels"])
         except _READ_ERRORS as exc:
             raise _corrupt(self.data_path, f"it could not be read ({exc!r})") from exc
+        self._load_meta()
 
     @property
     def data_path(self) -> Path:
@@ -50,10 +59,27 @@ class CIFAR100Files(CIFAR100):
         return Path(self.root) / FOLDER / (self.train_list if self.train else self.test_list)[0][0]
 
     def _load_meta(self) -> None:
+        path = Path(self.root) / FOLDER / self.meta["filename"]
         try:
-            super()._load_meta()
+            self.classes = list(_unpickle(path)[self.meta["key"]])
         except _READ_ERRORS as exc:
-            raise _corrupt(Path(self.root) / FOLDER / self.meta["filename"], f"it could not be read ({exc!r})") from exc
+            raise _corrupt(path, f"it could not be read ({exc!r})") from exc
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+
+def _unpickle(path: Path) -> Any:
+    """The contents of the pickle ``path``, refusing any that would import or run code."""
+    try:
+        with open(path, "rb") as file:
+            return load_data(file)
+    except ForbiddenGlobal as exc:
+        raise DataError(
+            f"CIFAR-100 file {path} was refused: it refers to {exc.global_name}, which the CIFAR format never "
+            "holds (a pickle naming it can run code). Use the official files (--download) or write your own "
+            "with plain dicts, lists, bytes and numpy arrays."
+        ) from exc
+    except _READ_ERRORS as exc:
+        raise _corrupt(path, f"it could not be read ({exc!r})") from exc
 
 
 def _corrupt(path: Path, reason: str) -> DataError:
