@@ -53,7 +53,7 @@ def model_shape(cfg: TrainConfig) -> ModelShape:
                     module.register_forward_hook(lambda m, args, out: conv_outputs.append(out.numel()))
                 elif isinstance(module, nn.BatchNorm2d):
                     module.register_forward_pre_hook(lambda m, args: bn_areas.append(args[0][0, 0].numel()))
-            model(torch.empty(1, 3, IMAGE_SIZE, IMAGE_SIZE))
+            model.eval()(torch.empty(1, 3, IMAGE_SIZE, IMAGE_SIZE))  # eval: BatchNorm takes any size
     except RuntimeError as err:  # sizes beyond what torch can index
         raise ConfigError(f"--filters {cfg.filters}: the model is too large to build ({str(err).splitlines()[0]})") \
             from None
