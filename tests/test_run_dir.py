@@ -23,8 +23,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_train import metrics, option, set_option, without_timing
-from vggbench.checkpoint import WriteError, atomic_write, load_checkpoint, save_checkpoint
+from tests.test_train import metrics, set_option, without_timing
+from vggbench.checkpoint import (
+    WriteError,
+    atomic_write,
+    load_checkpoint,
+    save_checkpoint,
+)
 from vggbench.config import ConfigError, TrainConfig
 from vggbench.resume import resume_state
 from vggbench.run_dir import RunDir
@@ -32,11 +37,6 @@ from vggbench.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # the thread count of the in-process reference run
-
-
-def restore_default_sigint() -> None:
-    """preexec_fn: the child gets Python's Ctrl-C handling even when the tests run with SIGINT ignored."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +143,9 @@ def test_signals_wait_for_the_whole_epoch_write(tmp_path, sig):
     """A signal at a random moment of the epoch's writes acts once all of them are done."""
     run = tmp_path / "run"
     child = textwrap.dedent(f"""
-        import torch
+        import signal, torch
         from vggbench.run_dir import RunDir
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as usual, even if the tests ignore it
         weights = {{"w": torch.arange(2**24, dtype=torch.float32)}}  # 64 MB: writes take a while
         history = {{"metrics": [], "gradflow": {{"layers": [], "epochs": []}}, "best": {{"epoch": 1, "val_acc": 5.0}}}}
         state = {{"epoch": 1, "config": {{}}, "model": weights, "best_model": weights, "history": history}}
@@ -152,7 +153,7 @@ def test_signals_wait_for_the_whole_epoch_write(tmp_path, sig):
         print("finished the writes")
     """)
     proc = subprocess.Popen([sys.executable, "-c", child], env=CHILD_ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=restore_default_sigint)
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not list((run / "checkpoints").glob(".*.tmp")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()

@@ -76,7 +76,8 @@ class TrainConfig:
                                    "+BN in BN variants): a studied extension", group="model")
     activation: str = opt("leaky_relu", "activation after every conv", ACTIVATIONS, group="model")
     negative_slope: float = opt(0.01, "LeakyReLU negative slope (0 gives ReLU)", group="model")
-    bn_position: str = opt("before", "BatchNorm before the activation (the study) or after it", NORM_POSITIONS, group="model")
+    bn_position: str = opt("before", "BatchNorm before the activation (the study) or after it", NORM_POSITIONS,
+                           group="model")
     impl: str = opt("native", "layers: native PyTorch, or the fused conv->BN->act C++/CUDA op "
                     "(same weights and checkpoints)", IMPLS, group="model")
     dataset: str = opt("cifar100", "cifar100 (torchvision's CIFAR100 from --data-dir) or synthetic "
@@ -98,10 +99,12 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "weight decay (L2 for adam/sgd, decoupled for adamw)", group="optimisation")
     momentum: float = opt(0.9, "SGD momentum (sgd only)", group="optimisation")
     batch_size: int = opt(100, "images per step and PER RANK: a distributed run of N ranks takes global "
-                          "batches of N x this (the study's 100 on 2 ranks: --batch-size 50); lr is not scaled", group="optimisation")
+                          "batches of N x this (the study's 100 on 2 ranks: --batch-size 50); lr is not scaled",
+                          group="optimisation")
     epochs: int = opt(100, "training epochs", group="optimisation")
     scheduler: str = opt("cosine", "cosine: CosineAnnealingLR(T_max=epochs); cosine_restarts: SGDR "
-                         "with a restart every --restart-period epochs; none: constant lr", SCHEDULERS, group="optimisation")
+                         "with a restart every --restart-period epochs; none: constant lr", SCHEDULERS,
+                         group="optimisation")
     eta_min: float = opt(2e-5, "minimum learning rate of the cosine schedules", group="optimisation")
     restart_period: int = opt(50, "epochs between warm restarts (cosine_restarts)", group="optimisation")
     seed: int = opt(7112018, "seed of initialisation, shuffling and augmentation", group="optimisation")

@@ -21,7 +21,14 @@ import sys
 from collections.abc import Sequence
 
 from vggbench.checkpoint import CheckpointError, epoch_checkpoints, load_checkpoint
-from vggbench.config import RUNTIME_OPTIONS, ConfigError, TrainConfig, add_config_arguments, explicit_options, flag
+from vggbench.config import (
+    RUNTIME_OPTIONS,
+    ConfigError,
+    TrainConfig,
+    add_config_arguments,
+    explicit_options,
+    flag,
+)
 from vggbench.run_dir import RunDir
 
 
@@ -77,7 +84,9 @@ def resumable_argv(train_argv: Sequence[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: vggbench.train's, on the resumable command line."""
-    from vggbench.train import main as train_main  # train imports this module: import it once both exist
+    from vggbench.train import (
+        main as train_main,  # train imports this module: import it once both exist
+    )
 
     return train_main(resumable_argv(sys.argv[1:] if argv is None else argv))
 

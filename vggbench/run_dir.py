@@ -92,7 +92,7 @@ class RunDir:
         if resume == "latest":
             return newest_checkpoint(self.checkpoints)
         path = Path(resume)
-        if path.resolve().parent != self.checkpoints.resolve():
+        if path.is_file() and path.resolve().parent != self.checkpoints.resolve():
             raise ConfigError(f"--resume {path} is not a checkpoint of the run in {self.path} (its checkpoints are "
                               f"in {self.checkpoints}): continue that run with --out-dir {path.parent.parent} "
                               "--resume, or start a new run")
@@ -169,9 +169,9 @@ class RunDir:
         if best["epoch"] != expected["epoch"]:
             return f"holds epoch {best['epoch']}"
         weights = state["best_model"]
-        if best["model"].keys() != weights.keys() or not all(torch.equal(best["model"][k], weights[k]) for k in weights):
-            return "holds other weights"
-        return None
+        same = best["model"].keys() == weights.keys() and all(torch.equal(best["model"][k], v)
+                                                               for k, v in weights.items())
+        return None if same else "holds other weights"
 
 
 def _temporary(path: Path) -> bool:

@@ -30,8 +30,20 @@ from tqdm import tqdm
 
 from vggbench.capacity import check_batches, check_memory, out_of_memory
 from vggbench.checkpoint import BEST_KEYS, CheckpointError, WriteError, load_checkpoint
-from vggbench.config import ConfigError, TrainConfig, add_config_arguments, explicit_options, flag
-from vggbench.data import DataError, build_loader, build_splits, epoch_generator, rank_shard
+from vggbench.config import (
+    ConfigError,
+    TrainConfig,
+    add_config_arguments,
+    explicit_options,
+    flag,
+)
+from vggbench.data import (
+    DataError,
+    build_loader,
+    build_splits,
+    epoch_generator,
+    rank_shard,
+)
 from vggbench.device import autocast, memory_format, setup_device
 from vggbench.distributed import DistEnv, process_group
 from vggbench.gradflow import GradientFlowRecorder
