@@ -86,9 +86,13 @@ def test_plain_variants_take_any_batch(tiny_args):
     assert main(args) == 0
 
 
-def test_a_model_too_large_for_memory_is_refused_up_front(tiny_args, capsys):
-    line = refused(set_option(tiny_args, "--data-dir", "/nonexistent/cifar") + ["--filters", "100000"], capsys)
-    assert "training needs at least" in line and "GiB are free: use fewer --filters or a smaller --batch-size" in line
+@pytest.mark.parametrize("change, fix", [
+    (["--filters", "100000"], "use fewer --filters or a smaller --batch-size"),
+    (["--dataset", "synthetic", "--synthetic-train-size", "2000000000"], "use smaller --synthetic-train-size"),
+])
+def test_what_cannot_fit_in_memory_is_refused_up_front(tiny_args, capsys, change, fix):
+    line = refused(set_option(tiny_args, "--data-dir", "/nonexistent/cifar") + change, capsys)
+    assert "training needs at least" in line and f"GiB are free: {fix}" in line
 
 
 @pytest.mark.parametrize("where, message", [

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from vggbench.config import TrainConfig
 
 CIFAR_TRAIN_IMAGES = 50_000
+# generating a synthetic image takes 3 float32 arrays of its size, and it is kept as uint8
+SYNTHETIC_BYTES_PER_IMAGE = IMAGE_SIZE * IMAGE_SIZE * 3 * (3 * 4 + 1)
 _GIB = 2**30
 
 
@@ -100,20 +102,27 @@ def _available_bytes(device: torch.device) -> int | None:
 
 
 def check_memory(cfg: TrainConfig, device: torch.device, world_size: int) -> None:
-    """Refuse a run whose parameters, optimiser state and one batch's activations cannot fit `device`."""
-    available = _available_bytes(device)
-    if available is None:
-        return
+    """Refuse a run whose parameters, optimiser state and one batch's activations cannot fit `device`
+    (or whose synthetic images cannot be generated in the host's memory)."""
     shape = model_shape(cfg)
     state = shape.num_params * 4 * (2 + optimizer_states_per_parameter(cfg))  # weights, gradients, optimiser
     batch = min(cfg.batch_size, math.ceil(largest_train_size(cfg) / world_size))
     activations = shape.conv_outputs * batch * (4 if cfg.precision == "fp32" else 2)
-    if state + activations <= available:
-        return
-    raise ConfigError(f"training needs at least {(state + activations) / _GIB:.1f} GiB on {device} (parameters, "
-                      f"gradients and optimiser state {state / _GIB:.1f} GiB, activations of a batch of {batch} "
-                      f"{activations / _GIB:.1f} GiB), {available / _GIB:.1f} GiB are free: use fewer --filters or "
-                      "a smaller --batch-size")
+    _refuse_beyond(device, state + activations, f"parameters, gradients and optimiser state {state / _GIB:.1f} GiB, "
+                   f"activations of a batch of {batch} {activations / _GIB:.1f} GiB",
+                   "use fewer --filters or a smaller --batch-size")
+    if cfg.dataset == "synthetic":
+        images = cfg.synthetic_train_size + cfg.synthetic_test_size
+        _refuse_beyond(torch.device("cpu"), images * SYNTHETIC_BYTES_PER_IMAGE, f"{images} synthetic images",
+                       "use smaller --synthetic-train-size/--synthetic-test-size")
+
+
+def _refuse_beyond(device: torch.device, need: int, what: str, fix: str) -> None:
+    """ConfigError when `need` bytes exceed what `device` has free (nothing where that cannot be read)."""
+    available = _available_bytes(device)
+    if available is not None and need > available:
+        raise ConfigError(f"training needs at least {need / _GIB:.1f} GiB on {device} ({what}), "
+                          f"{available / _GIB:.1f} GiB are free: {fix}")
 
 
 def out_of_memory(err: BaseException) -> bool:

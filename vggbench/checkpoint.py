@@ -54,7 +54,10 @@ def interrupts_deferred():
         yield  # signal handlers can only be changed from the main thread
         return
     received: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in DEFERRED_SIGNALS}
+    # a handler installed outside Python (getsignal: None) cannot be put back, so it is left alone
+    previous = {sig: handler for sig in DEFERRED_SIGNALS if (handler := signal.getsignal(sig)) is not None}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: received.append(signum))
     try:
         yield
     finally:

@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import asdict
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -356,6 +357,19 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, env: DistEnv | Non
         return trainer.fit()
 
 
+def resource_failure(err: BaseException, run_dir: Path) -> str | None:
+    """One line for a full disk or exhausted memory, saying what is kept (None for any other error)."""
+    if isinstance(err, WriteError):
+        cause, fix = str(err), "space is freed"
+    elif out_of_memory(err):
+        cause, fix = f"out of memory ({str(err).splitlines()[0][:160]})", "--batch-size or --filters is smaller"
+    else:
+        return None
+    kept = newest_epoch(run_dir)
+    then = f"{kept} is intact; continue with --resume once" if kept else "no epoch was completed; run again once"
+    return f"{cause}. {then} {fix}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `vggbench.train` command line: one option per TrainConfig field."""
     parser = argparse.ArgumentParser(
@@ -391,13 +405,10 @@ def main(argv: list[str] | None = None) -> int:
                  else f"{parser.prog} --out-dir {cfg.run_dir} --resume")
         parser.exit(130, f"\ninterrupted: completed epochs are checkpointed; continue with {again}\n")
     except Exception as err:
-        if not (isinstance(err, WriteError) or out_of_memory(err)):
+        line = resource_failure(err, cfg.run_dir)
+        if line is None:
             raise
-        cause = err if isinstance(err, WriteError) else f"out of memory ({str(err).splitlines()[0][:160]})"
-        kept = newest_epoch(cfg.run_dir)
-        kept = f"{kept} is intact; continue with --resume once" if kept else "no epoch was completed; run again once"
-        fix = "space is freed" if isinstance(err, WriteError) else "--batch-size or --filters is smaller"
-        parser.exit(1, f"{parser.prog}: error: {prefix}{cause}. {kept} {fix}\n")
+        parser.exit(1, f"{parser.prog}: error: {prefix}{line}\n")
     return 0
 
 
