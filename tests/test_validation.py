@@ -6,12 +6,13 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from tests.test_train import set_option
-from vggbench.config import TrainConfig
+from vggbench.config import GROUPS, TrainConfig, flag
 from vggbench.train import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,3 +133,15 @@ def test_running_out_of_memory_is_one_line(tiny_args):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert lines[0].startswith(PROG + "out of memory (") and "no epoch was completed" in lines[0]
+
+
+def test_help_groups_the_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    sections = text.split("\n\n")
+    titles = [s.splitlines()[0] for s in sections]
+    assert [t for t in titles if t.removesuffix(" options:") in GROUPS] == [f"{g} options:" for g in GROUPS]
+    for f in fields(TrainConfig):
+        section = next(s for s in sections if s.startswith(f"{f.metadata['group']} options:"))
+        assert f"--{flag(f.name)}" in section, f.name

@@ -123,7 +123,7 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "epoch checkpoints to keep (0 keeps all); best.pt is always kept", group="output")
     out_dir: str | None = opt(None, "run directory (default: runs/<model>-<variant>-lr<lr>-seed<seed>)", group="output")
     resume: str | None = opt(None, "continue the run in --out-dir from its newest checkpoint "
-                             "(--resume) or from a given checkpoint file (--resume PATH)", group="output")
+                             "(--resume) or from one of its checkpoint files (--resume PATH)", group="output")
     progress: bool | None = opt(None, "tqdm progress bars (default: only on a terminal)", group="output")
 
     @property
