@@ -62,8 +62,6 @@ class RunDir:
     # --- checks before a run starts ------------------------------------------------------
     def check_writable(self) -> None:
         """Create the directory if needed and prove a file can be written in it; ConfigError if not."""
-        if self.path.exists() and not self.path.is_dir():
-            raise ConfigError(f"--out-dir {self.path} is a file, not a directory: choose another --out-dir")
         for directory in (self.path, self.checkpoints):
             if directory.exists() and not directory.is_dir():
                 raise ConfigError(f"{directory} is a file, not a directory: choose another --out-dir")
