@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_train import set_option
+from vggbench import launch
 from vggbench.config import GROUPS, TrainConfig, flag
 from vggbench.train import build_parser, main
 
@@ -145,3 +146,12 @@ def test_help_groups_the_options(capsys):
     for f in fields(TrainConfig):
         section = next(s for s in sections if s.startswith(f"{f.metadata['group']} options:"))
         assert f"--{flag(f.name)}" in section, f.name
+
+
+def test_the_launcher_refuses_a_nan_option_before_starting_ranks(tiny_args, capsys):
+    """D6: not "rank 1 trains another configuration" (nan != nan) from the ranks, but the option itself."""
+    with pytest.raises(SystemExit) as exit_info:
+        launch.main(["--nproc", "2", *tiny_args, "--lr", "nan"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--lr must be a finite number, got nan" in err
+    assert "started rank pids" not in err
