@@ -27,7 +27,7 @@
 #   VGGBENCH_DATA      directory holding cifar-100-python/ (default: data)
 #   VGGBENCH_OUT       run directory (default: runs/<model>-<variant>-lr<lr>-seed<seed>)
 #   VGGBENCH_DEVICE    cuda or cpu (default: cuda when the allocation has GPUs, else cpu)
-#   VGGBENCH_WORKERS   DataLoader workers per rank (default: --cpus-per-task - 1)
+#   VGGBENCH_WORKERS   DataLoader workers per rank (default: --cpus-per-task - 1; results do not depend on it)
 # Arguments after the script name go to `python -m vggbench.train` last, so they win over
 # the variables (e.g. --epochs 2, --sync-bn, --precision bf16, --out-dir DIR).
 #

@@ -129,9 +129,12 @@ def test_eval_images_are_normalised_and_deterministic(splits):
     assert torch.equal(splits.test[0][0], splits.test[0][0])
 
 
-def test_train_images_are_augmented(splits):
-    torch.manual_seed(0)
-    images = [splits.train[0][0] for _ in range(8)]
+def test_train_images_are_augmented_per_epoch(splits):
+    images = []
+    for epoch in range(8):
+        splits.train.set_epoch(epoch)
+        images.append(splits.train[0][0])
+        assert torch.equal(splits.train[0][0], images[-1])  # (seed, epoch, index) alone decide
     assert images[0].shape == (3, 32, 32)
     assert any(not torch.equal(images[0], other) for other in images[1:])
 

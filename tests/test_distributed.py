@@ -29,7 +29,7 @@ from vggbench.config import ConfigError, TrainConfig
 from vggbench.data import rank_shard
 from vggbench.distributed import DistEnv, parse_hostlist, rank_device, slurm_master_port
 from vggbench.models import convert_sync_batchnorm
-from vggbench.train import Trainer, build_parser, main, make_model, rank_seed
+from vggbench.train import Trainer, build_parser, main, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO_CPU_RANKS = ["--nproc", "2"]
@@ -161,12 +161,6 @@ def test_evaluation_shards_hold_every_sample_once():
     data = list(range(10))
     shards = [list(rank_shard(data, rank, 3)) for rank in range(3)]
     assert sorted(i for shard in shards for i in shard) == data and rank_shard(data, 0, 1) is data
-
-
-def test_rank_seeds():
-    assert rank_seed(7112018001, 0) == 7112018001  # rank 0 (and a single process) keep the epoch seed
-    seeds = {rank_seed(7112018001, rank) for rank in range(1, 64)} | {7112018001}
-    assert len(seeds) == 64 and rank_seed(5, 3) == rank_seed(5, 3) and all(0 <= s < 2**63 for s in seeds)
 
 
 # --- SyncBatchNorm2d: statistics merged over ranks with different batch sizes --------------------------

@@ -1,14 +1,15 @@
-"""Checkpoints: atomic writes, safe loads, and the files of a run directory.
+"""Checkpoint files: atomic writes, safe loads, signals held during writes.
 
-Layout: RUN/checkpoints/epoch-NNNN.pt (the newest `keep` of them) and best.pt.
 Every file is written to a temporary name, flushed to disk and renamed over the
 target, so a crash leaves either the old or the new file, never a torn one. Loading
 uses torch.load(weights_only=True): checkpoints hold only tensors and plain data.
+What a run directory holds, and in which order it is written, is vggbench.run_dir's job.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -20,8 +21,11 @@ from typing import Any
 
 import torch
 
-FORMAT_VERSION = 1
-REQUIRED_KEYS = ("format", "epoch", "config", "runtime", "model", "optimizer", "scheduler", "history")
+# 2: epoch checkpoints also hold the best epoch's weights ("best_model"), from which best.pt is repaired
+FORMAT_VERSION = 2
+REQUIRED_KEYS = ("format", "epoch", "config", "runtime", "model", "best_model", "optimizer", "scheduler", "history")
+BEST_KEYS = ("format", "epoch", "val_acc", "model")  # best.pt
+TMP_SUFFIX = ".tmp"  # temporaries are .<name>.<random>.tmp
 _EPOCH_FILE = re.compile(r"epoch-(\d+)\.pt")
 
 
@@ -29,47 +33,82 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable or does not fit the run; the message says what to do."""
 
 
+# Signals that end or interrupt a run: Ctrl-C, and SLURM's (or a launcher's) SIGTERM and SIGUSR1
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+class WriteError(RuntimeError):
+    """A file of the run could not be written (disk full, permissions); the previous version is kept."""
+
+
 @contextlib.contextmanager
 def interrupts_deferred():
-    """Hold Ctrl-C (SIGINT) until the block has finished, then deliver it.
+    """Hold SIGINT, SIGTERM and SIGUSR1 until the block has finished, then deliver them.
 
-    A write is then never abandoned half-way, which would leave a stray temporary file
-    and an error from deep inside torch.save instead of a clean KeyboardInterrupt.
+    A write (or a sequence of writes that only make sense together) is then never abandoned
+    half-way. A signal that arrived is re-raised with the disposition it had before, so it
+    acts exactly as it would have (KeyboardInterrupt, termination, or the launcher's
+    handler), only later. Nested blocks defer to the outermost one.
     """
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be changed from the main thread
         return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda *args: received.append(args))
+    received: list[int] = []
+    # a handler installed outside Python (getsignal: None) cannot be put back, so it is left alone
+    previous = {sig: handler for sig in DEFERRED_SIGNALS if (handler := signal.getsignal(sig)) is not None}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: received.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if received and callable(previous):
-            previous(*received[0])
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(received):  # each signal once, in order of arrival
+            signal.raise_signal(sig)
+
+
+def _os_cause(err: BaseException) -> OSError | None:
+    """The OSError behind `err` (torch.save wraps a failed write in its own RuntimeError)."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno is not None:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call `write(file_object)` on a temporary file beside `path`, fsync, then rename it to `path`."""
+    """Call `write(file_object)` on a temporary file beside `path`, fsync, then rename it to `path`.
+
+    A failing write (a full disk, ...) raises WriteError naming the file and the cause, and
+    leaves the previous `path` as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with interrupts_deferred():
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
             os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide results from other users
             with os.fdopen(fd, "wb") as f:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
+            tmp = None
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # make the rename itself durable
+            finally:
+                os.close(dir_fd)
+        except Exception as err:
+            cause = _os_cause(err)
+            if cause is None:
+                raise
+            raise WriteError(f"could not write {path}: {os.strerror(cause.errno)} "
+                             f"({errno.errorcode.get(cause.errno, cause.errno)})") from None
         finally:
-            os.close(dir_fd)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -96,21 +135,6 @@ def save_checkpoint(state: dict, path: Path) -> Path:
     return path
 
 
-def save_epoch_checkpoint(state: dict, ckpt_dir: Path, keep: int) -> Path:
-    """Write epoch-NNNN.pt atomically, then prune all but the newest `keep` (0 keeps all)."""
-    path = save_checkpoint(state, Path(ckpt_dir) / f"epoch-{state['epoch']:04d}.pt")
-    existing = epoch_checkpoints(ckpt_dir)
-    if keep:
-        for old in existing[:-keep]:
-            old.unlink()
-    return path
-
-
-def save_best(state: dict, ckpt_dir: Path) -> Path:
-    """Write best.pt (model weights and where they came from) atomically."""
-    return save_checkpoint(state, Path(ckpt_dir) / "best.pt")
-
-
 def load_checkpoint(path: Path, required: tuple[str, ...] = REQUIRED_KEYS) -> dict:
     """Load a checkpoint safely (weights_only) and check it is one of ours.
 
@@ -127,13 +151,13 @@ def load_checkpoint(path: Path, required: tuple[str, ...] = REQUIRED_KEYS) -> di
             f"checkpoint {path} is corrupt or not a vggbench checkpoint "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).{_alternatives(path)}"
         ) from None
+    if isinstance(state, dict) and state.get("format", FORMAT_VERSION) != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format {state['format']}, this vggbench reads "
+                              f"format {FORMAT_VERSION}")
     missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {missing}: not a vggbench training checkpoint."
                               f"{_alternatives(path)}")
-    if state["format"] != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format {state['format']}, this vggbench reads "
-                              f"format {FORMAT_VERSION}")
     return state
 
 

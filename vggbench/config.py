@@ -7,10 +7,11 @@ flag and `config.json` in a run directory records every resolved value.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from vggbench.data import DATASETS
+from vggbench.data import DATASETS, IMAGE_SIZE
 from vggbench.models.units import ACTIVATIONS, NORM_POSITIONS
 from vggbench.models.vgg import (
     IMPLS,
@@ -32,80 +33,98 @@ RUNTIME_OPTIONS = ("device", "impl", "workers", "progress", "out_dir", "data_dir
                    "dist_timeout")
 
 
+# Bounds of the integer options. Counts beyond 2**31 - 1 are typos (and overflow C ints in
+# torch); seeds must fit torch.manual_seed (64-bit), with room for per-epoch derivations.
+INT_MAX = 2**31 - 1
+SEED_MAX = 2**63 - 1
+INT_RANGES = {
+    "filters": (1, INT_MAX), "stages": (1, INT_MAX), "convs_per_block": (1, INT_MAX), "batch_size": (1, INT_MAX),
+    "epochs": (1, INT_MAX), "restart_period": (1, INT_MAX), "synthetic_train_size": (1, INT_MAX),
+    "synthetic_test_size": (1, INT_MAX), "dist_timeout": (1, INT_MAX), "val_size": (1, INT_MAX),
+    "train_limit": (100, INT_MAX), "workers": (0, 256), "gradflow_every": (0, INT_MAX),
+    "keep_checkpoints": (0, INT_MAX), "seed": (0, SEED_MAX), "split_seed": (0, SEED_MAX),
+}
+FLOAT_MINIMA = {"lr": 0.0, "weight_decay": 0.0, "momentum": 0.0, "eta_min": 0.0, "negative_slope": 0.0}
+
+
 class ConfigError(ValueError):
     """An impossible or inconsistent configuration; the message says what to change."""
 
 
-def opt(default, help: str, choices: tuple | None = None):
-    """A config field with its help text (and allowed values) for the command line."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+# --help shows the options in these groups, in this order (each field names its group)
+GROUPS = ("model", "data", "optimisation", "distributed", "execution", "output")
+
+
+def opt(default, help: str, choices: tuple | None = None, *, group: str):
+    """A config field with its help text, its --help group (and allowed values) for the command line."""
+    assert group in GROUPS, group
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
 
 
 @dataclass
 class TrainConfig:
     """Everything one training run needs. Defaults are the study's protocol."""
 
-    # model
     model: str = opt("vgg38", "model name vgg<depth>: vgg08 (7 convs + linear), vgg38 (37 convs + linear), "
-                     "or any depth 8 + 6k (3 stages, 2 convs per block)")
+                     "or any depth 8 + 6k (3 stages, 2 convs per block)", group="model")
     variant: str = opt("plain", "plain, bn (BatchNorm after every conv), rc (residual connections), "
-                       "bn_rc (both)", tuple(VARIANTS))
-    filters: int = opt(32, "channels of every conv")
-    stages: int = opt(3, "stages (each ends with an average-pool reduction block)")
-    convs_per_block: int = opt(2, "convs per processing/reduction block")
+                       "bn_rc (both)", tuple(VARIANTS), group="model")
+    filters: int = opt(32, "channels of every conv", group="model")
+    stages: int = opt(3, "stages (each ends with an average-pool reduction block)", group="model")
+    convs_per_block: int = opt(2, "convs per processing/reduction block", group="model")
     residual_reduction: bool = opt(False, "also give reduction blocks a shortcut (1x1 stride-2 projection, "
-                                   "+BN in BN variants): a studied extension")
-    activation: str = opt("leaky_relu", "activation after every conv", ACTIVATIONS)
-    negative_slope: float = opt(0.01, "LeakyReLU negative slope (0 gives ReLU)")
-    bn_position: str = opt("before", "BatchNorm before the activation (the study) or after it", NORM_POSITIONS)
+                                   "+BN in BN variants): a studied extension", group="model")
+    activation: str = opt("leaky_relu", "activation after every conv", ACTIVATIONS, group="model")
+    negative_slope: float = opt(0.01, "LeakyReLU negative slope (0 gives ReLU)", group="model")
+    bn_position: str = opt("before", "BatchNorm before the activation (the study) or after it", NORM_POSITIONS,
+                           group="model")
     impl: str = opt("native", "layers: native PyTorch, or the fused conv->BN->act C++/CUDA op "
-                    "(same weights and checkpoints)", IMPLS)
-    # data
+                    "(same weights and checkpoints)", IMPLS, group="model")
     dataset: str = opt("cifar100", "cifar100 (torchvision's CIFAR100 from --data-dir) or synthetic "
-                       "(deterministic learnable stand-in with CIFAR-100's shapes)", DATASETS)
-    data_dir: str = opt("data", "directory holding cifar-100-python/ (or where --download puts it)")
-    download: bool = opt(False, "download CIFAR-100 into --data-dir if it is missing")
+                       "(deterministic learnable stand-in with CIFAR-100's shapes)", DATASETS, group="data")
+    data_dir: str = opt("data", "directory holding cifar-100-python/ (or where --download puts it)", group="data")
+    download: bool = opt(False, "download CIFAR-100 into --data-dir if it is missing", group="data")
     verify_checksums: bool = opt(True, "check the MD5 sums of the official CIFAR-100 files "
-                                 "(turn off for custom data in the same format)")
+                                 "(turn off for custom data in the same format)", group="data")
     val_size: int = opt(2500, "validation images carved class-balanced from the training set "
-                        "(a multiple of 100; the study: 2500 of 50000)")
-    split_seed: int = opt(0, "seed of the train/validation split (independent of --seed)")
+                        "(a multiple of 100; the study: 2500 of 50000)", group="data")
+    split_seed: int = opt(0, "seed of the train/validation split (independent of --seed)", group="data")
     train_limit: int | None = opt(None, "use only this many training images, class-balanced "
-                                  "(a multiple of 100; for short runs)")
-    synthetic_train_size: int = opt(5000, "synthetic dataset: training images (incl. validation)")
-    synthetic_test_size: int = opt(1000, "synthetic dataset: test images")
-    augment: bool = opt(True, "training augmentation: RandomCrop(32, padding=4) + horizontal flip")
-    # optimisation
-    optimizer: str = opt("adam", "optimiser (the study: adam)", OPTIMIZERS)
-    lr: float = opt(1e-3, "learning rate")
-    weight_decay: float = opt(0.0, "weight decay (L2 for adam/sgd, decoupled for adamw)")
-    momentum: float = opt(0.9, "SGD momentum (sgd only)")
+                                  "(a multiple of 100; for short runs)", group="data")
+    synthetic_train_size: int = opt(5000, "synthetic dataset: training images (incl. validation)", group="data")
+    synthetic_test_size: int = opt(1000, "synthetic dataset: test images", group="data")
+    augment: bool = opt(True, "training augmentation: RandomCrop(32, padding=4) + horizontal flip", group="data")
+    optimizer: str = opt("adam", "optimiser (the study: adam)", OPTIMIZERS, group="optimisation")
+    lr: float = opt(1e-3, "learning rate", group="optimisation")
+    weight_decay: float = opt(0.0, "weight decay (L2 for adam/sgd, decoupled for adamw)", group="optimisation")
+    momentum: float = opt(0.9, "SGD momentum (sgd only)", group="optimisation")
     batch_size: int = opt(100, "images per step and PER RANK: a distributed run of N ranks takes global "
-                          "batches of N x this (the study's 100 on 2 ranks: --batch-size 50); lr is not scaled")
-    epochs: int = opt(100, "training epochs")
+                          "batches of N x this (the study's 100 on 2 ranks: --batch-size 50); lr is not scaled",
+                          group="optimisation")
+    epochs: int = opt(100, "training epochs", group="optimisation")
     scheduler: str = opt("cosine", "cosine: CosineAnnealingLR(T_max=epochs); cosine_restarts: SGDR "
-                         "with a restart every --restart-period epochs; none: constant lr", SCHEDULERS)
-    eta_min: float = opt(2e-5, "minimum learning rate of the cosine schedules")
-    restart_period: int = opt(50, "epochs between warm restarts (cosine_restarts)")
-    seed: int = opt(7112018, "seed of initialisation, shuffling and augmentation")
+                         "with a restart every --restart-period epochs; none: constant lr", SCHEDULERS,
+                         group="optimisation")
+    eta_min: float = opt(2e-5, "minimum learning rate of the cosine schedules", group="optimisation")
+    restart_period: int = opt(50, "epochs between warm restarts (cosine_restarts)", group="optimisation")
+    seed: int = opt(7112018, "seed of initialisation, shuffling and augmentation", group="optimisation")
     sync_bn: bool = opt(False, "distributed runs: BatchNorm statistics over the global batch (SyncBatchNorm "
-                        "semantics) instead of each rank's share; no effect in a single process")
-    # execution
-    device: str = opt("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
-    channels_last: bool = opt(False, "channels_last memory format for model and inputs")
+                        "semantics) instead of each rank's share; no effect in a single process", group="distributed")
+    device: str = opt("auto", "cpu, cuda, cuda:N, or auto (cuda when available)", group="execution")
+    channels_last: bool = opt(False, "channels_last memory format for model and inputs", group="execution")
     precision: str = opt("fp32", "fp32, or mixed precision: bf16 (CPU or CUDA), fp16 (CUDA, "
-                         "with gradient scaling)", PRECISIONS)
-    workers: int = opt(2, "DataLoader worker processes (0 loads in the main process)")
-    deterministic: bool = opt(False, "deterministic algorithms only (exact resume on CPU)")
+                         "with gradient scaling)", PRECISIONS, group="execution")
+    workers: int = opt(2, "DataLoader worker processes (0 loads in the main process)", group="execution")
+    deterministic: bool = opt(False, "deterministic algorithms only (exact resume on CPU)", group="execution")
     gradflow_every: int = opt(0, "also record gradient flow averaged over windows of N steps "
-                              "(0: per epoch only)")
+                              "(0: per epoch only)", group="output")
     dist_timeout: int = opt(300, "distributed runs: seconds a rank waits for the others in a collective before "
-                             "failing (waiting for rank 0 to prepare the data has its own 30 min)")
-    keep_checkpoints: int = opt(2, "epoch checkpoints to keep (0 keeps all); best.pt is always kept")
-    out_dir: str | None = opt(None, "run directory (default: runs/<model>-<variant>-lr<lr>-seed<seed>)")
+                            "failing (waiting for rank 0 to prepare the data has its own 30 min)", group="distributed")
+    keep_checkpoints: int = opt(2, "epoch checkpoints to keep (0 keeps all); best.pt is always kept", group="output")
+    out_dir: str | None = opt(None, "run directory (default: runs/<model>-<variant>-lr<lr>-seed<seed>)", group="output")
     resume: str | None = opt(None, "continue the run in --out-dir from its newest checkpoint "
-                             "(--resume) or from a given checkpoint file (--resume PATH)")
-    progress: bool | None = opt(None, "tqdm progress bars (default: only on a terminal)")
+                             "(--resume) or from one of its checkpoint files (--resume PATH)", group="output")
+    progress: bool | None = opt(None, "tqdm progress bars (default: only on a terminal)", group="output")
 
     @property
     def label(self) -> str:
@@ -127,6 +146,13 @@ class TrainConfig:
         """The fields that say where and how the run executes (RUNTIME_OPTIONS)."""
         return {k: getattr(self, k) for k in RUNTIME_OPTIONS}
 
+    def model_spec(self) -> dict:
+        """The keyword arguments of vggbench.models.build_model for this config's model."""
+        return {"name": self.model, "variant": self.variant, "filters": self.filters, "stages": self.stages,
+                "convs_per_block": self.convs_per_block, "residual_reduction": self.residual_reduction,
+                "activation": self.activation, "negative_slope": self.negative_slope,
+                "bn_position": self.bn_position, "impl": self.impl}
+
     def validate(self) -> TrainConfig:
         """Raise ConfigError naming the first impossible value; return self."""
         try:
@@ -138,22 +164,26 @@ class TrainConfig:
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"--{flag(f.name)} must be one of {', '.join(choices)}, "
                                   f"got {getattr(self, f.name)!r}")
-        positive = ("filters", "stages", "convs_per_block", "batch_size", "epochs", "restart_period",
-                    "synthetic_train_size", "synthetic_test_size", "dist_timeout")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{flag(name)} must be >= 1, got {getattr(self, name)}")
-        non_negative = ("lr", "weight_decay", "momentum", "eta_min", "negative_slope", "workers",
-                        "gradflow_every", "keep_checkpoints", "val_size")
-        for name in non_negative:
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{flag(name)} must be >= 0, got {getattr(self, name)}")
+        for name, (low, high) in INT_RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                bound = f">= {low}" if value < low else f"<= {high}"
+                raise ConfigError(f"--{flag(name)} must be {bound}, got {value}")
+        for name, low in FLOAT_MINIMA.items():
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ConfigError(f"--{flag(name)} must be a finite number, got {value}")
+            if value < low:
+                raise ConfigError(f"--{flag(name)} must be >= {low:g}, got {value:g}")
         if self.lr == 0:
             raise ConfigError("--lr must be > 0")
+        if self.momentum > 1:
+            raise ConfigError(f"--momentum must be <= 1, got {self.momentum:g}")
         if self.scheduler != "none" and self.eta_min > self.lr:
             raise ConfigError(f"--eta-min ({self.eta_min:g}) must not exceed --lr ({self.lr:g})")
-        if self.train_limit is not None and self.train_limit < 100:
-            raise ConfigError(f"--train-limit must be >= 100 (one image per class), got {self.train_limit}")
+        if IMAGE_SIZE >> self.stages < 1:
+            raise ConfigError(f"--stages {self.stages}: every stage halves the {IMAGE_SIZE}x{IMAGE_SIZE} images, so "
+                              f"at most {IMAGE_SIZE.bit_length() - 1} stages fit")
         if self.impl == "fused":
             self._check_fusable()
         return self
@@ -180,6 +210,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, suppress_defaults: boo
     With `suppress_defaults`, options not given are left out of the parsed namespace
     (used to tell which options the user gave explicitly).
     """
+    groups = {name: parser.add_argument_group(f"{name} options") for name in GROUPS}
     for f in fields(TrainConfig):
         default = argparse.SUPPRESS if suppress_defaults else f.default
         kwargs: dict = {"dest": f.name, "default": default, "help": f.metadata["help"]}
@@ -193,7 +224,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, suppress_defaults: boo
                 kwargs["choices"] = f.metadata["choices"]
         if f.default is not None and "action" not in kwargs:
             kwargs["help"] += f" (default: {f.default})"
-        parser.add_argument(f"--{flag(f.name)}", **kwargs)
+        groups[f.metadata["group"]].add_argument(f"--{flag(f.name)}", **kwargs)
 
 
 def explicit_options(argv: list[str] | None) -> set[str]:

@@ -20,8 +20,8 @@ from typing import Any
 
 from vggbench.checkpoint import atomic_write_text
 from vggbench.config import RUNTIME_OPTIONS
+from vggbench.run_dir import RUN_FACTS
 from vggbench.runs import Run, RunError, load_run
-from vggbench.train import RUN_FACTS
 
 # Config keys saying where or how a run was executed rather than what was trained
 # (plus the facts train adds to config.json); runs differing only in these and the

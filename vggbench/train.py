@@ -1,8 +1,9 @@
 """Train one model of the study: `python -m vggbench.train --model vgg38 --variant bn_rc`.
 
-One run directory per run (see README, "Outputs"): config.json, metrics.jsonl,
-summary.csv, gradflow.json, checkpoints/, and test.json once the best-validation
-checkpoint has been evaluated on the test set. `--resume` continues a run exactly.
+One run directory per run (its files and the order they are written in: vggbench.run_dir;
+README, "Outputs"). `--resume` continues a run exactly (vggbench.resume). Options, run
+directory, device and memory are checked before data and model are built (vggbench.config,
+vggbench.run_dir, vggbench.device, vggbench.capacity).
 
 Distributed: started by `python -m vggbench.launch`, torchrun or srun (see
 vggbench.distributed), every rank trains under DistributedDataParallel on its share of
@@ -13,11 +14,6 @@ prints progress.
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
-import io
-import json
-import os
 import sys
 import time
 from dataclasses import asdict
@@ -32,107 +28,39 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from vggbench.checkpoint import (
-    CheckpointError,
-    atomic_write_json,
-    atomic_write_text,
-    epoch_checkpoints,
-    load_checkpoint,
-    newest_checkpoint,
-    save_best,
-    save_epoch_checkpoint,
-)
+from vggbench.capacity import check_batches, check_memory, out_of_memory
+from vggbench.checkpoint import BEST_KEYS, CheckpointError, WriteError, load_checkpoint
 from vggbench.config import (
-    RUNTIME_OPTIONS,
     ConfigError,
     TrainConfig,
     add_config_arguments,
     explicit_options,
     flag,
 )
-from vggbench.data import DataError, build_loader, build_splits, rank_shard
-from vggbench.distributed import DistEnv, main_rank_first, process_group, rank_device
+from vggbench.data import (
+    DataError,
+    build_loader,
+    build_splits,
+    epoch_generator,
+    rank_shard,
+)
+from vggbench.device import autocast, memory_format, setup_device
+from vggbench.distributed import DistEnv, main_rank_first, process_group
 from vggbench.gradflow import GradientFlowRecorder
 from vggbench.models import VGG, build_model, convert_sync_batchnorm
+from vggbench.optim import make_optimizer, make_scheduler
+from vggbench.resume import resume_state
+from vggbench.run_dir import METRIC_COLUMNS, RUN_FACTS, RunDir, newest_epoch
 
-METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "images_per_s",
-                  "dataset")
-RUN_FACTS = ("label", "num_params", "torch", "resolved_device")  # what config.json adds to the config
 # config.json also records the distributed setup; unlike RUN_FACTS it distinguishes configurations
 # (a different global batch trains differently)
 DISTRIBUTED_FACTS = ("world_size", "global_batch_size")
 SYNTHETIC_BANNER = "*** SYNTHETIC DATA: not CIFAR-100; results show the mechanism, not the study's figures ***"
 
 
-def resolve_device(name: str) -> torch.device:
-    """Turn --device into a torch.device, failing clearly when it is not available."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif device.type != "cpu":
-        raise ConfigError(f"--device {name}: only cpu and cuda are supported")
-    return device
-
-
-def check_precision(precision: str, device: torch.device) -> None:
-    """Refuse mixed-precision modes the device cannot run."""
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("--precision fp16 needs a CUDA device; on the CPU use bf16 or fp32")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("--precision bf16 is not supported by this GPU; use fp16 or fp32")
-
-
 def make_model(cfg: TrainConfig) -> VGG:
     """The model a config describes."""
-    return build_model(
-        cfg.model, cfg.variant, filters=cfg.filters, stages=cfg.stages, convs_per_block=cfg.convs_per_block,
-        residual_reduction=cfg.residual_reduction, activation=cfg.activation,
-        negative_slope=cfg.negative_slope, bn_position=cfg.bn_position, impl=cfg.impl,
-    )
-
-
-def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Adam (the study), SGD with momentum, or AdamW."""
-    params = model.parameters()
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    optimizer = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-epoch cosine annealing (eta_min 2e-5 in the study), with optional warm restarts."""
-    sched = torch.optim.lr_scheduler
-    if cfg.scheduler == "cosine":
-        return sched.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=cfg.eta_min)
-    if cfg.scheduler == "cosine_restarts":
-        return sched.CosineAnnealingWarmRestarts(optimizer, T_0=cfg.restart_period, eta_min=cfg.eta_min)
-    return sched.LambdaLR(optimizer, lambda epoch: 1.0)
-
-
-def memory_format(cfg: TrainConfig) -> torch.memory_format:
-    """channels_last with --channels-last, else contiguous."""
-    return torch.channels_last if cfg.channels_last else torch.contiguous_format
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """Seed of rank `rank`'s augmentation and data-loading workers: `seed` itself on rank 0.
-
-    Other ranks get independent streams (a hash of seed and rank), so ranks do not crop
-    and flip their images alike; shuffling is shared through the DistributedSampler.
-    """
-    if rank == 0:
-        return seed
-    digest = hashlib.blake2b(f"{seed}/{rank}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1  # a non-negative 63-bit seed
+    return build_model(**cfg.model_spec())
 
 
 def prepare_model(cfg: TrainConfig, device: torch.device, env: DistEnv) -> tuple[nn.Module, nn.Module]:
@@ -160,8 +88,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, device: torch.device, env: DistEnv | None = None) -> None:
         self.cfg, self.device, self.env = cfg, device, env or DistEnv()
-        self.run_dir = cfg.run_dir
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.run_dir = RunDir(cfg.run_dir)
         self.memory_format = memory_format(cfg)
         torch.manual_seed(cfg.seed)
         try:
@@ -170,10 +97,11 @@ class Trainer:
                     cfg.dataset, cfg.data_dir, download=cfg.download, verify_checksums=cfg.verify_checksums,
                     val_size=cfg.val_size, split_seed=cfg.split_seed, train_limit=cfg.train_limit,
                     synthetic_train_size=cfg.synthetic_train_size, synthetic_test_size=cfg.synthetic_test_size,
-                    synthetic_seed=cfg.split_seed, augment=cfg.augment,
+                    synthetic_seed=cfg.split_seed, augment=cfg.augment, augment_seed=cfg.seed,
                 )
         except ValueError as err:  # sizes the data cannot be split into
             raise ConfigError(f"data: {err}") from None
+        check_batches(cfg, len(self.splits.train), self.env.world_size)  # before the model is built
         self.model, self.train_model = prepare_model(cfg, device, self.env)
         self.optimizer = make_optimizer(cfg, self.model)
         self.scheduler = make_scheduler(cfg, self.optimizer)
@@ -181,6 +109,7 @@ class Trainer:
         self.recorder = GradientFlowRecorder(self.model, window=cfg.gradflow_every)
         self.metrics: list[dict] = []
         self.best = {"epoch": 0, "val_acc": -1.0}
+        self.best_model: dict[str, torch.Tensor] = {}  # the best epoch's weights (on the CPU)
         self.epoch = 0
 
     # --- state -----------------------------------------------------------------------
@@ -188,7 +117,7 @@ class Trainer:
         """Everything needed to continue after the current epoch (tensors and plain data only)."""
         return {
             "epoch": self.epoch, "config": self.cfg.identity(), "runtime": self.cfg.runtime(),
-            "world_size": self.env.world_size, "model": self.model.state_dict(),
+            "world_size": self.env.world_size, "model": self.model.state_dict(), "best_model": self.best_model,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "history": {"metrics": self.metrics, "gradflow": self.recorder.state_dict(), "best": self.best},
@@ -196,7 +125,12 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a `state_dict()` (from a checkpoint loaded with weights_only=True)."""
-        self.model.load_state_dict(state["model"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as err:
+            raise CheckpointError(f"the checkpoint's weights do not fit its configuration's model "
+                                  f"({str(err).splitlines()[0]})") from None
+        self.best_model = dict(state["best_model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -206,22 +140,17 @@ class Trainer:
         self.epoch = state["epoch"]
 
     # --- files (rank 0) ----------------------------------------------------------------
-    def write_config(self) -> None:
+    def config_record(self) -> dict:
         """config.json: the resolved config plus label, #params, torch version, device and world size."""
         num_params = sum(p.numel() for p in self.model.parameters())
         info = dict(zip(RUN_FACTS, (self.cfg.label, num_params, torch.__version__, str(self.device))))
         world = dict(zip(DISTRIBUTED_FACTS, (self.env.world_size, self.env.world_size * self.cfg.batch_size)))
-        atomic_write_json(self.run_dir / "config.json", {**asdict(self.cfg), **world, **info})
+        return {**asdict(self.cfg), **world, **info}
 
-    def write_history(self) -> None:
-        """Rewrite metrics.jsonl, summary.csv and gradflow.json from the in-memory history."""
-        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics))
-        table = io.StringIO()
-        writer = csv.DictWriter(table, fieldnames=METRIC_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.metrics)
-        atomic_write_text(self.run_dir / "summary.csv", table.getvalue())
-        atomic_write_json(self.run_dir / "gradflow.json", {"dataset": self.splits.kind, **self.recorder.state_dict()})
+    def restore_run_dir(self, state: dict) -> None:
+        """Bring the run directory in line with the checkpoint `state` the run resumes from (rank 0)."""
+        for note in self.run_dir.restore(state, self.config_record(), self.splits.kind, self.cfg.epochs):
+            self._print(f"[{self.cfg.label}] {note}")
 
     # --- ranks -----------------------------------------------------------------------
     def _barrier(self) -> None:
@@ -255,21 +184,20 @@ class Trainer:
             images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             yield bar, images, targets.to(self.device, non_blocking=True)
 
-    def _autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision)
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
-
     def _train_loader(self, epoch: int):
-        """This epoch's training batches of this rank; they depend only on (seed, epoch, rank)."""
+        """This epoch's training batches of this rank: they depend only on (seed, epoch, rank), not on --workers.
+
+        The order comes from a generator seeded with (seed, epoch), or DistributedSampler's
+        (seed, epoch) shuffle; every image's crop and flip from (seed, epoch, its index).
+        """
         cfg, env = self.cfg, self.env
-        seed = rank_seed(cfg.seed * 1000 + epoch, env.rank)
-        torch.manual_seed(seed)  # augmentation in the main process
+        self.splits.train.set_epoch(epoch)
         sampler = None
         if env.distributed:  # one shuffle of the whole split (same on every rank), rank r takes every r-th
             sampler = DistributedSampler(self.splits.train, env.world_size, env.rank, shuffle=True, seed=cfg.seed)
             sampler.set_epoch(epoch)
         return build_loader(self.splits.train, cfg.batch_size, train=True, workers=cfg.workers, device=self.device,
-                            generator=torch.Generator().manual_seed(seed), sampler=sampler)
+                            generator=epoch_generator(cfg.seed, epoch), sampler=sampler)
 
     def train_epoch(self, epoch: int) -> dict:
         """One pass over the training split (this rank's share); returns global loss/accuracy/throughput."""
@@ -279,7 +207,7 @@ class Trainer:
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen, start = 0, time.perf_counter()
         for step, (bar, images, targets) in enumerate(self._batches(loader, f"epoch {epoch}/{self.cfg.epochs}")):
-            with self._autocast():
+            with autocast(self.cfg, self.device):
                 logits = self.train_model(images)
                 loss = F.cross_entropy(logits.float(), targets)
             self.optimizer.zero_grad(set_to_none=True)
@@ -307,7 +235,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         for _, images, targets in self._batches(loader, desc):
-            with self._autocast():
+            with autocast(self.cfg, self.device):
                 logits = self.model(images).float()
             loss_sum += F.cross_entropy(logits, targets, reduction="sum")
             correct += (logits.argmax(1) == targets).sum()
@@ -319,93 +247,48 @@ class Trainer:
         if self.env.is_main:
             print(message, flush=True)
 
+    def run_epoch(self, epoch: int) -> tuple[dict, dict]:
+        """Train and validate epoch `epoch`, step the schedule, update history and best; return its row and flow."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        row = {"epoch": epoch, "lr": lr, "dataset": self.splits.kind, **self.train_epoch(epoch)}
+        self._share_rank0_buffers()
+        row["val_loss"], row["val_acc"] = self.evaluate(self.splits.val, "validation")
+        self.scheduler.step()
+        flow = self.recorder.end_epoch(epoch)
+        self.metrics.append({k: row[k] for k in METRIC_COLUMNS})
+        self.epoch = epoch
+        if row["val_acc"] > self.best["val_acc"]:
+            self.best = {"epoch": epoch, "val_acc": row["val_acc"]}
+            self.best_model = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        return row, flow
+
     def fit(self) -> dict:
         """Train the remaining epochs, then evaluate the best-validation checkpoint on the test set."""
         cfg = self.cfg
         while self.epoch < cfg.epochs:
-            epoch = self.epoch + 1
-            lr = self.optimizer.param_groups[0]["lr"]
-            row = {"epoch": epoch, "lr": lr, "dataset": self.splits.kind, **self.train_epoch(epoch)}
-            self._share_rank0_buffers()
-            row["val_loss"], row["val_acc"] = self.evaluate(self.splits.val, "validation")
-            self.scheduler.step()
-            flow = self.recorder.end_epoch(epoch)
-            self.metrics.append({k: row[k] for k in METRIC_COLUMNS})
-            self.epoch = epoch
-            improved = row["val_acc"] > self.best["val_acc"]
-            if improved:
-                self.best = {"epoch": epoch, "val_acc": row["val_acc"]}
+            row, flow = self.run_epoch(self.epoch + 1)
             if self.env.is_main:
-                self.write_history()
-                save_epoch_checkpoint(self.state_dict(), self.ckpt_dir, cfg.keep_checkpoints)
-                if improved:
-                    save_best({"epoch": epoch, "val_acc": row["val_acc"], "config": cfg.identity(),
-                               "model": self.model.state_dict()}, self.ckpt_dir)
-            self._print(f"[{cfg.label}] epoch {epoch}/{cfg.epochs} lr {lr:.2e} | train loss {row['train_loss']:.4f} "
-                        f"acc {row['train_acc']:.2f}% | val loss {row['val_loss']:.4f} acc {row['val_acc']:.2f}% | "
-                        f"{row['images_per_s']:.0f} img/s | gradients {flow['diagnosis']['status']}")
+                self.run_dir.write_epoch(self.state_dict(), self.config_record(), self.splits.kind,
+                                         cfg.keep_checkpoints)
+            self._print(f"[{cfg.label}] epoch {self.epoch}/{cfg.epochs} lr {row['lr']:.2e} | train loss "
+                        f"{row['train_loss']:.4f} acc {row['train_acc']:.2f}% | val loss {row['val_loss']:.4f} acc "
+                        f"{row['val_acc']:.2f}% | {row['images_per_s']:.0f} img/s | gradients "
+                        f"{flow['diagnosis']['status']}")
         return self.test()
 
     def test(self) -> dict:
         """Evaluate best.pt on the test split and write test.json."""
         self._barrier()  # rank 0 has finished writing best.pt before any rank reads it
-        best = load_checkpoint(self.ckpt_dir / "best.pt", required=("format", "epoch", "model"))
+        best = load_checkpoint(self.run_dir.best, BEST_KEYS)
         self.model.load_state_dict(best["model"])
         test_loss, test_acc = self.evaluate(self.splits.test, "test")
         result = {"best_epoch": best["epoch"], "best_val_acc": best["val_acc"], "test_loss": test_loss,
                   "test_acc": test_acc, "dataset": self.splits.kind}
         if self.env.is_main:
-            atomic_write_json(self.run_dir / "test.json", result)
+            self.run_dir.write_test(result)
         self._print(f"[{self.cfg.label}] test loss {test_loss:.4f} acc {test_acc:.2f}% "
-                    f"(best validation epoch {best['epoch']}) -> {self.run_dir}")
+                    f"(best validation epoch {best['epoch']}) -> {self.run_dir.path}")
         return result
-
-
-def configure_determinism(deterministic: bool, device: torch.device) -> None:
-    """Deterministic algorithms when asked (needed for bit-exact resume on GPUs); else fast cuDNN autotuning."""
-    if deterministic and device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic)
-    torch.backends.cudnn.benchmark = not deterministic
-
-
-def resume_state(cfg: TrainConfig, explicit: set[str] | None, world_size: int = 1) -> tuple[TrainConfig, dict | None]:
-    """The config and checkpoint to continue from (or `cfg`, None for a fresh run).
-
-    A resumed run keeps its saved configuration: options that change what is trained
-    may not be given with a different value (`explicit`: the options the user typed;
-    None checks them all), and it continues with the number of ranks it was trained
-    with (`world_size`; the global batch depends on it). Runtime options (device,
-    workers, data dir, ...) not typed are taken from the checkpoint. Starting afresh
-    over existing checkpoints is refused.
-    """
-    ckpt_dir = cfg.run_dir / "checkpoints"
-    if not cfg.resume:
-        if epoch_checkpoints(ckpt_dir):
-            raise ConfigError(f"{cfg.run_dir} already holds a run's checkpoints: continue it with --resume, "
-                              "or choose another --out-dir")
-        return cfg, None
-    path = newest_checkpoint(ckpt_dir) if cfg.resume == "latest" else Path(cfg.resume)
-    state = load_checkpoint(path)
-    # options added since the checkpoint was written have their default there
-    saved, given = {**TrainConfig().identity(), **state["config"]}, cfg.identity()
-    unknown = set(saved) - set(given)
-    if unknown:
-        raise CheckpointError(f"checkpoint {path} has config keys this vggbench does not know: {sorted(unknown)}")
-    checked = given.keys() if explicit is None else explicit - set(RUNTIME_OPTIONS)
-    changed = [f"--{flag(k)} {given[k]!r} (run has {saved[k]!r})" for k in checked if saved.get(k) != given[k]]
-    if changed:
-        raise ConfigError(f"cannot change a run's configuration on --resume: {'; '.join(changed)}. "
-                          "Start a new run in another --out-dir instead")
-    saved_world = state.get("world_size", 1)
-    if saved_world != world_size:
-        raise ConfigError(f"{path} was trained by {saved_world} rank(s) (global batch {saved_world} x "
-                          f"{saved['batch_size']}); this run has {world_size}. Resume with {saved_world} rank(s) "
-                          f"(python -m vggbench.launch --nproc/--gpus {saved_world} ... --resume), or start a new run "
-                          "in another --out-dir")
-    typed = set(RUNTIME_OPTIONS) if explicit is None else explicit | {"out_dir", "resume"}
-    runtime = {k: v if k in typed else state["runtime"].get(k, v) for k, v in cfg.runtime().items()}
-    return TrainConfig(**{**given, **saved, **runtime}), state
 
 
 def check_ranks_agree(cfg: TrainConfig, epoch: int, env: DistEnv) -> None:
@@ -414,7 +297,8 @@ def check_ranks_agree(cfg: TrainConfig, epoch: int, env: DistEnv) -> None:
     Ranks started with different options, or reading different files (a run directory
     that is not on a filesystem shared by all nodes), would otherwise train garbage or hang.
     """
-    mine = {"config": cfg.identity(), "epoch": epoch}
+    # compared as text: a value that is not equal to itself (nan) must not make ranks disagree
+    mine = {"config": {k: repr(v) for k, v in cfg.identity().items()}, "epoch": epoch}
     everyone: list[dict] = [{}] * env.world_size
     dist.all_gather_object(everyone, mine)
     first = everyone[0]
@@ -434,13 +318,14 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, env: DistEnv | Non
 
     `env` says where this process sits in a distributed run (default: read from the
     environment of torchrun, srun or vggbench.launch; a single process without one).
+    Everything that can be checked is checked before data and model are built: the
+    options, the run directory, the device and the memory the run needs.
     """
     env = DistEnv.from_environ() if env is None else env
     cfg, state = resume_state(cfg.validate(), explicit, env.world_size)
     cfg.validate()  # runtime options taken from the checkpoint meet the saved configuration
-    device = rank_device(resolve_device(cfg.device), env)
-    check_precision(cfg.precision, device)
-    configure_determinism(cfg.deterministic, device)
+    device = setup_device(cfg, env)
+    check_memory(cfg, device, env.world_size)
     # every rank has checked the run directory before any rank can pass the rendezvous and write to it
     with process_group(env, device, timedelta(seconds=cfg.dist_timeout)):
         if env.distributed:
@@ -451,14 +336,28 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, env: DistEnv | Non
         if env.is_main:
             if state is not None:
                 print(f"[{cfg.label}] resuming {cfg.run_dir} after epoch {trainer.epoch}", flush=True)
+                trainer.restore_run_dir(state)
+            else:
+                trainer.run_dir.remove_temporaries()
             if cfg.sync_bn and not env.distributed:
                 print("note: --sync-bn has no effect in a single process (BatchNorm already sees the whole batch)",
                       flush=True)
-            trainer.write_config()
-            trainer.write_history()
             if trainer.splits.kind == "synthetic":
                 print(SYNTHETIC_BANNER, flush=True)
         return trainer.fit()
+
+
+def resource_failure(err: BaseException, run_dir: Path) -> str | None:
+    """One line for a full disk or exhausted memory, saying what is kept (None for any other error)."""
+    if isinstance(err, WriteError):
+        cause, fix = str(err), "space is freed"
+    elif out_of_memory(err):
+        cause, fix = f"out of memory ({str(err).splitlines()[0][:160]})", "--batch-size or --filters is smaller"
+    else:
+        return None
+    kept = newest_epoch(run_dir)
+    then = f"{kept} is intact; continue with --resume once" if kept else "no epoch was completed; run again once"
+    return f"{cause}. {then} {fix}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -495,6 +394,11 @@ def main(argv: list[str] | None = None) -> int:
         again = (f"the same command plus --resume (run directory {cfg.run_dir})" if env.distributed
                  else f"{parser.prog} --out-dir {cfg.run_dir} --resume")
         parser.exit(130, f"\ninterrupted: completed epochs are checkpointed; continue with {again}\n")
+    except Exception as err:
+        line = resource_failure(err, cfg.run_dir)
+        if line is None:
+            raise
+        parser.exit(1, f"{parser.prog}: error: {prefix}{line}\n")
     return 0
 
 

@@ -25,15 +25,16 @@ from vggbench.data.loaders import (
     CIFAR_STD,
     TransformedView,
     build_loader,
-    make_transform,
+    epoch_generator,
     rank_shard,
 )
-from vggbench.data.synthetic import SyntheticCIFAR
+from vggbench.data.synthetic import IMAGE_SIZE, SyntheticCIFAR
 
 __all__ = [
     "CIFAR_MEAN",
     "CIFAR_STD",
     "DATASETS",
+    "IMAGE_SIZE",
     "DataError",
     "DataSplits",
     "SyntheticCIFAR",
@@ -42,7 +43,7 @@ __all__ = [
     "build_splits",
     "cifar100_available",
     "class_balanced_split",
-    "make_transform",
+    "epoch_generator",
     "rank_shard",
 ]
 
@@ -142,12 +143,14 @@ def build_splits(
     synthetic_test_size: int = 1000,
     synthetic_seed: int = 0,
     augment: bool = True,
+    augment_seed: int = 0,
 ) -> DataSplits:
     """Load ``dataset`` ("cifar100" from ``data_dir``, or "synthetic") and split it into train / val / test.
 
     Validation is ``val_size`` images carved class-balanced out of the training set (see
     ``class_balanced_split``); train and val are views of one base dataset. Training images get the
-    augmentation (when ``augment``); all get ``ToTensor`` and normalisation.
+    augmentation (when ``augment``), drawn per sample from (``augment_seed``, epoch, index); all are
+    normalised.
 
     Raises:
         DataError: CIFAR-100 is missing, corrupt, or could not be downloaded.
@@ -158,11 +161,10 @@ def build_splits(
     )
     num_classes = len(train_base.classes)
     train_idx, val_idx = class_balanced_split(train_base.targets, val_size, num_classes, split_seed, train_limit)
-    evaluation = make_transform(augment=False)
     return DataSplits(
-        train=TransformedView(train_base, train_idx, make_transform(augment=augment)),
-        val=TransformedView(train_base, val_idx, evaluation),
-        test=TransformedView(test_base, range(len(test_base)), evaluation),
+        train=TransformedView(train_base, train_idx, augment=augment, seed=augment_seed),
+        val=TransformedView(train_base, val_idx),
+        test=TransformedView(test_base, range(len(test_base))),
         kind=dataset,
         num_classes=num_classes,
     )
