@@ -8,23 +8,35 @@
 
 #include <ATen/OpMathType.h>
 
+#include <limits>
+
 namespace vggbench {
 
 template <typename scalar_t>
 struct BackwardView {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t *dy, *y, *res, *xhat;
-  const acc_t *rscale, *rshift;
+  const acc_t *rscale, *rshift, *gamma, *beta, *centre;
   acc_t slope;
+  // u_c / u: the compute type's roundoff relative to the activation dtype's (the rule's rho)
+  acc_t rho = static_cast<acc_t>(std::numeric_limits<acc_t>::epsilon()) /
+              static_cast<acc_t>(std::numeric_limits<scalar_t>::epsilon());
 
   explicit BackwardView(const BackwardInputs& in)
       : dy(in.grad_out.const_data_ptr<scalar_t>()),
         y(in.out.const_data_ptr<scalar_t>()),
         res(data_or_null<scalar_t>(in.residual)),
         xhat(data_or_null<scalar_t>(in.xhat)),
-        rscale(in.recover_scale.defined() ? in.recover_scale.const_data_ptr<acc_t>() : nullptr),
-        rshift(in.recover_shift.defined() ? in.recover_shift.const_data_ptr<acc_t>() : nullptr),
+        rscale(channel_data(in.recover_scale)),
+        rshift(channel_data(in.recover_shift)),
+        gamma(channel_data(in.gamma)),
+        beta(channel_data(in.beta)),
+        centre(channel_data(in.centre)),
         slope(static_cast<acc_t>(in.slope)) {}
+
+  static const acc_t* channel_data(const Tensor& t) {
+    return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
+  }
 
   VGGBENCH_HD acc_t g(int64_t i) const {
     return math::act_grad(static_cast<acc_t>(y[i]), static_cast<acc_t>(dy[i]), slope);
@@ -42,6 +54,17 @@ struct BackwardView {
   VGGBENCH_HD acc_t x_hat(int64_t i, int64_t c) const {
     if (xhat) return static_cast<acc_t>(xhat[i]);
     return res ? recovered_xhat<true>(i, c) : recovered_xhat<false>(i, c);
+  }
+  // The recovery rule's per-element terms (fused_unit_math.h) with xhat recovered.
+  template <bool HasResidual>
+  VGGBENCH_HD void recovery_terms(int64_t i, int64_t c, acc_t (&terms)[math::kRecoveryTerms]) const {
+    const acc_t r = HasResidual ? static_cast<acc_t>(res[i]) : acc_t(0);
+    math::recovery_terms(g(i), recovered_xhat<HasResidual>(i, c), pre(i), r, centre[c], rho, terms);
+  }
+  // Channel c's verdict from its summed terms: 1 to recompute xhat, 0 to recover it.
+  VGGBENCH_HD acc_t recompute_flag(const acc_t (&sums)[math::kRecoveryTerms], acc_t count,
+                                   int64_t c) const {
+    return math::recovery_accurate(sums, count, gamma[c], beta[c], rho) ? acc_t(0) : acc_t(1);
   }
 };
 
