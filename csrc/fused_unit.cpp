@@ -58,6 +58,10 @@ at::ScalarType stats_dtype(at::ScalarType activation) {
   return activation == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+at::ScalarType recovery_dtype(at::ScalarType activation) {
+  return activation == at::kFloat ? at::kDouble : stats_dtype(activation);
+}
+
 Tensor aten_conv(const Tensor& x, const Tensor& weight, const OptTensor& bias, int64_t stride,
                  int64_t padding) {
   return at::convolution(x, weight, bias, {stride, stride}, {padding, padding}, {1, 1},
@@ -205,10 +209,10 @@ struct TrainingBn {
 
 void set_recovery(BackwardInputs& in, const Tensor& bn_weight, const Tensor& bn_bias,
                   const TrainingBn& bn) {
-  const auto stats = bn.mean.scalar_type();
+  const auto stats = bn.mean.scalar_type(), recovery = recovery_dtype(in.out.scalar_type());
   in.gamma = as_stats(bn_weight, stats), in.beta = as_stats(bn_bias, stats);
-  in.recover_scale = at::reciprocal(in.gamma);
-  in.recover_shift = in.beta * in.recover_scale;
+  in.recover_scale = at::reciprocal(bn_weight.to(recovery));
+  in.recover_shift = bn_bias.to(recovery) * in.recover_scale;
   in.centre = bn.mean * bn.invstd;
 }
 

@@ -45,6 +45,10 @@ const T* data_or_null(const OptTensor& t) {
 // statistics and per-channel coefficients the kernels take and return.
 at::ScalarType stats_dtype(at::ScalarType activation);
 
+// The dtype of the recovery coefficients (BackwardInputs::recover_scale and _shift): double
+// for float activations (backward_view.h's recovery_t), else stats_dtype.
+at::ScalarType recovery_dtype(at::ScalarType activation);
+
 // The activation-sized inputs of the backward passes. xhat (the normalised conv output)
 // is recovered element by element from the output when `xhat` is absent:
 //   pre = y > 0 ? y : y / slope,   xhat = (pre - residual) * recover_scale - recover_shift

@@ -63,32 +63,37 @@ VGGBENCH_HD void mean_var(T sum, T sumsq, T shift, T count, T& mean, T& var) {
 // mean and scales (u_c each), so its xhat carries
 //   n = |xhat + mean r| + 2 rho |xhat|.
 // Recovered from the output, xhat' = (pre' - residual) / gamma - beta / gamma, where pre'
-// comes from y (rounded: u |pre|; y / slope on the negative branch: u_c |pre|), and the
-// subtraction, the product with 1 / gamma, its rounding and the shift add u_c |pre - res|
-// three times and u_c |beta| once, all divided by |gamma|:
-//   e = (p + rho |beta|) / |gamma|,   p = |pre| (1 + rho) + 3 rho |pre - residual|.
+// comes from y (rounded: u |pre|). The recovery arithmetic runs in a type of roundoff
+// rho_r u (double for float activations, backward_view.h): y / slope on the negative
+// branch, the subtraction, the product with 1 / gamma, its rounding and the shift add
+// rho_r (|pre| + 3 |pre - residual| + |beta|); casting the result to the compute type (float
+// activations: double -> float) adds rho_c |gamma xhat| <= rho_c (|pre - residual| + |beta|).
+// All divided by |gamma|:
+//   e = (p + (rho_r + rho_c) |beta|) / |gamma|,
+//   p = |pre| (1 + rho_r) + (3 rho_r + rho_c) |pre - residual|.
 // (Both share the conv's own rounding and the forward's, which the recovery cannot worsen.)
 // With g = dL/dpre, M values per channel:
 //   dgamma = sum(g xhat): recovery adds at most sum(|g| e); native's error is at most
-//       sum(|g| n). Needing sum(|g| p) + rho |beta| sum(|g|) <= K |gamma| sum(|g| n) keeps
+//       sum(|g| n). Needing sum(|g| p) + rho' |beta| sum(|g|) <= K |gamma| sum(|g| n), with
+//       rho' = rho_r + rho_c, keeps
 //       the added error within K times native's (bound against bound; both are sums of
 //       independent roundings over the same g, so their typical sizes scale alike).
 //   dz = gamma r (g - sum(g)/M - xhat sum(g xhat)/M) (and dx, dW from it): recovery adds
 //       gamma r [(xhat' - xhat) sum(g xhat)/M + xhat sum(g (xhat' - xhat))/M]. The second
 //       term is gamma r xhat times the dgamma error / M: covered above, against the same
-//       term of native's. The first, r (p + rho |beta|) |sum(g xhat)| / M per element, has
-//       a root mean square over the channel of at most r (rms(p) + rho |beta|)
+//       term of native's. The first, r (p + rho' |beta|) |sum(g xhat)| / M per element, has
+//       a root mean square over the channel of at most r (rms(p) + rho' |beta|)
 //       |sum(g xhat)| / M. Native's dz carries u |gamma| r (|g| + n |sum(g xhat)| / M)
 //       (its rounding, and its xhat's error through the same product), of root mean square
 //       at least |gamma| r max(rms(g), rms(n) |sum(g xhat)| / M): needing
-//       (rms(p) + rho |beta|) |sum(g xhat)| / M <= K |gamma| max(rms(g), rms(n) |sum(g xhat)| / M)
+//       (rms(p) + rho' |beta|) |sum(g xhat)| / M <= K |gamma| max(rms(g), rms(n) |sum(g xhat)| / M)
 //       keeps it within K times.
 //   dbeta = sum(g) and the residual's gradient g do not involve xhat: exact either way.
 // Channels failing either condition (or with NaN or Inf in the sums: gamma = 0 gives
-// 1 / gamma = Inf) recompute xhat with the conv instead: native's numerics. Even an ideal
-// channel (no residual, beta 0) has p = (2 + 3) rho |gamma xhat| against n = 3 |xhat| in
-// float32, so K must exceed 5/3 for recovery ever to apply there; K = 2 keeps the total
-// (native's share plus the added one) within the tests' 4x of native's error
+// 1 / gamma = Inf) recompute xhat with the conv instead: native's numerics. An ideal float32
+// channel (no residual, beta 0) has p = 2 |gamma xhat| against n = 3 |xhat|; in float64
+// (rho_r = 1, rho_c = 0) p = 5 |gamma xhat|, so K must exceed 5/3 there. K = 2 keeps the
+// total (native's share plus the added one) within the tests' 4x of native's error
 // (tests/test_op_recovery.py), with room for the randomness of rounding.
 constexpr double kRecoveryFactor = 2.0;
 
@@ -101,18 +106,20 @@ VGGBENCH_HD T abs_of(T v) {
   return v < T(0) ? -v : v;
 }
 
+// rho_r, rho_c: the roundoff ratios of the recovery arithmetic and of its cast (above); the
+// compute type's, for native's n, is 1 with float arithmetic and rho_r + rho_c in general.
 template <typename T>
-VGGBENCH_HD void recovery_terms(T g, T xhat, T pre, T residual, T centre, T rho,
+VGGBENCH_HD void recovery_terms(T g, T xhat, T pre, T residual, T centre, T rho_r, T rho_c,
                                 T (&terms)[kRecoveryTerms]) {
   const T abs_g = abs_of(g);
-  const T n = abs_of(xhat + centre) + T(2) * rho * abs_of(xhat);
-  const T p = abs_of(pre) * (T(1) + rho) + T(3) * rho * abs_of(pre - residual);
+  const T n = abs_of(xhat + centre) + T(2) * (rho_r + rho_c) * abs_of(xhat);
+  const T p = abs_of(pre) * (T(1) + rho_r) + (T(3) * rho_r + rho_c) * abs_of(pre - residual);
   terms[0] = g, terms[1] = g * xhat, terms[2] = abs_g, terms[3] = abs_g * n;
   terms[4] = abs_g * p, terms[5] = g * g, terms[6] = p * p, terms[7] = n * n;
 }
 
 // Whether recovered xhat keeps every gradient within kRecoveryFactor of native's error
-// (the derivation above), from a channel's summed terms over `count` values.
+// (the derivation above), from a channel's summed terms over `count` values; rho = rho'.
 template <typename T>
 VGGBENCH_HD bool recovery_accurate(const T (&sums)[kRecoveryTerms], T count, T gamma, T beta,
                                    T rho) {

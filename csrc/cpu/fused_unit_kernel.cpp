@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -143,6 +144,7 @@ Tensor channel_tensor(const std::vector<double>& values, int64_t offset, int64_t
 }
 
 std::tuple<Tensor, Tensor> channel_stats(const Tensor& z) {
+  RECORD_FUNCTION("vggbench::cpu::channel_stats", {});  // the pass, in profiles
   const Geometry g = geometry_of(z);
   const int64_t C = g.channels;
   std::vector<double> mean(C, 0.0), var(C, 0.0);  // an empty batch: 0 and 0
@@ -167,6 +169,7 @@ std::tuple<Tensor, Tensor> channel_stats(const Tensor& z) {
 
 void normalize_act(const Tensor& z, const OptTensor& scale, const OptTensor& shift,
                    const OptTensor& residual, double slope, const Tensor& out) {
+  RECORD_FUNCTION("vggbench::cpu::normalize_act", {});  // the pass, in profiles
   const Geometry g = geometry_of(z);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "vggbench_normalize_act", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -188,6 +191,7 @@ void normalize_act(const Tensor& z, const OptTensor& scale, const OptTensor& shi
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
+  RECORD_FUNCTION("vggbench::cpu::backward_reduce", {});  // the pass, in profiles
   const Geometry g = geometry_of(in.out);
   const int64_t C = g.channels;
   constexpr int kTerms = math::kRecoveryTerms;
@@ -224,6 +228,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
 void backward_apply(const BackwardInputs& in, const OptTensor& k, const OptTensor& mean_g,
                     const OptTensor& mean_gx, const Tensor& grad_z,
                     const OptTensor& grad_residual) {
+  RECORD_FUNCTION("vggbench::cpu::backward_apply", {});  // the pass, in profiles
   const Geometry g = geometry_of(in.out);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, in.out.scalar_type(), "vggbench_backward_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
