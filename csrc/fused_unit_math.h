@@ -1,6 +1,9 @@
-// Per-element maths of the fused unit, written once for the C++ and the CUDA kernels
-// (so the CPU tests exercise what the GPU runs). T is the compute type (float/double).
+// Per-element and per-channel maths of the fused unit, written once for the C++ and the
+// CUDA kernels (so the CPU tests exercise what the GPU runs). T is the compute type
+// (float/double).
 #pragma once
+
+#include <math.h>
 
 #if defined(__CUDACC__)
 #define VGGBENCH_HD __host__ __device__ __forceinline__
@@ -49,6 +52,88 @@ VGGBENCH_HD void mean_var(T sum, T sumsq, T shift, T count, T& mean, T& var) {
   mean = shift + m;
   const T v = sumsq / count - m * m;
   var = v < T(0) ? T(0) : v;  // clamps rounding below 0; keeps NaN (as native)
+}
+
+// ---- Recover or recompute: the rule and its error bound --------------------------------
+// Backward needs xhat = (z - mean) r, r = 1 / sqrt(var + eps), per element. Errors below are
+// first order, per element, in units of u (the activation dtype's unit roundoff) and of
+// xhat; rho = u_c / u with u_c the compute type's (1 for float and double, 2^-16 for
+// bfloat16: its products and sums run in float).
+// Native BN reads xhat from its stored conv output z (rounded: u |z|), then subtracts the
+// mean and scales (u_c each), so its xhat carries
+//   n = |xhat + mean r| + 2 rho |xhat|.
+// Recovered from the output, xhat' = (pre' - residual) / gamma - beta / gamma, where pre'
+// comes from y (rounded: u |pre|). The recovery arithmetic runs in a type of roundoff
+// rho_r u (double for float activations, backward_view.h): y / slope on the negative
+// branch, the subtraction, the product with 1 / gamma, its rounding and the shift add
+// rho_r (|pre| + 3 |pre - residual| + |beta|); casting the result to the compute type (float
+// activations: double -> float) adds rho_c |gamma xhat| <= rho_c (|pre - residual| + |beta|).
+// All divided by |gamma|:
+//   e = (p + (rho_r + rho_c) |beta|) / |gamma|,
+//   p = |pre| (1 + rho_r) + (3 rho_r + rho_c) |pre - residual|.
+// (Both share the conv's own rounding and the forward's, which the recovery cannot worsen.)
+// With g = dL/dpre, M values per channel:
+//   dgamma = sum(g xhat): recovery adds at most sum(|g| e); native's error is at most
+//       sum(|g| n). Needing sum(|g| p) + rho' |beta| sum(|g|) <= K |gamma| sum(|g| n), with
+//       rho' = rho_r + rho_c, keeps
+//       the added error within K times native's (bound against bound; both are sums of
+//       independent roundings over the same g, so their typical sizes scale alike).
+//   dz = gamma r (g - sum(g)/M - xhat sum(g xhat)/M) (and dx, dW from it): recovery adds
+//       gamma r [(xhat' - xhat) sum(g xhat)/M + xhat sum(g (xhat' - xhat))/M]. The second
+//       term is gamma r xhat times the dgamma error / M: covered above, against the same
+//       term of native's. The first, r (p + rho' |beta|) |sum(g xhat)| / M per element, has
+//       a root mean square over the channel of at most r (rms(p) + rho' |beta|)
+//       |sum(g xhat)| / M. Native's dz carries u |gamma| r (|g| + n |sum(g xhat)| / M)
+//       (its rounding, and its xhat's error through the same product), of root mean square
+//       at least |gamma| r max(rms(g), rms(n) |sum(g xhat)| / M): needing
+//       (rms(p) + rho' |beta|) |sum(g xhat)| / M <= K |gamma| max(rms(g), rms(n) |sum(g xhat)| / M)
+//       keeps it within K times.
+//   dbeta = sum(g) and the residual's gradient g do not involve xhat: exact either way.
+// Channels failing either condition (or with NaN or Inf in the sums: gamma = 0 gives
+// 1 / gamma = Inf) recompute xhat with the conv instead: native's numerics. An ideal float32
+// channel (no residual, beta 0) has p = 2 |gamma xhat| against n = 3 |xhat|; in float64
+// (rho_r = 1, rho_c = 0) p = 5 |gamma xhat|, so K must exceed 5/3 there. K = 2 keeps the
+// total (native's share plus the added one) within the tests' 4x of native's error
+// (tests/test_op_recovery.py), with room for the randomness of rounding.
+constexpr double kRecoveryFactor = 2.0;
+
+// The per-element terms the rule sums: 0 g, 1 g xhat', 2 |g|, 3 |g| n, 4 |g| p, 5 g^2, 6 p^2,
+// 7 n^2 (terms 0 and 1 are the backward's own sums).
+constexpr int kRecoveryTerms = 8;
+
+template <typename T>
+VGGBENCH_HD T abs_of(T v) {
+  return v < T(0) ? -v : v;
+}
+
+// rho_r, rho_c: the roundoff ratios of the recovery arithmetic and of its cast (above); the
+// compute type's, for native's n, is 1 with float arithmetic and rho_r + rho_c in general.
+template <typename T>
+VGGBENCH_HD void recovery_terms(T g, T xhat, T pre, T residual, T centre, T rho_r, T rho_c,
+                                T (&terms)[kRecoveryTerms]) {
+  const T abs_g = abs_of(g);
+  const T n = abs_of(xhat + centre) + T(2) * (rho_r + rho_c) * abs_of(xhat);
+  const T p = abs_of(pre) * (T(1) + rho_r) + (T(3) * rho_r + rho_c) * abs_of(pre - residual);
+  terms[0] = g, terms[1] = g * xhat, terms[2] = abs_g, terms[3] = abs_g * n;
+  terms[4] = abs_g * p, terms[5] = g * g, terms[6] = p * p, terms[7] = n * n;
+}
+
+// Whether recovered xhat keeps every gradient within kRecoveryFactor of native's error
+// (the derivation above), from a channel's summed terms over `count` values; rho = rho'.
+template <typename T>
+VGGBENCH_HD bool recovery_accurate(const T (&sums)[kRecoveryTerms], T count, T gamma, T beta,
+                                   T rho) {
+  if (count == T(0)) return true;  // nothing to recover
+  const T k = static_cast<T>(kRecoveryFactor) * abs_of(gamma);
+  const T rho_beta = rho * abs_of(beta);
+  const bool dgamma_ok = sums[4] + rho_beta * sums[2] <= k * sums[3];
+  const auto rms = [count](T sum_of_squares) {
+    return static_cast<T>(::sqrt(static_cast<double>(sum_of_squares / count)));
+  };
+  const T mean_gx = abs_of(sums[1]) / count, native_dz = rms(sums[7]) * mean_gx;
+  const bool dz_ok = (rms(sums[6]) + rho_beta) * mean_gx <= k * (rms(sums[5]) < native_dz ? native_dz : rms(sums[5]));
+  const bool finite = abs_of(gamma) * T(0) == T(0);  // false for Inf and NaN
+  return finite && dgamma_ok && dz_ok;  // a NaN anywhere makes a comparison false
 }
 
 }  // namespace vggbench::math

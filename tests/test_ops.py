@@ -214,10 +214,11 @@ def test_opcheck_conv_bn_act_backward(device, label, mask):
     args = get_sample(label, device).op_args()
     out, mean, var = torch.ops.vggbench.conv_bn_act(*args)
     grad_out = torch.randn_like(out)
-    torch.library.opcheck(
-        torch.ops.vggbench.conv_bn_act_backward,
-        (grad_out, out, *args[:5], args[7], mean, var, *args[8:], list(mask)),
-    )
+    for recompute_all in (False, True):
+        torch.library.opcheck(
+            torch.ops.vggbench._conv_bn_act_backward,
+            (grad_out, out, *args[:5], args[7], mean, var, *args[8:], recompute_all, list(mask)),
+        )
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -230,7 +231,7 @@ def test_update_running_stats(device, dtype, momentum):
     running_mean, running_var, batch_mean, batch_var = (torch.rand(5, generator=gen, dtype=dtype).to(device)
                                                         for _ in range(4))
     tracked = torch.tensor(3, device=device)
-    args = (running_mean, running_var, tracked, batch_mean, batch_var, 50, momentum)
+    args = (running_mean, running_var, tracked, batch_mean, batch_var, torch.tensor(50.0, device=device), momentum)
     torch.library.opcheck(torch.ops.vggbench.update_running_stats_, args)
     expected_mean, expected_var = running_mean.clone(), running_var.clone()
     torch.ops.vggbench.update_running_stats_(*args)
@@ -244,33 +245,33 @@ def test_update_running_stats(device, dtype, momentum):
                                    "train-residual-gamma0-gamma1e-9"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_split_ops_compose_to_conv_bn_act(device, label):
-    """The halves synchronised BN runs with cross-rank merges in between (conv_stats -> bn_act;
-    conv_bn_act_backward_sums -> conv_bn_act_backward(reduced_sums=...)) give exactly the
-    fused op's results when the merged statistics and sums are the call's own, and the same
-    input gradient when they come from two identical ranks (sums and count doubled)."""
+    """The halves synchronised BN runs with cross-rank merges in between (_conv_stats -> _bn_act;
+    _conv_bn_act_backward_sums -> _conv_bn_act_backward(local_sums, reduced_sums)) give exactly
+    the fused op's results when the merged statistics and sums are the call's own, and the
+    same gradients when they come from two identical ranks (sums and count doubled)."""
     args = get_sample(label, device).op_args()
     input, weight, bias, bn_weight, bn_bias, _, _, residual, stride, padding, _, eps, slope = args
     out, mean, var = torch.ops.vggbench.conv_bn_act(*args)
     stats_args = (input, weight, bias, stride, padding)
-    z, z_mean, z_var = torch.ops.vggbench.conv_stats(*stats_args)
+    z, z_mean, z_var = torch.ops.vggbench._conv_stats(*stats_args)
     assert torch.equal(z_mean, mean) and torch.equal(z_var, var)
     act_args = (z, mean, var, bn_weight, bn_bias, residual, eps, slope)
-    assert torch.equal(torch.ops.vggbench.bn_act(*act_args), out)
+    assert torch.equal(torch.ops.vggbench._bn_act(*act_args), out)
 
     grad_out = torch.randn_like(out)
     tensors = (grad_out, out, input, weight, bias, bn_weight, bn_bias, residual, mean, var, stride, padding)
-    sums_args = (*tensors, eps, slope)
-    sums = torch.ops.vggbench.conv_bn_act_backward_sums(*sums_args)
+    sums_args = (*tensors, eps, slope, False)
+    sums = torch.ops.vggbench._conv_bn_act_backward_sums(*sums_args)
+    assert sums[-2] == out.numel() // out.shape[1]  # the count
     mask = [True] * 6
-    expected = torch.ops.vggbench.conv_bn_act_backward(*tensors, True, eps, slope, mask)
-    count = out.numel() // out.shape[1]
+    expected = torch.ops.vggbench._conv_bn_act_backward(*tensors, True, eps, slope, False, mask)
     for scale in (1, 2):
-        reduced_args = (*tensors, True, eps, slope, mask, sums * scale, count * scale)
-        for got, want in zip(torch.ops.vggbench.conv_bn_act_backward(*reduced_args), expected):
+        reduced_args = (*tensors, True, eps, slope, False, mask, sums, sums[:-1] * scale)
+        for got, want in zip(torch.ops.vggbench._conv_bn_act_backward(*reduced_args), expected):
             assert torch.equal(got, want)
-    for op, op_args in ((torch.ops.vggbench.conv_stats, stats_args), (torch.ops.vggbench.bn_act, act_args),
-                        (torch.ops.vggbench.conv_bn_act_backward_sums, sums_args),
-                        (torch.ops.vggbench.conv_bn_act_backward, reduced_args)):
+    for op, op_args in ((torch.ops.vggbench._conv_stats, stats_args), (torch.ops.vggbench._bn_act, act_args),
+                        (torch.ops.vggbench._conv_bn_act_backward_sums, sums_args),
+                        (torch.ops.vggbench._conv_bn_act_backward, reduced_args)):
         torch.library.opcheck(op, op_args)
 
 
@@ -348,7 +349,7 @@ def assert_matches_native(sample: Sample, ref: Sample, seed: int = 0) -> None:
     out = ops.conv_bn_act(**sample.kwargs())
     expected = reference(**ref.kwargs())
     assert out.dtype == dtype and out.shape == expected.shape
-    assert out.is_contiguous(memory_format=ops.memory_format_of(sample.input))
+    assert out.is_contiguous(memory_format=ops.memory_format_of(sample.input, sample.weight))
     assert_close_scaled(out, expected, tol, "output")
 
     gen = torch.Generator().manual_seed(seed)
@@ -493,14 +494,14 @@ BAD_INPUTS = {  # label: (change to a valid call's arguments, exception, distinc
     "running-mean-length-eval": (lambda a: {"running_mean": a["running_mean"][:3], "training": False},
                                  RuntimeError, r"running_mean must have shape \(4,\)"),
     "running-mean-length-train": (lambda a: {"running_mean": a["running_mean"][:3]}, RuntimeError,
-                                  r"running statistics of shape \[3\] do not match batch statistics of shape \[4\]"),
+                                  r"running statistics of shape \[3\] and \[4\] do not match batch statistics of "
+                                  r"shape \[4\]"),
     "tracked-missing": (lambda a: {"num_batches_tracked": None}, ValueError,
                         "needs running_var and num_batches_tracked too"),
     "residual-shape": (lambda a: {"residual": a["residual"][:, :, 1:]}, RuntimeError,
                        r"residual must have the conv output's shape \[2, 4, 6, 6\], got \[2, 4, 5, 6\]"),
     "residual-dtype": (lambda a: {"residual": a["residual"].double()}, RuntimeError,
                        "residual has dtype Double but input has dtype Float"),
-    "empty-batch": (lambda a: {"input": a["input"][:0], "residual": a["residual"][:0]}, RuntimeError, "empty batch"),
     "smaller-than-kernel": (lambda a: {"input": a["input"][..., :2, :2], "padding": 0, "residual": None},
                             RuntimeError, "input of spatial size 2x2 with padding 0 is smaller than the 3x3 kernel"),
     "negative-slope": (lambda a: {"negative_slope": -0.1}, RuntimeError, "negative_slope must be finite and >= 0"),

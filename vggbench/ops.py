@@ -12,13 +12,21 @@ The kernels live in csrc/ (schemas defined once in C++, a CPU and a CUDA backend
 module adds the parts PyTorch wants in Python: fake (meta) implementations so
 torch.compile and torch.export can trace the ops, and the autograd formula.
 
-Ops (torch.ops.vggbench):
-  conv_bn_act           functional forward -> (out, mean, var)
-  conv_bn_act_backward  its gradients
-  update_running_stats_ BatchNorm2d's running-statistics update (mutates its inputs)
-  conv_stats, bn_act, conv_bn_act_backward_sums
-                        training-mode BN split where ranks merge statistics and sums
-                        (synchronised BN: vggbench.models.sync_fused)
+Ops (torch.ops.vggbench; csrc/ops.cpp holds their schemas):
+  conv_bn_act            functional forward -> (out, mean, var)
+  update_running_stats_  BatchNorm2d's running-statistics update (mutates its inputs)
+  _conv_bn_act_backward  its gradients (internal)
+  _conv_stats, _bn_act, _conv_bn_act_backward_sums
+                         training-mode BN split where ranks merge statistics and sums
+                         (internal; synchronised BN: vggbench.models.sync_fused)
+
+Backward policy (RECOMPUTE): training-mode BN backward needs the normalised conv output
+xhat. "rule" recovers it from the output for every channel where the recovery rule of
+csrc/fused_unit_math.h proves every gradient stays within its factor of native's error,
+and recomputes it with the conv otherwise (reading one host bit per unit: free on the CPU,
+a small blocking copy on CUDA). "all" always recomputes it (no host read at all: safe
+under CUDA graph capture; native's numerics, one more conv per unit). "auto" (default):
+"rule" on the CPU, "all" on CUDA.
 """
 
 from __future__ import annotations
@@ -35,13 +43,33 @@ except ImportError as err:  # pragma: no cover - depends on the install
         f"(import error: {err})"
     ) from err
 
-# The differentiable inputs, in the order conv_bn_act_backward returns their gradients.
+_SCHEMA = torch.ops.vggbench.conv_bn_act.default._schema
+_ARGUMENTS = [argument.name for argument in _SCHEMA.arguments]
+
+# The differentiable inputs, in the order _conv_bn_act_backward returns their gradients.
 GRAD_INPUTS = ("input", "weight", "bias", "bn_weight", "bn_bias", "residual")
+# conv_bn_act's options after its tensors, as _conv_bn_act_backward takes them.
+_OPTIONS = ("stride", "padding", "use_batch_stats", "eps", "negative_slope")
+
+RECOMPUTE_POLICIES = ("auto", "rule", "all")
+RECOMPUTE = "auto"  # the backward policy (module doc); set vggbench.ops.RECOMPUTE to change it
 
 
-def memory_format_of(t: Tensor) -> torch.memory_format:
-    """The layout the op computes in (csrc/fused_unit.cpp uses the same rule)."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+def recompute_all(device: torch.device) -> bool:
+    """Whether the backward recomputes xhat for every channel (RECOMPUTE on this device)."""
+    if RECOMPUTE not in RECOMPUTE_POLICIES:
+        raise ValueError(f"vggbench.ops.RECOMPUTE must be one of {RECOMPUTE_POLICIES}, got {RECOMPUTE!r}")
+    return RECOMPUTE == "all" or (RECOMPUTE == "auto" and device.type != "cpu")
+
+
+def _channels_last(t: Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def memory_format_of(input: Tensor, weight: Tensor | None = None) -> torch.memory_format:
+    """The layout the op computes in: channels_last when the input or the conv weight is
+    (native conv's rule), else contiguous (csrc/fused_unit.cpp uses the same rule)."""
+    if _channels_last(input) or (weight is not None and _channels_last(weight)):
         return torch.channels_last
     return torch.contiguous_format
 
@@ -59,6 +87,12 @@ def autocast_operands(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+def output_dtype(out: Tensor, residual: Tensor | None) -> torch.dtype:
+    """Native's output dtype: BN's output plus a residual promotes (under autocast a float32
+    residual makes the sum float32)."""
+    return out.dtype if residual is None else torch.promote_types(out.dtype, residual.dtype)
 
 
 def conv_bn_act(
@@ -95,8 +129,12 @@ def conv_bn_act(
         negative_slope: LeakyReLU slope, >= 0 (0 is ReLU, 1 is the identity).
 
     Under torch.autocast the conv operands are cast to the autocast dtype; BN parameters,
-    buffers and statistics stay float32.
+    buffers and statistics stay float32. The output has native's dtype: the autocast dtype,
+    or float32 with a float32 residual (the fused sum is rounded to the autocast dtype first,
+    so that output carries the autocast dtype's precision, not float32's).
+    The output is channels_last when the input or the weight is (as native conv's).
     """
+    dtype = output_dtype(autocast_operands(input)[0], residual)
     input, weight, bias, residual = autocast_operands(input, weight, bias, residual)
     use_batch_stats = bn_weight is not None and (training or running_mean is None)
     out, mean, var = torch.ops.vggbench.conv_bn_act(
@@ -107,88 +145,119 @@ def conv_bn_act(
     if use_batch_stats and training and running_mean is not None:
         if running_var is None or num_batches_tracked is None:
             raise ValueError("updating running statistics needs running_var and num_batches_tracked too")
-        torch.ops.vggbench.update_running_stats_(
-            running_mean, running_var, num_batches_tracked, mean, var, out.numel() // out.shape[1], momentum
-        )
-    return out
+        count = mean.new_full((), out.numel() // out.shape[1])  # a fill: no host-to-device copy
+        torch.ops.vggbench.update_running_stats_(running_mean, running_var, num_batches_tracked, mean, var,
+                                                 count, momentum)
+    return out.to(dtype)
 
 
 # --- fake implementations: output metadata only, for torch.compile / torch.export -----------
+# They also run for real when a tensor is on the meta device (the Meta dispatch key wins over
+# CPU and CUDA): so they check devices as the C++ kernels do, instead of returning garbage.
+def _check_devices(op: str, like: Tensor, **tensors: Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != like.device:
+            raise RuntimeError(f"vggbench.{op}: {name} is on {t.device} but input is on {like.device}; "
+                               "move both to the same device")
+
+
+def _conv_output(input: Tensor, weight: Tensor, stride: int, padding: int) -> Tensor:
+    n, _, height, width = input.shape
+    channels, _, kh, kw = weight.shape
+    shape = (n, channels, (height + 2 * padding - kh) // stride + 1, (width + 2 * padding - kw) // stride + 1)
+    return torch.empty(shape, dtype=input.dtype, device=input.device,
+                       memory_format=memory_format_of(input, weight))
+
+
 @torch.library.register_fake("vggbench::conv_bn_act")
 def _conv_bn_act_fake(
     input, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
     stride, padding, use_batch_stats, eps, negative_slope,
 ):
-    n, _, height, width = input.shape
-    channels, _, kh, kw = weight.shape
-    shape = (n, channels, (height + 2 * padding - kh) // stride + 1, (width + 2 * padding - kw) // stride + 1)
-    out = torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=memory_format_of(input))
-    stats = (channels if bn_weight is not None else 0,)
+    _check_devices("conv_bn_act", input, weight=weight, bias=bias, bn_weight=bn_weight, bn_bias=bn_bias,
+                   running_mean=running_mean, running_var=running_var, residual=residual)
+    out = _conv_output(input, weight, stride, padding)
+    stats = (weight.shape[0] if bn_weight is not None else 0,)
     dtype = stats_dtype(input.dtype)
     return out, input.new_empty(stats, dtype=dtype), input.new_empty(stats, dtype=dtype)
 
 
-@torch.library.register_fake("vggbench::conv_bn_act_backward")
+@torch.library.register_fake("vggbench::_conv_bn_act_backward")
 def _conv_bn_act_backward_fake(
     grad_out, out, input, weight, bias, bn_weight, bn_bias, residual, mean, var,
-    stride, padding, use_batch_stats, eps, negative_slope, output_mask, reduced_sums=None, reduced_count=0,
+    stride, padding, use_batch_stats, eps, negative_slope, recompute_all, output_mask,
+    local_sums=None, reduced_sums=None,
 ):
+    _check_devices("_conv_bn_act_backward", input, grad_out=grad_out, out=out, weight=weight, bias=bias,
+                   bn_weight=bn_weight, bn_bias=bn_bias, residual=residual, mean=mean, var=var,
+                   local_sums=local_sums, reduced_sums=reduced_sums)
+    fmt = memory_format_of(input, weight)
+
     def grad(wanted: bool, like: Tensor | None) -> Tensor:
         if like is None:
             return input.new_empty((0,))
         if not wanted:
             return like.new_empty((0,))
-        return torch.empty_like(like, memory_format=memory_format_of(like))
+        return torch.empty_like(like, memory_format=fmt if like.dim() == 4 else torch.contiguous_format)
 
     params = (input, weight, bias, bn_weight, bn_bias, residual)
     return tuple(grad(wanted, like) for wanted, like in zip(output_mask, params))
 
 
-@torch.library.register_fake("vggbench::conv_stats")
+@torch.library.register_fake("vggbench::_conv_stats")
 def _conv_stats_fake(input, weight, bias, stride, padding):
-    z, mean, var = _conv_bn_act_fake(input, weight, bias, weight, None, None, None, None, stride, padding, True, 0.0, 0.0)
-    return z, mean, var
+    _check_devices("_conv_stats", input, weight=weight, bias=bias)
+    dtype = stats_dtype(input.dtype)
+    channels = (weight.shape[0],)
+    return (_conv_output(input, weight, stride, padding), input.new_empty(channels, dtype=dtype),
+            input.new_empty(channels, dtype=dtype))
 
 
-@torch.library.register_fake("vggbench::bn_act")
+@torch.library.register_fake("vggbench::_bn_act")
 def _bn_act_fake(z, mean, var, bn_weight, bn_bias, residual, eps, negative_slope):
+    _check_devices("_bn_act", z, mean=mean, var=var, bn_weight=bn_weight, bn_bias=bn_bias, residual=residual)
     return torch.empty_like(z, memory_format=memory_format_of(z))
 
 
-@torch.library.register_fake("vggbench::conv_bn_act_backward_sums")
+@torch.library.register_fake("vggbench::_conv_bn_act_backward_sums")
 def _conv_bn_act_backward_sums_fake(grad_out, out, input, weight, bias, bn_weight, bn_bias, residual, mean, var,
-                                    stride, padding, eps, negative_slope):
-    return mean.new_empty((2 * weight.shape[0],))
+                                    stride, padding, eps, negative_slope, recompute_all):
+    _check_devices("_conv_bn_act_backward_sums", input, grad_out=grad_out, out=out, weight=weight, bias=bias,
+                   bn_weight=bn_weight, bn_bias=bn_bias, residual=residual, mean=mean, var=var)
+    return mean.new_empty((2 * weight.shape[0] + 2,))
 
 
 @torch.library.register_fake("vggbench::update_running_stats_")
-def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, batch_mean, batch_var, count, momentum):
-    return None
+def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, batch_mean, batch_var, count,
+                               momentum):
+    _check_devices("update_running_stats_", batch_mean, running_mean=running_mean, running_var=running_var,
+                   num_batches_tracked=num_batches_tracked, batch_var=batch_var, count=count)
 
 
 # --- autograd ------------------------------------------------------------------------
-# Positions of the differentiable inputs in the conv_bn_act schema.
-_GRAD_POSITIONS = (0, 1, 2, 3, 4, 7)
-_NUM_INPUTS = 13
+# Positions in conv_bn_act's schema of the differentiable inputs and the options.
+_GRAD_POSITIONS = tuple(_ARGUMENTS.index(name) for name in GRAD_INPUTS)
+_OPTION_POSITIONS = tuple(_ARGUMENTS.index(name) for name in _OPTIONS)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    input, weight, bias, bn_weight, bn_bias, _, _, residual = inputs[:8]
+    input, weight, bias, bn_weight, bn_bias, residual = (inputs[i] for i in _GRAD_POSITIONS)
     out, mean, var = output
     ctx.mark_non_differentiable(mean, var)
     # The output and the input: nothing else activation-sized (residual is another
     # layer's input or output, saved there anyway).
     ctx.save_for_backward(out, input, weight, bias, bn_weight, bn_bias, residual, mean, var)
-    ctx.options = tuple(inputs[8:])  # stride, padding, use_batch_stats, eps, negative_slope
+    ctx.options = tuple(inputs[i] for i in _OPTION_POSITIONS)
 
 
 def _backward(ctx, grad_out, _grad_mean, _grad_var):
     out, input, weight, bias, bn_weight, bn_bias, residual, mean, var = ctx.saved_tensors
     mask = [ctx.needs_input_grad[i] for i in _GRAD_POSITIONS]
-    grads = torch.ops.vggbench.conv_bn_act_backward(
-        grad_out, out, input, weight, bias, bn_weight, bn_bias, residual, mean, var, *ctx.options, mask
+    grads = torch.ops.vggbench._conv_bn_act_backward(
+        grad_out, out, input, weight, bias, bn_weight, bn_bias, residual, mean, var, *ctx.options,
+        recompute_all(out.device), mask,
     )
-    result: list[Tensor | None] = [None] * _NUM_INPUTS
+    result: list[Tensor | None] = [None] * len(_ARGUMENTS)
     for position, wanted, grad in zip(_GRAD_POSITIONS, mask, grads):
         result[position] = grad if wanted else None
     return tuple(result)

@@ -4,8 +4,9 @@
 //
 // Reductions run over fixed blocks of rows, combined in block order, so results do not
 // depend on the number of threads. Within a block, values are summed in the compute type
-// (float for float/bfloat16) over spans of at most kSpan values per channel, and the spans
-// in double: vectorisable loops, and float rounding over at most kSpan terms.
+// (float for float/bfloat16) over spans of a few values per channel, and the spans in
+// double: vectorisable loops, and float rounding over at most kSpan / kLanes = kRows terms
+// in a row (NCHW: kLanes partial sums over kSpan values; NHWC: kRows rows).
 // Per-element options (residual, recovery of xhat, ...) are template parameters, so every
 // inner loop is branch-free and the compiler vectorises it.
 #include "../backward_view.h"
@@ -16,6 +17,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -29,6 +31,7 @@ namespace {
 constexpr int64_t kBlockElements = 1 << 15;  // elements per reduction block (~L2-sized)
 constexpr int64_t kSpan = 256;               // values per channel summed before widening
 constexpr int kLanes = 8;                    // independent partial sums along a contiguous run
+constexpr int64_t kRows = kSpan / kLanes;    // NHWC rows summed per channel before widening
 
 // fn(flags...) with each runtime bool turned into std::true_type / std::false_type, so
 // per-element options become compile-time constants (`if constexpr`).
@@ -62,9 +65,9 @@ std::vector<double> reduce_channels(const Geometry& g, Value value) {
       double* out = partial.data() + b * W * C;
       const int64_t first = b * rows, last = std::min(g.outer, first + rows);
       if (g.inner == 1) {  // NHWC: channels contiguous, accumulate across rows
-        for (int64_t o = first; o < last; o += kSpan) {
+        for (int64_t o = first; o < last; o += kRows) {
           std::fill(acc.begin(), acc.end(), acc_t(0));
-          for (int64_t r = o; r < std::min(last, o + kSpan); ++r) {
+          for (int64_t r = o; r < std::min(last, o + kRows); ++r) {
 #pragma GCC ivdep
             for (int64_t c = 0; c < C; ++c) {
               const std::array<acc_t, W> v = value_of(r * C + c, c);
@@ -101,8 +104,8 @@ std::vector<double> reduce_channels(const Geometry& g, Value value) {
       }
     }
   });
-  std::vector<double> total(partial.begin(), partial.begin() + W * C);
-  for (int64_t b = 1; b < blocks; ++b) {
+  std::vector<double> total(W * C, 0.0);  // an empty batch: sums 0 (and maxima 0)
+  for (int64_t b = 0; b < blocks; ++b) {
     for (int64_t j = 0; j < W * C; ++j) total[j] = combine(j / C, total[j], partial[b * W * C + j]);
   }
   return total;
@@ -141,10 +144,11 @@ Tensor channel_tensor(const std::vector<double>& values, int64_t offset, int64_t
 }
 
 std::tuple<Tensor, Tensor> channel_stats(const Tensor& z) {
+  RECORD_FUNCTION("vggbench::cpu::channel_stats", {});  // the pass, in profiles
   const Geometry g = geometry_of(z);
   const int64_t C = g.channels;
-  std::vector<double> mean(C), var(C);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "vggbench_channel_stats", [&] {
+  std::vector<double> mean(C, 0.0), var(C, 0.0);  // an empty batch: 0 and 0
+  if (g.count() > 0) AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "vggbench_channel_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* data = z.const_data_ptr<scalar_t>();
     // sums of z - shift, shift = one sample of the channel: no cancellation when |mean| >> std
@@ -165,6 +169,7 @@ std::tuple<Tensor, Tensor> channel_stats(const Tensor& z) {
 
 void normalize_act(const Tensor& z, const OptTensor& scale, const OptTensor& shift,
                    const OptTensor& residual, double slope, const Tensor& out) {
+  RECORD_FUNCTION("vggbench::cpu::normalize_act", {});  // the pass, in profiles
   const Geometry g = geometry_of(z);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "vggbench_normalize_act", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -186,31 +191,44 @@ void normalize_act(const Tensor& z, const OptTensor& scale, const OptTensor& shi
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
+  RECORD_FUNCTION("vggbench::cpu::backward_reduce", {});  // the pass, in profiles
   const Geometry g = geometry_of(in.out);
   const int64_t C = g.channels;
-  std::vector<double> sums;
+  constexpr int kTerms = math::kRecoveryTerms;
+  std::vector<double> sums, flags(C, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, in.out.scalar_type(), "vggbench_backward_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    with_flags([&](auto has_res, auto recovering) {
-      const BackwardView<scalar_t> e(in);
-      // per channel: sum(g), sum(g * xhat), max |pre| (only when recovering)
-      sums = reduce_channels<acc_t, 3, 2>(g, [=](int64_t i, int64_t c) {
+    const BackwardView<scalar_t> e(in);
+    if (in.xhat) {  // sum(g), sum(g * xhat)
+      sums = reduce_channels<acc_t, 2, 2>(g, [=](int64_t i, int64_t c) {
         const acc_t gi = e.g(i);
-        if constexpr (recovering) {
-          return std::array<acc_t, 3>{gi, gi * e.template recovered_xhat<has_res>(i, c), std::abs(e.pre(i))};
-        } else {
-          return std::array<acc_t, 3>{gi, gi * static_cast<acc_t>(e.xhat[i]), acc_t(0)};
-        }
+        return std::array<acc_t, 2>{gi, gi * static_cast<acc_t>(e.xhat[i])};
       });
-    }, in.residual.has_value(), !in.xhat.has_value());
+      return;
+    }
+    with_flags([&](auto has_res) {  // the recovery rule's terms, sum(g) and sum(g * xhat) first
+      sums = reduce_channels<acc_t, kTerms, kTerms>(g, [=](int64_t i, int64_t c) {
+        acc_t t[kTerms];
+        e.template recovery_terms<has_res>(i, c, t);
+        std::array<acc_t, kTerms> v;
+        for (int w = 0; w < kTerms; ++w) v[w] = t[w];
+        return v;
+      });
+    }, in.residual.has_value());
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t channel[kTerms];
+      for (int w = 0; w < kTerms; ++w) channel[w] = static_cast<acc_t>(sums[w * C + c]);
+      flags[c] = e.recompute_flag(channel, static_cast<acc_t>(g.count()), c);
+    }
   });
   return {channel_tensor(sums, 0, C, in.out), channel_tensor(sums, C, C, in.out),
-          channel_tensor(sums, 2 * C, C, in.out)};
+          channel_tensor(flags, 0, C, in.out)};
 }
 
 void backward_apply(const BackwardInputs& in, const OptTensor& k, const OptTensor& mean_g,
                     const OptTensor& mean_gx, const Tensor& grad_z,
                     const OptTensor& grad_residual) {
+  RECORD_FUNCTION("vggbench::cpu::backward_apply", {});  // the pass, in profiles
   const Geometry g = geometry_of(in.out);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, in.out.scalar_type(), "vggbench_backward_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -345,7 +345,7 @@ bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, int64_t str
          weight.scalar_type() == at::kFloat && x.dim() == 4 && weight.dim() == 4 &&
          weight.size(2) == 3 && weight.size(3) == 3 && stride == 1 && padding == 1 &&
          x.size(1) % 8 == 0 && weight.size(0) % 8 == 0 &&
-         x.is_contiguous(at::MemoryFormat::ChannelsLast);
+         x.is_contiguous(at::MemoryFormat::ChannelsLast) && x.numel() > 0;
 }
 
 #if VGGBENCH_WINOGRAD

@@ -12,6 +12,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -41,11 +42,6 @@ unsigned elementwise_blocks(int64_t numel) {
 
 unsigned channel_blocks(int64_t channels) {
   return static_cast<unsigned>(ceil_div(channels, kThreads));
-}
-
-template <typename T>
-__device__ __forceinline__ T max_of(T a, T b) {  // std::max's rule: NaN in b is dropped
-  return a < b ? b : a;
 }
 
 // ---- Reductions: block (c, p) -> partials[w][c][p] -> one thread per channel ---------
@@ -147,8 +143,8 @@ std::tuple<Tensor, Tensor> channel_stats(const Tensor& z) {
   const c10::cuda::CUDAGuard guard(z.device());
   const Geometry g = geometry_of(z);
   const auto options = z.options().dtype(stats_dtype(z.scalar_type()));
+  if (z.numel() == 0) return {at::zeros({g.channels}, options), at::zeros({g.channels}, options)};
   Tensor mean = at::empty({g.channels}, options), var = at::empty({g.channels}, options);
-  if (z.numel() == 0) return {mean, var};
   const Split s = split_of(g);
   const Tensor partials = at::empty({2, g.channels, s.parts}, options);
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -166,60 +162,65 @@ std::tuple<Tensor, Tensor> channel_stats(const Tensor& z) {
   return {mean, var};
 }
 
-// Components 0 and 1 (sum g, sum g * xhat) add; component 2 (max |pre|) takes the max.
-struct BackwardCombine {
-  template <typename T>
-  __device__ T operator()(int w, T a, T b) const { return w < 2 ? a + b : max_of(a, b); }
-};
+// The recovery rule's terms (fused_unit_math.h) when xhat is recovered; with xhat given,
+// only terms 0 and 1 (sum g, sum g * xhat) are computed and the rest stay 0.
+constexpr int kTerms = math::kRecoveryTerms;
 
 template <typename scalar_t, typename acc_t>
 __global__ void backward_partials(BackwardView<scalar_t> v, Split s, acc_t* partials) {
   const int64_t c = blockIdx.x;
-  const bool recovering = !v.xhat;
-  acc_t t[3] = {acc_t(0), acc_t(0), acc_t(0)};
+  acc_t t[kTerms] = {};
   for_each_in_slice(s, c, blockIdx.y, [&](int64_t i) {
-    const acc_t gi = v.g(i);
-    t[0] += gi, t[1] += gi * v.x_hat(i, c);
-    if (recovering) {
-      const acc_t p = v.pre(i);
-      t[2] = max_of(t[2], p < acc_t(0) ? -p : p);
+    acc_t e[kTerms] = {};
+    if (v.xhat) {
+      e[0] = v.g(i), e[1] = e[0] * static_cast<acc_t>(v.xhat[i]);
+    } else if (v.res) {
+      v.template recovery_terms<true>(i, c, e);
+    } else {
+      v.template recovery_terms<false>(i, c, e);
     }
+    for (int w = 0; w < kTerms; ++w) t[w] += e[w];
   });
-  store_block_partials(t, BackwardCombine(), s, partials);
+  store_block_partials(t, Sum(), s, partials);
 }
 
-template <typename acc_t>
-__global__ void backward_finish(const acc_t* partials, Split s, acc_t* sum_g, acc_t* sum_gx,
-                                acc_t* max_abs_pre) {
+// One thread per channel: its sums, and the rule's verdict (0 when xhat is given).
+template <typename scalar_t, typename acc_t>
+__global__ void backward_finish(BackwardView<scalar_t> v, const acc_t* partials, Split s,
+                                acc_t* sum_g, acc_t* sum_gx, acc_t* recompute) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= s.channels) return;
-  acc_t total[3];
-  combine_parts(partials, s, c, BackwardCombine(), total);
-  sum_g[c] = total[0], sum_gx[c] = total[1], max_abs_pre[c] = total[2];
+  acc_t total[kTerms];
+  combine_parts(partials, s, c, Sum(), total);
+  sum_g[c] = total[0], sum_gx[c] = total[1];
+  recompute[c] = v.xhat ? acc_t(0) : v.recompute_flag(total, static_cast<acc_t>(s.count), c);
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
   const c10::cuda::CUDAGuard guard(in.out.device());
   const Geometry g = geometry_of(in.out);
   const auto options = in.out.options().dtype(stats_dtype(in.out.scalar_type()));
+  if (in.out.numel() == 0) {
+    return {at::zeros({g.channels}, options), at::zeros({g.channels}, options),
+            at::zeros({g.channels}, options)};
+  }
   Tensor sum_g = at::empty({g.channels}, options), sum_gx = at::empty({g.channels}, options),
-         max_abs_pre = at::empty({g.channels}, options);
-  if (in.out.numel() == 0) return {sum_g, sum_gx, max_abs_pre};
+         recompute = at::empty({g.channels}, options);
   const Split s = split_of(g);
-  const Tensor partials = at::empty({3, g.channels, s.parts}, options);
+  const Tensor partials = at::empty({kTerms, g.channels, s.parts}, options);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   VGGBENCH_DISPATCH(in.out.scalar_type(), "vggbench_backward_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const BackwardView<scalar_t> view(in);
     const dim3 grid(static_cast<unsigned>(g.channels), s.parts);
-    backward_partials<<<grid, kThreads, 0, stream>>>(BackwardView<scalar_t>(in), s,
-                                                     partials.mutable_data_ptr<acc_t>());
+    backward_partials<<<grid, kThreads, 0, stream>>>(view, s, partials.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     backward_finish<<<channel_blocks(g.channels), kThreads, 0, stream>>>(
-        partials.const_data_ptr<acc_t>(), s, sum_g.mutable_data_ptr<acc_t>(),
-        sum_gx.mutable_data_ptr<acc_t>(), max_abs_pre.mutable_data_ptr<acc_t>());
+        view, partials.const_data_ptr<acc_t>(), s, sum_g.mutable_data_ptr<acc_t>(),
+        sum_gx.mutable_data_ptr<acc_t>(), recompute.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {sum_g, sum_gx, max_abs_pre};
+  return {sum_g, sum_gx, recompute};
 }
 
 // ---- Elementwise passes ----------------------------------------------------------------

@@ -15,7 +15,9 @@ backward: with xhat = (x - mean) / sqrt(var + eps) and dy this rank's upstream g
 Otherwise (evaluation, a single process) it is exactly BatchNorm2d.
 
 Statistics and the arithmetic are float32 (the merge float64) whatever the input dtype,
-as for BatchNorm2d under autocast.
+as for BatchNorm2d under autocast. Nothing is read back to the host: counts stay tensors,
+so a global batch of one value per channel is not refused as native SyncBatchNorm does
+(its running variance becomes NaN).
 """
 
 from __future__ import annotations
@@ -33,22 +35,21 @@ def _channel(t: torch.Tensor) -> torch.Tensor:
 
 
 def merge_batch_stats(mean: torch.Tensor, var: torch.Tensor, count: int,
-                      group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+                      group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The per-channel mean and biased variance of the union of every rank's batch.
 
     `mean`, `var`: this rank's (biased) statistics over `count` values per channel (counts
-    may differ per rank). One all_gather, merged with Chan's formula in float64; returns
-    the merged statistics in float64 and the total count.
+    may differ per rank; a rank with an empty batch passes count 0). One all_gather, merged
+    with Chan's formula in float64; returns the merged statistics in float64 and the total
+    count as a 0-d float64 tensor: nothing is read back to the host (no device stall).
     """
-    local = torch.cat([mean, var * count, mean.new_tensor([count])]).double()
+    local = torch.cat([mean, var * count, mean.new_full((1,), count)]).double()  # a fill, not a copy
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, local, group=group)
     gathered = torch.stack(gathered)
     channels = mean.shape[0]
     means, m2s, counts = gathered[:, :channels], gathered[:, channels:-1], gathered[:, -1:]
-    total = int(counts.sum().item())
-    if total <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got {total} over all ranks")
+    total = counts.sum()
     merged = (counts * means).sum(0) / total
     m2 = m2s.sum(0) + (counts * (means - merged) ** 2).sum(0)
     return merged, m2 / total, total
@@ -66,14 +67,14 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         else:  # an empty batch on this rank contributes nothing
             var = mean = xf.new_zeros(xf.shape[1])
         mean, var, total = merge_batch_stats(mean, var, count, group)
-        with torch.no_grad():
+        with torch.no_grad():  # momentum: a float, or a 0-d tensor of the buffers' dtype
             running_mean.lerp_(mean.to(running_mean.dtype), momentum)
             running_var.lerp_((var * (total / (total - 1))).to(running_var.dtype), momentum)
         mean, invstd = mean.float(), torch.rsqrt(var + eps).float()
         scale = weight.float() * invstd
         out = xf * _channel(scale) + _channel(bias.float() - mean * scale)
         ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.total, ctx.group = float(total), group
+        ctx.total, ctx.group = total.float(), group
         return out.to(x.dtype)
 
     @staticmethod
@@ -116,7 +117,10 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         self._check_input_dim(x)
         self.num_batches_tracked.add_(1)
         # BatchNorm2d's rule: momentum None means a cumulative average over the batches seen
-        factor = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
+        # (computed on the device: no host read)
+        factor = self.momentum
+        if factor is None:
+            factor = (1.0 / self.num_batches_tracked).to(self.running_mean.dtype)
         return _SyncBatchNormFunction.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
                                             self.eps, factor, self.process_group)
 

@@ -1,0 +1,95 @@
+"""No host reads in a training step of the fused op (torch.profiler on the CPU), plain and
+synchronised on 2 gloo ranks, and how many ops each unit dispatches."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from tests.test_ops import make_sample
+from vggbench import launch, ops
+from vggbench.models import build_model, convert_sync_batchnorm
+
+HOST_READS = ("aten::_local_scalar_dense", "aten::item", "aten::nonzero")
+RECOMPUTE = "vggbench::recompute_xhat"  # the record_function of the backward's recompute
+
+
+def event_counts(step) -> collections.Counter:
+    """Names of the ops `step()` dispatches, counted (torch.profiler on the CPU)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return collections.Counter(event.name for event in prof.events())
+
+
+def host_reads(counts: collections.Counter) -> dict[str, int]:
+    return {name: counts[name] for name in HOST_READS if counts[name]}
+
+
+def unit_step(sample) -> None:
+    out = ops.conv_bn_act(**sample.kwargs())
+    out.backward(torch.ones_like(out))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("case", ["recovered", "recomputed"])
+@pytest.mark.parametrize("policy", ["rule", "all"])
+def test_fused_unit_step_reads_nothing_on_the_host(momentum, case, policy, monkeypatch):
+    """Forward, running-statistics update (momentum None: a cumulative average) and
+    backward, with xhat recovered (BN weights ~1, no shift, no residual) or recomputed
+    (the issue's small BN weights, a residual), under either policy."""
+    monkeypatch.setattr(ops, "RECOMPUTE", policy)
+    recovered = case == "recovered"
+    sample = make_sample("profile", "cpu", torch.float32, True, n=4, c=8, k=4, size=8, residual=not recovered,
+                         bias=True, momentum=momentum, layout="channels_last",
+                         gamma=[1.0, -1.0, 0.8, 1.2] if recovered else [1e-3, -1e-4, 1.0, 0.7])
+    if recovered:
+        sample.bn_bias = torch.zeros_like(sample.bn_bias).requires_grad_()
+    counts = event_counts(lambda: unit_step(sample))
+    assert counts["vggbench::conv_bn_act"] == 1 and counts["vggbench::_conv_bn_act_backward"] == 1
+    assert host_reads(counts) == {}
+    assert counts[RECOMPUTE] == (0 if recovered and policy == "rule" else 1)
+
+
+def vgg38_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
+    F.cross_entropy(model(images), labels).backward()
+
+
+def vgg38_batch(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
+    return images, torch.randint(0, 100, (n,), generator=gen)
+
+
+def test_vgg38_bn_rc_step_reads_nothing_on_the_host():
+    torch.manual_seed(0)
+    model = build_model("vgg38", "bn_rc", filters=8, impl="fused").to(memory_format=torch.channels_last)
+    counts = event_counts(lambda: vgg38_step(model, *vgg38_batch(4)))
+    assert counts["vggbench::conv_bn_act"] >= 37
+    assert host_reads(counts) == {}
+
+
+def sync_rank(rank: int, port: int, out: str) -> None:
+    """Rank `rank` of 2: one VGG38 BN+RC training step with --sync-bn under the profiler."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = convert_sync_batchnorm(build_model("vgg38", "bn_rc", filters=8, impl="fused"))
+    counts = event_counts(lambda: vgg38_step(model, *vgg38_batch(2, seed=rank)))
+    torch.save(dict(counts), f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_vgg38_bn_rc_sync_bn_step_reads_nothing_on_the_host(tmp_path):
+    mp.spawn(sync_rank, args=(launch.free_port(), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        counts = collections.Counter(torch.load(tmp_path / f"rank{rank}.pt"))
+        assert counts["vggbench::_conv_stats"] >= 30, "the synchronised path ran"
+        # one reduction per unit: the sums op, then the backward with the sums (no second one)
+        assert counts["vggbench::_conv_bn_act_backward_sums"] == counts["vggbench::_conv_stats"]
+        assert host_reads(counts) == {}, f"rank {rank}"
