@@ -1,5 +1,5 @@
 """Model-level benchmarks: a training step of VGG08, VGG38 BN and VGG38 BN+RC, native vs fused,
-and VGG38 BN+RC with gradient-flow recording (vggbench/bench/models.py).
+and VGG38 BN+RC with gradient-flow recording (vggbench/bench/model_cases.py).
 
 Group `step-<model>-N<n>-H<size>`; extra_info records the case and the bytes autograd keeps
 for backward after a training forward, and the speedup over native (timed interleaved with
@@ -8,7 +8,7 @@ its rounds, on a native model of its own); images/s = n / median step time.
 
 from __future__ import annotations
 
-from vggbench.bench.models import ModelBench
+from vggbench.bench.model_cases import ModelBench
 
 
 def test_step(step, benchmark, measure, settings) -> None:

@@ -29,7 +29,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # state_dict, so a run may continue on the other one. sync_bn is NOT: BatchNorm statistics
 # over the global batch instead of each rank's share change what is trained.
 RUNTIME_OPTIONS = ("device", "impl", "workers", "progress", "out_dir", "data_dir", "download", "resume",
-                   "dist_timeout")
+                   "dist_timeout", "landscape_every")
 
 
 class ConfigError(ValueError):
@@ -99,6 +99,9 @@ class TrainConfig:
     deterministic: bool = opt(False, "deterministic algorithms only (exact resume on CPU)")
     gradflow_every: int = opt(0, "also record gradient flow averaged over windows of N steps "
                               "(0: per epoch only)")
+    landscape_every: int = opt(0, "every N epochs, probe the loss landscape along the gradient on a fixed batch "
+                               "(loss band, gradient predictiveness, effective beta-smoothness; Santurkar et al. "
+                               "2018) into landscape.json; training is unchanged (0: off)")
     dist_timeout: int = opt(1800, "distributed runs: seconds a rank waits for the others (in a collective, or "
                              "while rank 0 prepares the data) before failing")
     keep_checkpoints: int = opt(2, "epoch checkpoints to keep (0 keeps all); best.pt is always kept")
@@ -144,7 +147,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{flag(name)} must be >= 1, got {getattr(self, name)}")
         non_negative = ("lr", "weight_decay", "momentum", "eta_min", "negative_slope", "workers",
-                        "gradflow_every", "keep_checkpoints", "val_size")
+                        "gradflow_every", "landscape_every", "keep_checkpoints", "val_size")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{flag(name)} must be >= 0, got {getattr(self, name)}")

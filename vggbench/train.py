@@ -54,6 +54,7 @@ from vggbench.config import (
 from vggbench.data import DataError, build_loader, build_splits, rank_shard
 from vggbench.distributed import DistEnv, process_group, rank_device
 from vggbench.gradflow import GradientFlowRecorder
+from vggbench.landscape.probe import LandscapeProbe
 from vggbench.models import VGG, build_model, convert_sync_batchnorm
 
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "images_per_s",
@@ -180,6 +181,7 @@ class Trainer:
         self.scheduler = make_scheduler(cfg, self.optimizer)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         self.recorder = GradientFlowRecorder(self.model, window=cfg.gradflow_every)
+        self.landscape = LandscapeProbe.for_trainer(self)
         self.metrics: list[dict] = []
         self.best = {"epoch": 0, "val_acc": -1.0}
         self.epoch = 0
@@ -192,7 +194,8 @@ class Trainer:
             "world_size": self.env.world_size, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "history": {"metrics": self.metrics, "gradflow": self.recorder.state_dict(), "best": self.best},
+            "history": {"metrics": self.metrics, "gradflow": self.recorder.state_dict(), "best": self.best,
+                        "landscape": self.landscape.state_dict()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -202,6 +205,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.recorder.load_state_dict(state["history"]["gradflow"])
+        if "landscape" in state["history"]:  # checkpoints from before the probe have none
+            self.landscape.load_state_dict(state["history"]["landscape"])
         self.metrics = list(state["history"]["metrics"])
         self.best = dict(state["history"]["best"])
         self.epoch = state["epoch"]
@@ -215,7 +220,7 @@ class Trainer:
         atomic_write_json(self.run_dir / "config.json", {**asdict(self.cfg), **world, **info})
 
     def write_history(self) -> None:
-        """Rewrite metrics.jsonl, summary.csv and gradflow.json from the in-memory history."""
+        """Rewrite metrics.jsonl, summary.csv, gradflow.json (and landscape.json) from the in-memory history."""
         atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics))
         table = io.StringIO()
         writer = csv.DictWriter(table, fieldnames=METRIC_COLUMNS, lineterminator="\n")
@@ -223,6 +228,7 @@ class Trainer:
         writer.writerows(self.metrics)
         atomic_write_text(self.run_dir / "summary.csv", table.getvalue())
         atomic_write_json(self.run_dir / "gradflow.json", {"dataset": self.splits.kind, **self.recorder.state_dict()})
+        self.landscape.write(self.run_dir, self.splits.kind)
 
     # --- ranks -----------------------------------------------------------------------
     def _barrier(self) -> None:
@@ -338,6 +344,7 @@ class Trainer:
             row = {"epoch": epoch, "lr": lr, "dataset": self.splits.kind, **self.train_epoch(epoch)}
             self._share_rank0_buffers()
             row["val_loss"], row["val_acc"] = self.evaluate(self.splits.val, "validation")
+            self.landscape.record(epoch)  # at the lr the epoch trained with
             self.scheduler.step()
             flow = self.recorder.end_epoch(epoch)
             self.metrics.append({k: row[k] for k in METRIC_COLUMNS})

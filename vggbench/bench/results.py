@@ -25,10 +25,11 @@ class Record:
 
 @dataclass(frozen=True)
 class Results:
-    """A run of the suite: layer and model records in run order, the machine, the run's settings."""
+    """A run of the suite: layer, model and gradient-flow records in run order, the machine, the run's settings."""
 
     layers: list[Record]
     models: list[Record]
+    flows: list[Record]
     machine: dict
     settings: dict
     datetime: str
@@ -57,6 +58,7 @@ def load(path: Path) -> Results:
     return Results(
         layers=[r for r in records if r.info.get("kind") == "layer"],
         models=[r for r in records if r.info.get("kind") == "model"],
+        flows=[r for r in records if r.info.get("kind") == "flow"],
         machine=data["machine_info"].get("vggbench", {}), settings=data.get("vggbench", {}),
         datetime=data.get("datetime", ""),
     )
