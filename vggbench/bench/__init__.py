@@ -9,6 +9,7 @@ from and what turns their JSON into a report:
   model_cases.py  model-level cases: a training step of VGG08 / VGG38 BN / VGG38 BN+RC (and the
                   landscape probe's cost on VGG38 BN+RC)
   flow_cases.py   gradient-flow equivalence: native vs fused vs float64 over 20+ training steps
+  surface_cases.py  a loss surface (vggbench.landscape) on 1 vs 2 gloo ranks
   timing.py       rounds, device synchronisation, baselines timed interleaved for the speedups
   machine.py      machine and software information
   results.py      the benchmark JSON read back as records

@@ -78,7 +78,8 @@ def memory_chart(results: Results, path: Path) -> bool:
 
 def throughput_chart(results: Results, path: Path) -> bool:
     """Training images/s per model, per implementation."""
-    return _model_chart(results, path, "training images/s", lambda r: r.info["n"] / r.median_s)
+    return _model_chart(results, path, "training images/s", lambda r: r.info["n"] / r.median_s,
+                        impls=("native", "fused", "gradflow"))  # a landscape probe is not a training step
 
 
 def flow_chart(results: Results, path: Path) -> bool:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from vggbench.bench.flow_cases import STAT_LABELS
 from vggbench.bench.layer_cases import PASSES, UNITS
+from vggbench.bench.model_cases import STEPS_PER_EPOCH
+from vggbench.bench.surface_cases import SURFACE_GROUP
 from vggbench.bench.results import Record, Results
 
 KEY_CASE = "conv-N100-H32-float32-channels_last"  # the study's 32->32 unit as it trains on the CPU
@@ -20,7 +22,8 @@ KEY_MODEL = "step-vgg38bnrc-N100-H32"
 
 @dataclass(frozen=True)
 class Target:
-    """`impl` / `reference` of `metric` ("time", or an extra_info key) in `group` must be <= `limit`."""
+    """`impl` / `reference` of `metric` ("time", "median": medians of separately timed runs, or an
+    extra_info key) in `group`, divided by `per`, must be <= `limit`."""
 
     what: str
     group: str
@@ -28,6 +31,7 @@ class Target:
     reference: str
     limit: float
     metric: str = "time"
+    per: float = 1.0
 
 
 TARGETS = (
@@ -37,6 +41,10 @@ TARGETS = (
     Target("VGG38 BN+RC training step (batch 100), fused vs native", KEY_MODEL, "fused", "native", 0.75),
     Target("VGG38 BN+RC bytes saved for backward (batch 100), fused vs native", KEY_MODEL, "fused", "native",
            0.45, metric="saved_activation_bytes"),
+    Target(f"landscape probe per epoch vs a VGG38 BN+RC training epoch ({STEPS_PER_EPOCH} steps of 100)",
+           KEY_MODEL, "probe", "native", 0.05, per=STEPS_PER_EPOCH),
+    Target("VGG38 BN+RC loss surface, 2 gloo ranks (1 thread each) vs 1 rank (1 thread)", SURFACE_GROUP,
+           "2ranks", "1rank", 0.6, metric="median"),
 )
 
 
@@ -44,6 +52,8 @@ def ratio(a: Record | None, b: Record | None, metric: str = "time") -> float | N
     """a / b of `metric`: time from the recorded speedups (see the module doc), else extra_info values."""
     if a is None or b is None:
         return None
+    if metric == "median":
+        return a.median_s / b.median_s
     if metric == "time":
         return b.info["speedup"] / a.info["speedup"]
     x, y = a.info.get(metric), b.info.get(metric)
@@ -106,6 +116,7 @@ def targets_section(results: Results) -> list[str]:
         lines += [f"Measured on {device}: the targets are the CPU's, shown for comparison.", ""]
     for t in TARGETS:
         value = ratio(results.find(t.group, t.impl), results.find(t.group, t.reference), t.metric)
+        value = value / t.per if value is not None else None
         if value is None:
             lines.append(f"- [ ] NOT MEASURED: {t.what} <= {t.limit}x (needs `{t.group}` {t.impl} and "
                          f"{t.reference} in one run: the full suite)")
@@ -217,12 +228,17 @@ def models_section(results: Results) -> list[str]:
     rows, lines = [], []
     for group in results.model_groups():
         for r in (r for r in results.models if r.group == group):
-            impl = {"gradflow": "native + gradient-flow recording"}.get(r.impl, r.impl)
+            impl = {"gradflow": "native + gradient-flow recording",
+                    "probe": "landscape probe (not a step)"}.get(r.impl, r.impl)
             rows.append((f"{r.info['label']}, batch {r.info['n']}", impl, _timed(r, r.impl != "native"),
                          f"{r.info['n'] / r.median_s:.0f}", _fmt(_vs_baseline(r))))
             if r.impl == "gradflow":
                 lines.append(f"Gradient-flow recording ({r.info['label']}, batch {r.info['n']}): "
                              f"{(_vs_baseline(r) - 1) * 100:+.1f}% step time over native (interleaved).")
+            if r.impl == "probe":
+                lines.append(f"Landscape probe ({r.info['label']}, batch {r.info['n']}, {r.info['multipliers']} "
+                             f"forward+backward passes plus one): {_vs_baseline(r):.1f} native steps, "
+                             f"{_vs_baseline(r) / STEPS_PER_EPOCH * 100:.2f}% of a {STEPS_PER_EPOCH}-step epoch.")
     if not rows:
         return []
     return ["## Model training step", "",
@@ -252,10 +268,28 @@ def flow_section(results: Results) -> list[str]:
                 d = s[key]
                 return f"{d['max']:.2e} ({d['layer']}, step {d['step']})"
             rows.append((f"{r.info['label']}, batch {r.info['n']}, {r.info['size']}x{r.info['size']}",
-                         STAT_LABELS[stat], peak("fused_vs_native"), peak("native_vs_float64"),
+                         STAT_LABELS[stat].replace("|", "\\|"), peak("fused_vs_native"), peak("native_vs_float64"),
                          peak("fused_vs_float64"), f"{s['tolerance']:.2e}", "PASS" if s["passed"] else "**FAIL**"))
     return [*lines, *_table(("model", "statistic", "fused vs native", "native vs float64 (truth)",
                              "fused vs float64", "tolerance", "result"), rows)]
+
+
+def surface_section(results: Results) -> list[str]:
+    """Seconds of a loss surface on 1 and 2 gloo ranks (1 thread each), and their ratio."""
+    if not results.surfaces:
+        return []
+    rows = []
+    for group in dict.fromkeys(r.group for r in results.surfaces):
+        one, two = (results.find(group, impl) for impl in ("1rank", "2ranks"))
+        info = (one or two).info
+        rows.append((f"{info['label']}, {info['resolution']}x{info['resolution']} points, {info['samples']} images",
+                     f"{one.median_s:.1f}" if one else "–", f"{two.median_s:.1f}" if two else "–",
+                     _fmt(ratio(two, one, "median"))))
+    return ["## Loss surface over ranks", "",
+            ("`python -m vggbench.landscape surface` end to end (start-up, data, grid, gather, JSON, PNG), "
+             "OMP_NUM_THREADS=1 per rank, one round each: on a shared machine the two runs may see different load. "
+             "The grid's points split evenly over the ranks (vggbench/bench/surface_cases.py says why this grid)."),
+            "", *_table(("surface", "1 rank s", "2 ranks s", "2 ranks / 1 rank"), rows)]
 
 
 def render(results: Results, charts: Iterable[str] = ()) -> str:
@@ -271,6 +305,7 @@ def render(results: Results, charts: Iterable[str] = ()) -> str:
         "",
         *machine_section(results), *targets_section(results), *layer_time_sections(results),
         *errors_section(results), *memory_section(results), *models_section(results), *flow_section(results),
+        *surface_section(results),
     ]
     charts = list(charts)
     if charts:

@@ -20,6 +20,7 @@ bit-for-bit identical training needs.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -153,6 +154,20 @@ class LandscapeProbe:
         """landscape.json in `run_dir`, atomically (nothing when the probe is off)."""
         if self.every:
             atomic_write_json(Path(run_dir) / LANDSCAPE_FILE, {"dataset": dataset, **self.state_dict()})
+
+
+def final_smoothness(run_dir: str | Path) -> dict | None:
+    """The last probed epoch of a run's landscape.json as {"epoch", "beta_smoothness", "loss_band" (its
+    width: max - min loss over the step multipliers)}; None without a file or probed epochs."""
+    path = Path(run_dir) / LANDSCAPE_FILE
+    if not path.is_file():
+        return None
+    epochs = json.loads(path.read_text()).get("epochs") or []
+    if not epochs:
+        return None
+    last = epochs[-1]
+    return {"epoch": last["epoch"], "beta_smoothness": last["beta_smoothness"],
+            "loss_band": last["loss_band"][1] - last["loss_band"][0]}
 
 
 def probe_batch(train_split, size: int) -> tuple[Tensor, Tensor]:
