@@ -17,6 +17,7 @@ from tests.test_train import final_weights, metrics, option, set_option, without
 from vggbench.landscape import Grid, filter_normalized_direction, probe
 from vggbench.landscape.__main__ import main as landscape_main
 from vggbench.models import build_model
+from vggbench.report import build_report
 from vggbench.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,26 +136,36 @@ def run_landscape(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_surface_over_two_gloo_ranks_equals_one_process(trained_run, tmp_path):
+    """One process, 2 local gloo ranks (--nproc 2), and 2 tasks of a submitit job (--slurm through its
+    local executor, the path a SLURM job takes without the cluster) give the same surface."""
     common = ["surface", str(trained_run), "--resolution", "3", "--samples", "40", "--batch-size", "20",
               "--no-progress"]
-    one = run_landscape(*common, "--out", str(tmp_path / "one.json"))
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = run_landscape(*common, "--out", str(tmp_path / "two.json"), "--nproc", "2")
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
-    assert a["world_size"] == 1 and b["world_size"] == 2
-    assert len(a["loss"]) == 9 and a["loss"] == b["loss"] and a["acc"] == b["acc"]
-    assert a["coords"][4] == [0.0, 0.0]  # the centre is the checkpoint itself, the minimum of this row
+    ways = {"one": [], "two": ["--nproc", "2"],
+            "submitit": ["--slurm", "--executor", "local", "--ntasks-per-node", "2", "--time", "10", "--wait"]}
+    for name, extra in ways.items():
+        done = run_landscape(*common, "--out", str(tmp_path / f"{name}.json"), *extra)
+        assert done.returncode == 0, done.stderr[-3000:]
+    a, b, c = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ways)
+    assert (a["world_size"], b["world_size"], c["world_size"]) == (1, 2, 2)
+    assert len(a["loss"]) == 9 and a["loss"] == b["loss"] == c["loss"] and a["acc"] == b["acc"] == c["acc"]
+    assert a["coords"][4] == [0.0, 0.0]  # the centre: the checkpoint itself
     assert (tmp_path / "two.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_plot_writes_landscape_png_and_comparison(tiny_args, tmp_path):
-    probed = [*set_option(tiny_args, "--epochs", "2"), "--landscape-every", "1"]
+def test_plot_and_report_show_the_probe(tiny_args, trained_run, tmp_path):
+    probed = [*set_option(tiny_args, "--epochs", "2"), "--landscape-every", "2"]
     assert train_main(probed) == 0
     run = Path(option(probed, "--out-dir"))
     assert landscape_main(["plot", str(run), str(run), "--out", str(tmp_path / "plots")]) == 0
     for png in (run / "landscape.png", tmp_path / "plots" / "landscape-compare.png"):
         assert png.read_bytes().startswith(b"\x89PNG"), png
+    last = json.loads((run / "landscape.json").read_text())["epochs"][-1]
+    assert last["epoch"] == 2
+    table = build_report([run, trained_run]).markdown.splitlines()
+    assert table[0].endswith("| β-smoothness | loss band |")
+    assert table[2].endswith(f"| {last['beta_smoothness']:.3g} | {last['loss_band'][1] - last['loss_band'][0]:.3g} |")
+    assert table[3].endswith("| n/a | n/a |")  # trained without the probe
+    assert "β-smoothness" not in build_report([trained_run]).markdown  # no columns when no run has them
 
 
 @pytest.mark.parametrize("extra, message", [

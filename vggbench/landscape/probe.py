@@ -122,10 +122,12 @@ class LandscapeProbe:
     def for_trainer(cls, trainer: Trainer) -> LandscapeProbe:
         """The probe of a Trainer: its first `batch_size` training images without augmentation, its
         plain model (not the DDP wrapper: no gradient all-reduce), its optimiser's lr and autocast."""
-        images, targets = probe_batch(trainer.splits.train, trainer.cfg.batch_size)
+        every = trainer.cfg.landscape_every
+        images, targets = (probe_batch(trainer.splits.train, trainer.cfg.batch_size) if every
+                           else (torch.empty(0, 3, 32, 32), torch.empty(0, dtype=torch.long)))  # off: no data read
         return cls(trainer.model, images.to(trainer.device, memory_format=trainer.memory_format),
                    targets.to(trainer.device), lambda: trainer.optimizer.param_groups[0]["lr"],
-                   trainer.cfg.landscape_every, trainer._autocast)
+                   every, trainer._autocast)
 
     def record(self, epoch: int) -> dict | None:
         """Probe after `epoch` when it is a multiple of `every`; the record, or None."""
