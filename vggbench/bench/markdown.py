@@ -122,7 +122,7 @@ def targets_section(results: Results) -> list[str]:
                          f"{t.reference} in one run: the full suite)")
             continue
         passed = value <= t.limit
-        lines.append(f"- [{'x' if passed else ' '}] {'PASS' if passed else 'FAIL'}: {t.what}: {value:.2f}x "
+        lines.append(f"- [{'x' if passed else ' '}] {'PASS' if passed else 'FAIL'}: {t.what}: {value:.3g}x "
                      f"{'<=' if passed else '>'} {t.limit}x (`{t.group}`, {t.metric.replace('_', ' ')})")
     return [*lines, ""]
 
@@ -231,7 +231,7 @@ def models_section(results: Results) -> list[str]:
             impl = {"gradflow": "native + gradient-flow recording",
                     "probe": "landscape probe (not a step)"}.get(r.impl, r.impl)
             rows.append((f"{r.info['label']}, batch {r.info['n']}", impl, _timed(r, r.impl != "native"),
-                         f"{r.info['n'] / r.median_s:.0f}", _fmt(_vs_baseline(r))))
+                         f"{r.info['n'] / r.median_s:.0f}" if r.impl != "probe" else "–", _fmt(_vs_baseline(r))))
             if r.impl == "gradflow":
                 lines.append(f"Gradient-flow recording ({r.info['label']}, batch {r.info['n']}): "
                              f"{(_vs_baseline(r) - 1) * 100:+.1f}% step time over native (interleaved).")

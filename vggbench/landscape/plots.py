@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # after choosing the non-interactive backend
 from vggbench.landscape.probe import LANDSCAPE_FILE
 from vggbench.runs import RunError, load_run
 
-PANELS = (("loss_band", "loss along the gradient", "log"),
+PANELS = (("loss_band", "loss along the gradient", "linear"),
           ("predictiveness_band", "||grad L(θ) - grad L(θ - lr·s·g)||", "log"),
           ("beta_smoothness", "effective β-smoothness", "log"))
 
@@ -51,6 +51,7 @@ def _draw(axes, data: dict, colour: str, name: str) -> None:
             ax.plot(epochs, values, "o-", color=colour, label=name)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         if all(v > 0 for v in ([x for pair in values for x in pair] if isinstance(values[0], list) else values)):
             ax.set_yscale(scale)
 
