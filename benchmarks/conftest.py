@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from vggbench.bench import machine
-from vggbench.bench.layers import PASSES, LayerBench, LayerCase, layer_cases
-from vggbench.bench.models import model_cases
+from vggbench.bench.flow_cases import flow_cases
+from vggbench.bench.layer_cases import PASSES, LayerBench, LayerCase, layer_cases
+from vggbench.bench.model_cases import model_cases
 from vggbench.bench.timing import (
     LAYER_POLICY,
     MODEL_POLICY,
@@ -82,7 +83,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Layer benchmarks ordered case -> pass -> implementation, models case -> implementation:
-    the baseline of each group (eager / native) runs first and sets the group's rounds."""
+    the baseline of each group (eager / native) runs first and sets the group's rounds. Flow
+    cases: one per model."""
     settings = metafunc.config.stash[SETTINGS]
     if "layer" in metafunc.fixturenames:
         params = [(case, pass_, impl) for case in layer_cases(settings.quick, settings.compile)
@@ -91,6 +93,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "step" in metafunc.fixturenames:
         params = [(case, impl) for case in model_cases(settings.quick) for impl in case.impls]
         metafunc.parametrize("step", params, ids=[f"{case.group}-{impl}" for case, impl in params])
+    if "flow" in metafunc.fixturenames:
+        cases = flow_cases(settings.quick)
+        metafunc.parametrize("flow", cases, ids=[case.name for case in cases])
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:

@@ -1,7 +1,7 @@
 """Layer-level benchmarks: each of the study's unit shapes x pass x implementation.
 
 Group `<unit>-N<n>-H<size>-<dtype>-<layout>-<pass>` holds eager, compile and fused side by
-side (vggbench/bench/layers.py). extra_info records the case, the errors of outputs and
+side (vggbench/bench/layer_cases.py). extra_info records the case, the errors of outputs and
 gradients against native eager and against float64 native (max_abs, max_rel = max|a-b| /
 max|b|, norm_rel = ||a-b|| / ||b||), the float64 tolerance and whether it holds, the bytes
 saved for backward (training passes), and the speedup over eager (timed interleaved with its rounds).
@@ -11,7 +11,7 @@ In quick mode the fused op's errors are asserted against the tolerances of tests
 from __future__ import annotations
 
 from tests.test_ops import TOLERANCES, Tolerance
-from vggbench.bench.layers import DTYPES, UNITS
+from vggbench.bench.layer_cases import DTYPES, UNITS
 
 
 def bound(tol: Tolerance, tensor: str) -> tuple[str, float]:

@@ -1,5 +1,5 @@
 """Model-level benchmarks: a training step of VGG08, VGG38 BN and VGG38 BN+RC, native vs fused,
-and VGG38 BN+RC with gradient-flow recording (vggbench/bench/models.py).
+and VGG38 BN+RC with gradient-flow recording and one landscape probe (vggbench/bench/model_cases.py).
 
 Group `step-<model>-N<n>-H<size>`; extra_info records the case and the bytes autograd keeps
 for backward after a training forward, and the speedup over native (timed interleaved with
@@ -8,7 +8,8 @@ its rounds, on a native model of its own); images/s = n / median step time.
 
 from __future__ import annotations
 
-from vggbench.bench.models import ModelBench
+from vggbench.bench.model_cases import ModelBench
+from vggbench.landscape.probe import MULTIPLIERS
 
 
 def test_step(step, benchmark, measure, settings) -> None:
@@ -20,5 +21,7 @@ def test_step(step, benchmark, measure, settings) -> None:
     benchmark.extra_info.update(kind="model", model=case.model, label=case.label, n=case.n, size=case.size,
                                 impl=impl, device=str(settings.device), saved_bytes=saved.total,
                                 saved_activation_bytes=saved.activations)
+    if impl == "probe":
+        benchmark.extra_info["multipliers"] = len(MULTIPLIERS)
     baseline = None if impl == "native" else bench.step_fn(bench.model("native"), "native")
     measure(fn, group=case.group, policy=settings.model_policy, baseline=baseline)

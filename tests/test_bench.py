@@ -1,4 +1,6 @@
-"""The benchmark suite end to end: `python -m vggbench.bench --quick` writes a JSON, report and charts.
+"""The benchmark suite end to end: `python -m vggbench.bench --quick` writes a JSON, report and charts,
+including the gradient-flow equivalence of fused vs native (asserted against float64 in quick mode)
+and a loss surface on 1 and 2 gloo ranks.
 
 Quick mode with --no-compile here: a cold torch.compile costs ~15 s per graph on a 2-core
 CPU, and the suite's torch.compile path is exercised by `python -m vggbench.bench --quick`
@@ -21,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_bench(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vggbench.bench", *args], check=False, cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=1800)  # minutes on a loaded 2-core machine
 
 
 def test_quick_mode_writes_json_report_and_charts(tmp_path):
@@ -34,7 +36,17 @@ def test_quick_mode_writes_json_report_and_charts(tmp_path):
     models = [b for b in data["benchmarks"] if b["extra_info"]["kind"] == "model"]
     assert {b["extra_info"]["impl"] for b in layers} == {"eager", "fused"}
     assert {b["extra_info"]["pass"] for b in layers} == {"trainfwd", "fwdbwd", "evalfwd"}
-    assert {b["extra_info"]["impl"] for b in models} == {"native", "fused", "gradflow"}
+    assert {b["extra_info"]["impl"] for b in models} == {"native", "fused", "gradflow", "probe"}
+    flows = {b["extra_info"]["label"]: b["extra_info"] for b in data["benchmarks"] if b["extra_info"]["kind"] == "flow"}
+    assert set(flows) == {"VGG08", "VGG38", "VGG38 BN", "VGG38 BN+RC"}
+    for info in flows.values():
+        assert info["steps"] >= 20 and info["passed"]
+        for stat in ("mean_abs", "max_abs", "l2"):
+            s = info["stats"][stat]
+            assert s["fused_vs_float64"]["max"] <= s["tolerance"] and s["native_vs_float64"]["layer"]
+            assert 0 < s["native_vs_float64"]["max"] < 1  # native float32 is off the truth, but not by O(1)
+    surfaces = {b["extra_info"]["impl"]: b for b in data["benchmarks"] if b["extra_info"]["kind"] == "surface"}
+    assert set(surfaces) == {"1rank", "2ranks"} and surfaces["2ranks"]["extra_info"]["ranks"] == 2
     for b in layers:
         info = b["extra_info"]
         assert b["stats"]["rounds"] == 3 and b["stats"]["median"] > 0
@@ -47,9 +59,11 @@ def test_quick_mode_writes_json_report_and_charts(tmp_path):
             assert info["saved_activation_bytes"] > 0
     report = (tmp_path / "report.md").read_text()
     for heading in ("## Machine and software", "## Targets", "### training forward+backward", "## Numerical agreement",
-                    "## Bytes saved for backward", "## Model training step", "Gradient-flow recording"):
+                    "## Bytes saved for backward", "## Model training step", "Gradient-flow recording",
+                    "Landscape probe", "## Gradient-flow equivalence", "## Loss surface over ranks"):
         assert heading in report
-    for chart in ("speedup.png", "memory.png", "throughput.png"):
+    assert "issue" not in report.lower()  # the report states its targets itself
+    for chart in ("speedup.png", "memory.png", "throughput.png", "gradflow-equivalence.png"):
         assert (tmp_path / chart).read_bytes().startswith(b"\x89PNG"), chart
 
 

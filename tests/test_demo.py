@@ -14,20 +14,27 @@ def test_demo_shows_the_signature_and_is_idempotent(tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "SYNTHETIC DATA" in printed and str(out.resolve()) in printed
-    for name in ("report.md", "report.json", "compare.png", "compare.json"):
+    for name in ("report.md", "report.json", "compare.png", "compare.json", "landscape-compare.png"):
         assert (out / name).stat().st_size > 0
     runs = {d.name: d for d in (out / "runs").iterdir()}
     assert set(runs) == {"vgg08-plain", "vgg38-plain", "vgg38-bn", "vgg38-rc", "vgg38-bn_rc"}
     diagnosis = {}
     for name, run in runs.items():
         assert (run / "gradflow.png").exists() and (run / "curves.png").exists() and (run / "test.json").exists()
+        assert (run / "landscape.png").exists()
+        assert [e["epoch"] for e in json.loads((run / "landscape.json").read_text())["epochs"]] == [1]
         flow = json.loads((run / "gradflow.json").read_text())["epochs"][-1]
         diagnosis[name] = flow["diagnosis"]
     assert diagnosis["vgg38-plain"]["status"] == "vanishing" and diagnosis["vgg38-plain"]["ratio"] < 1e-6
     assert all(diagnosis[n]["status"] == "healthy" for n in ("vgg08-plain", "vgg38-bn", "vgg38-bn_rc"))
     plain = json.loads((runs["vgg38-plain"] / "metrics.jsonl").read_text().splitlines()[-1])
     assert abs(plain["train_loss"] - math.log(100)) < 0.02
-    assert "**Synthetic data**" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "**Synthetic data**" in report
+    assert "β-smoothness" in report.splitlines()[0] and "loss band" in report.splitlines()[0]
+    landscape = report.split("## Loss landscape along training")[1]
+    assert "**synthetic** stand-in dataset" in landscape and "From smoothest to roughest: " in landscape
+    assert all(label in landscape for label in ("VGG08", "VGG38 BN+RC", "VGG38 RC"))
 
     # running it again keeps the finished runs
     stamps = {name: (run / "test.json").stat().st_mtime_ns for name, run in runs.items()}

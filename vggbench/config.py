@@ -30,7 +30,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # state_dict, so a run may continue on the other one. sync_bn is NOT: BatchNorm statistics
 # over the global batch instead of each rank's share change what is trained.
 RUNTIME_OPTIONS = ("device", "impl", "workers", "progress", "out_dir", "data_dir", "download", "resume",
-                   "dist_timeout")
+                   "dist_timeout", "landscape_every")
 
 
 # Bounds of the integer options. Counts beyond 2**31 - 1 are typos (and overflow C ints in
@@ -41,7 +41,7 @@ INT_RANGES = {
     "filters": (1, INT_MAX), "stages": (1, INT_MAX), "convs_per_block": (1, INT_MAX), "batch_size": (1, INT_MAX),
     "epochs": (1, INT_MAX), "restart_period": (1, INT_MAX), "synthetic_train_size": (1, INT_MAX),
     "synthetic_test_size": (1, INT_MAX), "dist_timeout": (1, INT_MAX), "val_size": (1, INT_MAX),
-    "train_limit": (100, INT_MAX), "workers": (0, 256), "gradflow_every": (0, INT_MAX),
+    "train_limit": (100, INT_MAX), "workers": (0, 256), "gradflow_every": (0, INT_MAX), "landscape_every": (0, INT_MAX),
     "keep_checkpoints": (0, INT_MAX), "seed": (0, SEED_MAX), "split_seed": (0, SEED_MAX),
 }
 FLOAT_MINIMA = {"lr": 0.0, "weight_decay": 0.0, "momentum": 0.0, "eta_min": 0.0, "negative_slope": 0.0}
@@ -118,6 +118,9 @@ class TrainConfig:
     deterministic: bool = opt(False, "deterministic algorithms only (exact resume on CPU)", group="execution")
     gradflow_every: int = opt(0, "also record gradient flow averaged over windows of N steps "
                               "(0: per epoch only)", group="output")
+    landscape_every: int = opt(0, "every N epochs, probe the loss landscape along the gradient on a fixed batch "
+                               "(loss band, gradient predictiveness, effective beta-smoothness; Santurkar et al. "
+                               "2018) into landscape.json; training is unchanged (0: off)", group="output")
     dist_timeout: int = opt(300, "distributed runs: seconds a rank waits for the others in a collective before "
                             "failing (waiting for rank 0 to prepare the data has its own 30 min)", group="distributed")
     keep_checkpoints: int = opt(2, "epoch checkpoints to keep (0 keeps all); best.pt is always kept", group="output")

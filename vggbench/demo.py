@@ -1,8 +1,9 @@
 """The main job: a short version of the study, end to end, in about 10 minutes on a 2-core CPU.
 
 Trains VGG08, VGG38, VGG38 BN, VGG38 RC and VGG38 BN+RC with the same short
-protocol, then writes per-run plots, a comparison plot and the Table-1 style report
-into one directory. Uses CIFAR-100 when it is in --data-dir (or can be downloaded),
+protocol, probing the loss landscape after every epoch (--landscape-every 1), then writes
+per-run plots, comparison plots (compare.png, landscape-compare.png) and the Table-1 style
+report with smoothness columns into one directory. Uses CIFAR-100 when it is in --data-dir (or can be downloaded),
 otherwise the synthetic stand-in dataset, and says so loudly.
 
 Re-running the same command continues where it stopped: finished runs are kept,
@@ -17,9 +18,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from vggbench import plot, report
-from vggbench.checkpoint import CheckpointError, epoch_checkpoints
+from vggbench.checkpoint import CheckpointError, atomic_write_text, epoch_checkpoints
 from vggbench.config import ConfigError, TrainConfig
 from vggbench.data import DataError, cifar100_available, prepare_cifar100
+from vggbench.landscape.plots import plot_comparison as plot_landscapes
+from vggbench.landscape.plots import plot_run as plot_landscape
+from vggbench.landscape.probe import final_smoothness
 from vggbench.models import IMPLS
 from vggbench.runs import load_run
 from vggbench.train import SYNTHETIC_BANNER, train
@@ -48,6 +52,7 @@ def run_configs(args: argparse.Namespace, dataset: str) -> list[TrainConfig]:
         batch_size=100, val_size=args.val_size, train_limit=args.train_limit if dataset == "cifar100" else None,
         synthetic_train_size=args.synthetic_train_size, synthetic_test_size=args.synthetic_test_size,
         workers=args.workers, device=args.device, impl=args.impl, channels_last=True, progress=args.progress,
+        landscape_every=1,
     )
     return [replace(base, model=m, variant=v, out_dir=str(Path(args.out) / "runs" / f"{m}-{v}"))
             for m, v in STUDY_RUNS]
@@ -71,6 +76,27 @@ def summarise(run_dirs: list[Path]) -> list[str]:
         lines.append(f"  {run.label:<13} train loss {last['train_loss']:.3f}  val acc {last['val_acc']:5.2f}%  "
                      f"gradients {flow['status']:<9} (first/last layer ratio {ratio})")
     return lines
+
+
+def smoothness_paragraph(run_dirs: list[Path], dataset: str) -> str:
+    """What the landscape probe measured, in words, ranked by effective beta-smoothness (smaller: smoother)."""
+    runs = [(load_run(d).label, final_smoothness(d)) for d in run_dirs]
+    runs = sorted(((label, s) for label, s in runs if s is not None), key=lambda item: item[1]["beta_smoothness"])
+    if not runs:
+        return ""
+    data = ("the **synthetic** stand-in dataset (learnable class patterns, not CIFAR-100: the figures show the "
+            "mechanism, not the study's values)" if dataset == "synthetic" else "CIFAR-100 (a short run)")
+    ranking = ", ".join(f"{label} {s['beta_smoothness']:.3g} (loss band {s['loss_band']:.3g})" for label, s in runs)
+    smooth = {label: s["beta_smoothness"] for label, s in runs}
+    pairs = [(a, b) for a, b in (("VGG38 BN", "VGG38"), ("VGG38 BN+RC", "VGG38 RC")) if a in smooth and b in smooth]
+    verdicts = " ".join(f"{a} is {'smoother' if smooth[a] < smooth[b] else 'NOT smoother'} than {b} here "
+                        f"({smooth[a]:.3g} vs {smooth[b]:.3g})." for a, b in pairs)
+    return ("\n## Loss landscape along training\n\n"
+            f"Measured on {data}, after epoch {runs[0][1]['epoch']}, on a fixed batch of training images: the "
+            "effective beta-smoothness max_s ||grad L(θ) - grad L(θ - lr·s·g)|| / (lr·s·||g||) over s in "
+            "0.25..4, and the loss band (max - min of L(θ - lr·s·g)) (Santurkar et al. 2018, Fig. 4; smaller is "
+            f"smoother). From smoothest to roughest: {ranking}. {verdicts} "
+            "Over training: landscape-compare.png and runs/*/landscape.png.\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,10 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     run_dirs = [cfg.run_dir for cfg in configs]
     plot.main([*map(str, run_dirs), "--out", str(out)])
     report.main([*map(str, run_dirs), "--out", str(out / "report.md")])
+    for run_dir in run_dirs:
+        plot_landscape(run_dir)
+    plot_landscapes(run_dirs, out)
+    atomic_write_text(out / "report.md", (out / "report.md").read_text() + smoothness_paragraph(run_dirs, dataset))
     print("\nGradient-flow signature (last epoch):", *summarise(run_dirs), sep="\n")
     if dataset == "synthetic":
         print(f"\n{SYNTHETIC_BANNER}")
-    print(f"\nEverything is in {out.resolve()}: report.md, compare.png, runs/*/gradflow.png, runs/*/curves.png")
+    print(f"\nEverything is in {out.resolve()}: report.md, compare.png, landscape-compare.png, runs/*/gradflow.png, "
+          "runs/*/curves.png, runs/*/landscape.png")
     return 0
 
 

@@ -3,8 +3,11 @@
 Usage: ``python -m vggbench.report RUN_DIR... [--out FILE.md]``
 
 Runs sharing a configuration (all config keys except the seed and
-``NON_IDENTITY_KEYS``) form one row showing ``mean ± std`` over seeds. Writes the
-Markdown table to ``--out`` (default ``report.md``) and the same data as JSON beside it.
+``NON_IDENTITY_KEYS``) form one row showing ``mean ± std`` over seeds. Runs trained with
+``--landscape-every N`` add smoothness columns from their last probed epoch (landscape.json):
+the effective beta-smoothness and the width of the loss band along the gradient
+(Santurkar et al. 2018; smaller is smoother). Writes the Markdown table to ``--out``
+(default ``report.md``) and the same data as JSON beside it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 from vggbench.checkpoint import atomic_write_text
 from vggbench.config import RUNTIME_OPTIONS
+from vggbench.landscape.probe import final_smoothness
 from vggbench.run_dir import RUN_FACTS
 from vggbench.runs import Run, RunError, load_run
 
@@ -31,6 +35,8 @@ NON_IDENTITY_KEYS = frozenset({"seed", *RUNTIME_OPTIONS, *RUN_FACTS})
 STATS = (("train_loss", 3), ("train_acc", 2), ("val_loss", 3), ("val_acc", 2), ("test_acc", 2))
 HEADER = ("model", "lr", "#params", "seeds", "train loss", "train acc (%)", "val loss", "val acc (%)",
           "test acc (%)")
+# Smoothness columns (landscape.json, last probed epoch): (key, header), 3 significant digits.
+SMOOTHNESS = (("beta_smoothness", "β-smoothness"), ("loss_band", "loss band"))
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,12 @@ def summarise(runs: Sequence[Run]) -> dict[str, Any]:
             "mean": statistics.fmean(values) if values else None,
             "std": statistics.stdev(values) if len(values) > 1 else None,
         }
+    smooth = [final_smoothness(run.path) for run in runs]
+    for key, _ in SMOOTHNESS:
+        values = [s[key] for s in smooth if s is not None]
+        stats[key] = {"values": values, "mean": statistics.fmean(values) if values else None,
+                      "std": statistics.stdev(values) if len(values) > 1 else None,
+                      "epoch": max((s["epoch"] for s in smooth if s is not None), default=None)}
     return {
         "label": runs[0].label,
         "lr": config["lr"],
@@ -89,11 +101,15 @@ def build_report(run_dirs: Sequence[str | Path]) -> Report:
 
 
 def render_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """The Markdown table, plus a warning line when any row used synthetic data."""
-    lines = [_table_line(HEADER), _table_line(["---"] + ["---:"] * (len(HEADER) - 1))]
+    """The Markdown table (smoothness columns when any run has them), plus a warning line when any row
+    used synthetic data."""
+    smooth = [key for key, _ in SMOOTHNESS if any(row.get(key, {}).get("values") for row in rows)]
+    header = [*HEADER, *(title for key, title in SMOOTHNESS if key in smooth)]
+    lines = [_table_line(header), _table_line(["---"] + ["---:"] * (len(header) - 1))]
     for row in rows:
         cells = [row["label"], f"{row['lr']:g}", f"{row['num_params']:,}", str(row["seeds"])]
         cells += [_format_stat(row[key], decimals, row["seeds"]) for key, decimals in STATS]
+        cells += [_format_stat(row[key], 0, row["seeds"], significant=True) for key in smooth]
         lines.append(_table_line(cells))
     synthetic = [row["label"] for row in rows if row["dataset"] == "synthetic"]
     if synthetic:
@@ -121,14 +137,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _format_stat(stat: dict[str, Any], decimals: int, seeds: int) -> str:
-    """``mean ± std`` (or the single value); notes how many seeds contributed when not all did."""
+def _format_stat(stat: dict[str, Any], decimals: int, seeds: int, significant: bool = False) -> str:
+    """``mean ± std`` (or the single value), `decimals` places (or 3 significant digits); notes how many
+    seeds contributed when not all did."""
     values = stat["values"]
     if not values:
         return "n/a"
-    text = f"{stat['mean']:.{decimals}f}"
+    form = ".3g" if significant else f".{decimals}f"
+    text = f"{stat['mean']:{form}}"
     if stat["std"] is not None:
-        text += f" ± {stat['std']:.{decimals}f}"
+        text += f" ± {stat['std']:{form}}"
     if len(values) < seeds:
         text += f" ({len(values)}/{seeds} seeds)"
     return text

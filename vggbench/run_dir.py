@@ -4,7 +4,7 @@
                                 --keep-checkpoints of them), including the best epoch's weights
     checkpoints/best.pt         the best-validation weights: a copy of those the newest epoch
                                 checkpoint names
-    config.json, metrics.jsonl, summary.csv, gradflow.json
+    config.json, metrics.jsonl, summary.csv, gradflow.json, landscape.json (with --landscape-every)
                                 derived from the newest epoch checkpoint
     test.json                   the test result of best.pt, once the run has finished
 
@@ -47,8 +47,9 @@ METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc
                   "dataset")
 RUN_FACTS = ("label", "num_params", "torch", "resolved_device")  # what config.json adds to the config
 CONFIG, METRICS, SUMMARY, GRADFLOW, TEST = "config.json", "metrics.jsonl", "summary.csv", "gradflow.json", "test.json"
+LANDSCAPE = "landscape.json"  # only when the run probes its loss landscape (--landscape-every)
 # A run's results, including the plots vggbench.plot writes beside them: a fresh run never overwrites these
-RESULT_FILES = (CONFIG, METRICS, SUMMARY, GRADFLOW, TEST, "gradflow.png", "curves.png")
+RESULT_FILES = (CONFIG, METRICS, SUMMARY, GRADFLOW, TEST, LANDSCAPE, "gradflow.png", "curves.png", "landscape.png")
 
 
 class RunDir:
@@ -116,7 +117,7 @@ class RunDir:
                     old.unlink()
 
     def write_derived(self, state: dict, config: dict, dataset: str) -> None:
-        """config.json, metrics.jsonl, summary.csv and gradflow.json from an epoch checkpoint's `state`."""
+        """config.json, metrics.jsonl, summary.csv, gradflow.json (and landscape.json) from an epoch checkpoint's `state`."""
         rows = state["history"]["metrics"]
         atomic_write_json(self.path / CONFIG, config)
         atomic_write_text(self.path / METRICS, "".join(json.dumps(row) + "\n" for row in rows))
@@ -126,6 +127,9 @@ class RunDir:
         writer.writerows(rows)
         atomic_write_text(self.path / SUMMARY, table.getvalue())
         atomic_write_json(self.path / GRADFLOW, {"dataset": dataset, **state["history"]["gradflow"]})
+        landscape = state["history"].get("landscape") or {}
+        if landscape.get("every") or landscape.get("epochs"):
+            atomic_write_json(self.path / LANDSCAPE, {"dataset": dataset, **landscape})
 
     def restore(self, state: dict, config: dict, dataset: str, epochs: int) -> list[str]:
         """Make the directory agree with the epoch checkpoint `state` a run resumes from; return notes for the user.

@@ -47,6 +47,7 @@ from vggbench.data import (
 from vggbench.device import autocast, memory_format, setup_device
 from vggbench.distributed import DistEnv, main_rank_first, process_group
 from vggbench.gradflow import GradientFlowRecorder
+from vggbench.landscape.probe import LandscapeProbe
 from vggbench.models import VGG, build_model, convert_sync_batchnorm
 from vggbench.optim import make_optimizer, make_scheduler
 from vggbench.resume import resume_state
@@ -107,6 +108,7 @@ class Trainer:
         self.scheduler = make_scheduler(cfg, self.optimizer)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         self.recorder = GradientFlowRecorder(self.model, window=cfg.gradflow_every)
+        self.landscape = LandscapeProbe.for_trainer(self)
         self.metrics: list[dict] = []
         self.best = {"epoch": 0, "val_acc": -1.0}
         self.best_model: dict[str, torch.Tensor] = {}  # the best epoch's weights (on the CPU)
@@ -120,7 +122,8 @@ class Trainer:
             "world_size": self.env.world_size, "model": self.model.state_dict(), "best_model": self.best_model,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "history": {"metrics": self.metrics, "gradflow": self.recorder.state_dict(), "best": self.best},
+            "history": {"metrics": self.metrics, "gradflow": self.recorder.state_dict(), "best": self.best,
+                        "landscape": self.landscape.state_dict()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -135,6 +138,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.recorder.load_state_dict(state["history"]["gradflow"])
+        if "landscape" in state["history"]:  # checkpoints from before the probe have none
+            self.landscape.load_state_dict(state["history"]["landscape"])
         self.metrics = list(state["history"]["metrics"])
         self.best = dict(state["history"]["best"])
         self.epoch = state["epoch"]
@@ -253,6 +258,7 @@ class Trainer:
         row = {"epoch": epoch, "lr": lr, "dataset": self.splits.kind, **self.train_epoch(epoch)}
         self._share_rank0_buffers()
         row["val_loss"], row["val_acc"] = self.evaluate(self.splits.val, "validation")
+        self.landscape.record(epoch)  # at the lr the epoch trained with
         self.scheduler.step()
         flow = self.recorder.end_epoch(epoch)
         self.metrics.append({k: row[k] for k in METRIC_COLUMNS})

@@ -4,11 +4,14 @@ The benchmarks themselves are pytest-benchmark tests in `benchmarks/` (run them 
 `pytest benchmarks/ --benchmark-json out.json`); this package holds what they are built
 from and what turns their JSON into a report:
 
-  layers.py   layer-level cases: one conv -> BN -> (+residual) -> LeakyReLU unit, three
-              implementations, errors and saved bytes
-  models.py   model-level cases: a training step of VGG08 / VGG38 BN / VGG38 BN+RC
-  timing.py   rounds, device synchronisation, baselines timed interleaved for the speedups
-  machine.py  machine and software information
-  results.py  the benchmark JSON read back as records
-  report.py   report.md;  charts.py  the PNG charts;  __main__.py  the command
+  layer_cases.py  layer-level cases: one conv -> BN -> (+residual) -> LeakyReLU unit, three
+                  implementations, errors and saved bytes
+  model_cases.py  model-level cases: a training step of VGG08 / VGG38 BN / VGG38 BN+RC (and the
+                  landscape probe's cost on VGG38 BN+RC)
+  flow_cases.py   gradient-flow equivalence: native vs fused vs float64 over 20+ training steps
+  surface_cases.py  a loss surface (vggbench.landscape) on 1 vs 2 gloo ranks
+  timing.py       rounds, device synchronisation, baselines timed interleaved for the speedups
+  machine.py      machine and software information
+  results.py      the benchmark JSON read back as records
+  markdown.py     report.md;  charts.py  the PNG charts;  __main__.py  the command
 """

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vggbench.bench import charts, report, results
+from vggbench.bench import charts, markdown, results
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return status or 1
     run = results.load(json_path)
     written = charts.write_charts(run, args.out)
-    (args.out / "report.md").write_text(report.render(run, written))
+    (args.out / "report.md").write_text(markdown.render(run, written))
     print(f"wrote {json_path}, {args.out / 'report.md'} and {', '.join(written) or 'no charts'} in {args.out}")
     return status
 

@@ -1,4 +1,5 @@
-"""PNG charts of one run: speedup per layer shape, memory per model, images/s per model."""
+"""PNG charts of one run: speedup per layer shape, memory per model, images/s per model, gradient flow
+native vs fused per layer."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the non-interactive backend
 from matplotlib.ticker import FuncFormatter
 
-from vggbench.bench.layers import PASSES
-from vggbench.bench.models import MODEL_IMPLS
+from vggbench.bench.layer_cases import PASSES
+from vggbench.bench.model_cases import MODEL_IMPLS
 from vggbench.bench.results import Record, Results
 
 
@@ -77,10 +78,37 @@ def memory_chart(results: Results, path: Path) -> bool:
 
 def throughput_chart(results: Results, path: Path) -> bool:
     """Training images/s per model, per implementation."""
-    return _model_chart(results, path, "training images/s", lambda r: r.info["n"] / r.median_s)
+    return _model_chart(results, path, "training images/s", lambda r: r.info["n"] / r.median_s,
+                        impls=("native", "fused", "gradflow"))  # a landscape probe is not a training step
 
 
-CHARTS = {"speedup.png": speedup_chart, "memory.png": memory_chart, "throughput.png": throughput_chart}
+def flow_chart(results: Results, path: Path) -> bool:
+    """Mean |grad| per weight tensor (conv, linear), averaged over the steps: native as lines, fused as
+    markers, float64 dashed; one panel per model, log scale."""
+    if not results.flows:
+        return False
+    fig, axes = plt.subplots(1, len(results.flows), figsize=(4.2 * len(results.flows), 3.6), squeeze=False)
+    for ax, record in zip(axes[0], results.flows):
+        layers, per_layer = record.info["layers"], record.info["per_layer"]
+        index = [i for i, l in enumerate(layers) if l["param"] == "weight" and l["kind"] in ("conv", "linear")]
+        x = range(1, len(index) + 1)
+        ax.plot(x, [per_layer["native"]["mean_abs"][i] for i in index], "-", color="C0", label="native")
+        ax.plot(x, [per_layer["fused"]["mean_abs"][i] for i in index], "x", color="C3", label="fused")
+        ax.plot(x, [per_layer["float64"]["mean_abs"][i] for i in index], ":", color="black", linewidth=0.8,
+                label="float64")
+        ax.set_yscale("log")
+        ax.set_title(f"{record.info['label']} ({'PASS' if record.info['passed'] else 'FAIL'})", fontsize=10)
+        ax.set_xlabel("weight tensor (forward order)")
+        ax.set_ylabel(f"mean |grad| over {record.info['steps']} steps")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+CHARTS = {"speedup.png": speedup_chart, "memory.png": memory_chart, "throughput.png": throughput_chart,
+          "gradflow-equivalence.png": flow_chart}
 
 
 def write_charts(results: Results, out_dir: Path) -> list[str]:

@@ -25,17 +25,20 @@ class Record:
 
 @dataclass(frozen=True)
 class Results:
-    """A run of the suite: layer and model records in run order, the machine, the run's settings."""
+    """A run of the suite: layer, model and gradient-flow records in run order, the machine, the run's settings."""
 
     layers: list[Record]
     models: list[Record]
+    flows: list[Record]
+    surfaces: list[Record]
     machine: dict
     settings: dict
     datetime: str
 
     def find(self, group: str, impl: str) -> Record | None:
         """The record of `impl` in `group`, or None if it was not run."""
-        return next((r for r in (*self.layers, *self.models) if r.group == group and r.impl == impl), None)
+        return next((r for r in (*self.layers, *self.models, *self.surfaces) if r.group == group and r.impl == impl),
+                    None)
 
     def cases(self) -> list[str]:
         """Layer case names in run order, each once."""
@@ -57,6 +60,8 @@ def load(path: Path) -> Results:
     return Results(
         layers=[r for r in records if r.info.get("kind") == "layer"],
         models=[r for r in records if r.info.get("kind") == "model"],
+        flows=[r for r in records if r.info.get("kind") == "flow"],
+        surfaces=[r for r in records if r.info.get("kind") == "surface"],
         machine=data["machine_info"].get("vggbench", {}), settings=data.get("vggbench", {}),
         datetime=data.get("datetime", ""),
     )

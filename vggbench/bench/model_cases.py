@@ -8,6 +8,9 @@ channels_last. Implementations (timed in this order; `native` is the baseline):
   fused     build_model(..., impl="fused"), loaded with the native model's initial state
   gradflow  native plus GradientFlowRecorder.record() after backward, as train.py does:
             its time over `native`'s is the cost of recording the gradient flow
+  probe     not a step: one landscape probe (vggbench.landscape.probe, MULTIPLIERS) on the
+            case's batch, what `vggbench.train --landscape-every 1` adds per epoch; its cost
+            per epoch is its time over STEPS_PER_EPOCH native steps
 """
 
 from __future__ import annotations
@@ -20,14 +23,16 @@ import torch
 import torch.nn.functional as F
 
 from vggbench.gradflow import GradientFlowRecorder
+from vggbench.landscape.probe import probe
 from vggbench.memory import SavedBytes, saved_bytes
 from vggbench.models import VGG, build_model, model_label
 
 # id: (model name, variant)
 MODELS: dict[str, tuple[str, str]] = {"vgg08": ("vgg08", "plain"), "vgg38bn": ("vgg38", "bn"),
                                       "vgg38bnrc": ("vgg38", "bn_rc")}
-MODEL_IMPLS: tuple[str, ...] = ("native", "fused", "gradflow")
-GRADFLOW_MODEL = "vgg38bnrc"  # gradient-flow recording is measured on this model only
+MODEL_IMPLS: tuple[str, ...] = ("native", "fused", "gradflow", "probe")
+GRADFLOW_MODEL = "vgg38bnrc"  # gradient-flow recording and the landscape probe are measured on this model only
+STEPS_PER_EPOCH = 475  # the study's epoch: 47,500 training images in batches of 100
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,7 @@ class ModelCase:
     @property
     def impls(self) -> tuple[str, ...]:
         """The implementations benchmarked for this model."""
-        return tuple(impl for impl in MODEL_IMPLS if impl != "gradflow" or self.model == GRADFLOW_MODEL)
+        return tuple(impl for impl in MODEL_IMPLS if impl in ("native", "fused") or self.model == GRADFLOW_MODEL)
 
 
 def model_cases(quick: bool) -> list[ModelCase]:
@@ -75,7 +80,7 @@ class ModelBench:
 
     def model(self, impl: str) -> VGG:
         """A fresh model of `impl` in training mode, from the case's initial state."""
-        model = build_model(*MODELS[self.case.model], impl="native" if impl == "gradflow" else impl)
+        model = build_model(*MODELS[self.case.model], impl="fused" if impl == "fused" else "native")
         model.load_state_dict(self.state)
         return model.to(self.device, memory_format=torch.channels_last).train()
 
@@ -84,7 +89,10 @@ class ModelBench:
         return saved_bytes(lambda: model(self.images), exclude=[self.images, *model.parameters()])
 
     def step_fn(self, model: VGG, impl: str) -> Callable[[], None]:
-        """One training step of `model` (Adam, lr 1e-3), recording the gradient flow for `gradflow`."""
+        """One training step of `model` (Adam, lr 1e-3), recording the gradient flow for `gradflow`;
+        for `probe`, one landscape probe instead."""
+        if impl == "probe":
+            return lambda: probe(model, lambda forward: F.cross_entropy(forward(self.images), self.targets), lr=1e-3)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         recorder = GradientFlowRecorder(model) if impl == "gradflow" else None
 
