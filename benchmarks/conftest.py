@@ -73,7 +73,8 @@ def pytest_configure(config: pytest.Config) -> None:
     settings = _settings(config)
     if settings.device.type == "cuda":
         if not torch.cuda.is_available():
-            raise pytest.UsageError("--bench-device cuda: CUDA is not available on this machine; use --bench-device cpu")
+            raise pytest.UsageError("--bench-device cuda: CUDA is not available on this machine; "
+                                    "use --bench-device cpu")
         # float32 means IEEE float32 for every implementation (tests/test_ops.py does the same)
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False

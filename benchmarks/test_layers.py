@@ -5,17 +5,18 @@ side (vggbench/bench/layer_cases.py). extra_info records the case, the errors of
 gradients against native eager and against float64 native (max_abs, max_rel = max|a-b| /
 max|b|, norm_rel = ||a-b|| / ||b||), the float64 tolerance and whether it holds, the bytes
 saved for backward (training passes), and the speedup over eager (timed interleaved with its rounds).
-In quick mode the fused op's errors are asserted against the tolerances of tests/test_ops.py.
+In quick mode the fused op's errors are asserted against the tolerances of vggbench/tolerances.py
+(the op tests use them too).
 """
 
 from __future__ import annotations
 
-from tests.test_ops import TOLERANCES, Tolerance
 from vggbench.bench.layer_cases import DTYPES, UNITS
+from vggbench.tolerances import TOLERANCES, Tolerance
 
 
 def bound(tol: Tolerance, tensor: str) -> tuple[str, float]:
-    """(metric, bound) of `tensor` against float64, from tests/test_ops.py's tolerance: its
+    """(metric, bound) of `tensor` against float64, from vggbench/tolerances.py: its
     elementwise |a - e| <= atol * max|e| + rtol * |e| implies max_rel <= atol + rtol; gradients
     use its relative-norm bound where it has one (bfloat16)."""
     if tensor.startswith("grad_") and tol.grad is not None:
@@ -42,5 +43,5 @@ def test_layer(layer, benchmark, layer_bench, measure, settings) -> None:
     measure(bench.pass_fn(impl, pass_), group=case.group(pass_), policy=settings.layer_policy,
             baseline=None if impl == "eager" else bench.pass_fn("eager", pass_))
     if settings.quick and impl == "fused":
-        assert not exceeded, f"fused op off native float64 beyond tests/test_ops.py's tolerance: {exceeded}"
+        assert not exceeded, f"fused op off native float64 beyond vggbench/tolerances.py's tolerance: {exceeded}"
 

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vggbench.bench", *args], check=False, cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "vggbench.bench", *args], check=False, cwd=ROOT, capture_output=True,
+                          text=True,
                           timeout=1800)  # minutes on a loaded 2-core machine
 
 

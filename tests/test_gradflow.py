@@ -34,7 +34,7 @@ def test_statistics_are_the_epoch_average_of_each_step():
 
 def test_layers_are_described_in_forward_order():
     layers = describe_parameters(vgg08("bn"))
-    assert [l["kind"] for l in layers[:3]] == ["conv", "bn", "bn"]
+    assert [layer["kind"] for layer in layers[:3]] == ["conv", "bn", "bn"]
     assert layers[0] == {"name": "features.0.conv.weight", "shape": [32, 3, 3, 3], "kind": "conv", "param": "weight"}
     assert layers[-1]["kind"] == "linear" and layers[-1]["param"] == "bias"
 
@@ -54,7 +54,8 @@ def test_windows_and_history_round_trip():
         GradientFlowRecorder(vgg08("bn")).load_state_dict(recorder.state_dict())
 
 
-LAYERS = [{"kind": "conv", "param": "weight"}, {"kind": "conv", "param": "weight"}, {"kind": "linear", "param": "weight"}]
+LAYERS = [{"kind": "conv", "param": "weight"}, {"kind": "conv", "param": "weight"},
+          {"kind": "linear", "param": "weight"}]
 
 
 @pytest.mark.parametrize(

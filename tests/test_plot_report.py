@@ -64,7 +64,8 @@ def make_run(
     }
     (run / "gradflow.json").write_text(json.dumps(gradflow))
     if test_acc is not None:
-        test = {"best_epoch": epochs, "best_val_acc": 9.0 * epochs - seed, "test_loss": 1.5, "test_acc": test_acc + seed}
+        test = {"best_epoch": epochs, "best_val_acc": 9.0 * epochs - seed, "test_loss": 1.5,
+                "test_acc": test_acc + seed}
         (run / "test.json").write_text(json.dumps(test))
     return run
 

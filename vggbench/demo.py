@@ -48,7 +48,8 @@ def choose_dataset(requested: str, data_dir: str) -> str:
 def run_configs(args: argparse.Namespace, dataset: str) -> list[TrainConfig]:
     """The five study configurations with the demo's short protocol."""
     base = TrainConfig(
-        dataset=dataset, data_dir=args.data_dir, verify_checksums=args.verify_checksums, epochs=args.epochs, lr=args.lr, seed=args.seed,
+        dataset=dataset, data_dir=args.data_dir, verify_checksums=args.verify_checksums, epochs=args.epochs, lr=args.lr,
+        seed=args.seed,
         batch_size=100, val_size=args.val_size, train_limit=args.train_limit if dataset == "cifar100" else None,
         synthetic_train_size=args.synthetic_train_size, synthetic_test_size=args.synthetic_test_size,
         workers=args.workers, device=args.device, impl=args.impl, channels_last=True, progress=args.progress,

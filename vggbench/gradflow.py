@@ -44,7 +44,7 @@ def describe_parameters(model: nn.Module) -> list[dict]:
 
 def diagnose(layers: list[dict], mean_abs: list[float], max_abs: list[float]) -> dict:
     """Classify one epoch's gradient flow as vanishing / exploding / healthy (rule in module doc)."""
-    weights = {k: [i for i, l in enumerate(layers) if l["kind"] == k and l["param"] == "weight"]
+    weights = {k: [i for i, layer in enumerate(layers) if layer["kind"] == k and layer["param"] == "weight"]
                for k in ("conv", "linear")}
     rule = (f"ratio = first-conv / max(last-conv, classifier) mean|grad|; vanishing < {VANISHING_RATIO:g}, "
             f"exploding > {EXPLODING_RATIO:g} or non-finite")
@@ -128,6 +128,6 @@ class GradientFlowRecorder:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the history saved by `state_dict` (at an epoch boundary)."""
-        if [l["name"] for l in state["layers"]] != [l["name"] for l in self.layers]:
+        if [layer["name"] for layer in state["layers"]] != [layer["name"] for layer in self.layers]:
             raise ValueError("gradient-flow history was recorded for a different model")
         self.epochs, self.windows, self._step = list(state["epochs"]), list(state["windows"]), state["step"]

@@ -117,7 +117,8 @@ class RunDir:
                     old.unlink()
 
     def write_derived(self, state: dict, config: dict, dataset: str) -> None:
-        """config.json, metrics.jsonl, summary.csv, gradflow.json (and landscape.json) from an epoch checkpoint's `state`."""
+        """config.json, metrics.jsonl, summary.csv, gradflow.json (and landscape.json) from an epoch
+        checkpoint's `state`."""
         rows = state["history"]["metrics"]
         atomic_write_json(self.path / CONFIG, config)
         atomic_write_text(self.path / METRICS, "".join(json.dumps(row) + "\n" for row in rows))

@@ -90,7 +90,8 @@ def flow_chart(results: Results, path: Path) -> bool:
     fig, axes = plt.subplots(1, len(results.flows), figsize=(4.2 * len(results.flows), 3.6), squeeze=False)
     for ax, record in zip(axes[0], results.flows):
         layers, per_layer = record.info["layers"], record.info["per_layer"]
-        index = [i for i, l in enumerate(layers) if l["param"] == "weight" and l["kind"] in ("conv", "linear")]
+        index = [i for i, layer in enumerate(layers)
+                 if layer["param"] == "weight" and layer["kind"] in ("conv", "linear")]
         x = range(1, len(index) + 1)
         ax.plot(x, [per_layer["native"]["mean_abs"][i] for i in index], "-", color="C0", label="native")
         ax.plot(x, [per_layer["fused"]["mean_abs"][i] for i in index], "x", color="C3", label="fused")

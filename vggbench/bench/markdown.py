@@ -188,7 +188,8 @@ def errors_section(results: Results) -> list[str]:
             ("Outputs and gradients (input, weight, BN weight and bias, residual; eval output) after one training "
              "step and one eval forward from the same state. max_rel = max|a - b| / max|b| (relative to the "
              "tensor's scale, robust to entries near 0); norm_rel = ||a - b|| / ||b||. The tolerance is "
-             "tests/test_ops.py's, against native float64 on the same rounded inputs (worst tensor shown as "
+             "vggbench/tolerances.py's (the op tests' too), against native float64 on the same rounded inputs "
+             "(worst tensor shown as "
              "error / bound); native eager's own error is shown for scale."), "",
             *_table(("case", "fused vs eager max abs", "fused vs eager max rel", "fused vs float64 (worst)",
                      "within tolerance", "eager vs float64 max rel", "compile vs eager max rel"), rows)]
@@ -264,7 +265,7 @@ def flow_section(results: Results) -> list[str]:
     rows = []
     for r in results.flows:
         for stat, s in r.info["stats"].items():
-            def peak(key: str) -> str:
+            def peak(key: str, s: dict = s) -> str:
                 d = s[key]
                 return f"{d['max']:.2e} ({d['layer']}, step {d['step']})"
             rows.append((f"{r.info['label']}, batch {r.info['n']}, {r.info['size']}x{r.info['size']}",

@@ -37,7 +37,8 @@ class SurfaceCase:
 
     @property
     def group(self) -> str:
-        return f"surface-{self.model}{self.variant.replace('_', '')}-{self.resolution}x{self.resolution}-val{self.samples}"
+        grid = f"{self.resolution}x{self.resolution}"
+        return f"surface-{self.model}{self.variant.replace('_', '')}-{grid}-val{self.samples}"
 
 
 def surface_cases(quick: bool) -> list[SurfaceCase]:

@@ -43,7 +43,8 @@ LAYER_POLICY = TimingPolicy(warmup_rounds=2, min_rounds=10, max_rounds=200, targ
 MODEL_POLICY = TimingPolicy(warmup_rounds=2, min_rounds=5, max_rounds=50, target_seconds=5.0)
 
 
-def synchronized(fn: Callable[[], object], device: torch.device) -> tuple[Callable[[], object], Callable[[], None] | None]:
+def synchronized(fn: Callable[[], object],
+                 device: torch.device) -> tuple[Callable[[], object], Callable[[], None] | None]:
     """(target, setup) for benchmark.pedantic: on CUDA both synchronise the device, elsewhere no setup."""
     if device.type != "cuda":
         return fn, None

@@ -43,7 +43,8 @@ SPLITS = ("train", "val", "test")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     surface = commands.add_parser("surface", help="loss surface around a checkpoint (Li et al. 2018)",
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -172,7 +173,8 @@ def submit_surface(args: argparse.Namespace, argv: list[str]) -> int:
     tasks = args.ntasks_per_node or 1
     executor = slurm._executor(args, args.run_dir / slurm.LOG_DIR, tasks, "vggbench-surface")
     job = executor.submit(SurfaceJob(rank_argv))
-    print(f"submitted job {job.job_id} ({args.nodes} node(s) x {tasks} task(s)); logs in {args.run_dir / slurm.LOG_DIR}",
+    print(f"submitted job {job.job_id} ({args.nodes} node(s) x {tasks} task(s)); "
+          f"logs in {args.run_dir / slurm.LOG_DIR}",
           flush=True)
     if not args.wait:
         return 0
