@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from vggbench.data.loaders import TransformedView
+from vggbench.device import autocast
 from vggbench.run_dir import LANDSCAPE
 
 if TYPE_CHECKING:
@@ -127,7 +128,7 @@ class LandscapeProbe:
                            else (torch.empty(0, 3, 32, 32), torch.empty(0, dtype=torch.long)))  # off: no data read
         return cls(trainer.model, images.to(trainer.device, memory_format=trainer.memory_format),
                    targets.to(trainer.device), lambda: trainer.optimizer.param_groups[0]["lr"],
-                   every, trainer._autocast)
+                   every, lambda: autocast(trainer.cfg, trainer.device))
 
     def record(self, epoch: int) -> dict | None:
         """Probe after `epoch` when it is a multiple of `every`; the record, or None."""
