@@ -172,7 +172,7 @@ def test_bad_isa_switch_is_a_clear_error(value: str, message: str) -> None:
 @pytest.mark.parametrize(("call", "message"), [
     (lambda x, w: torch.ops.vggbench.winograd_conv(x, w, None, False, "sse"), "isa must be avx2 or avx512, got 'sse'"),
     (lambda x, w: torch.ops.vggbench.winograd_conv(x.contiguous(), w, None, False, "avx2"),
-     "x must be a float32 CPU tensor (N, C, H, W), channels_last"),
+     "x must be a non-empty float32 CPU tensor (N, C, H, W), channels_last"),
     (lambda x, w: torch.ops.vggbench.winograd_conv(x, w[:, :8], None, False, "avx2"), "with C = x's 16 channels"),
     (lambda x, w: torch.ops.vggbench.winograd_conv(x, w, torch.zeros(3), False, "avx2"), "bias must be float32 of shape (8)"),
     (lambda x, w: torch.ops.vggbench.winograd_weight_grad(x, x[:1], "avx2"), "must have the same N, H and W"),

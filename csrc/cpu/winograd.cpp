@@ -17,6 +17,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -48,9 +49,9 @@ Tiles tiles_of(const at::Tensor& t) {
   return {t.size(0), h, w, (h + kTile - 1) / kTile, (w + kTile - 1) / kTile};
 }
 
-// U[a*6+b][c][k] = (G w G^T)[a][b] for each 3x3 filter w from channel c to k (double),
-// one side at a time, in parallel over filters (a fixed cost per call, large next to the
-// conv itself on small maps).
+// U[a*6+b][c][k] = (G w G^T)[a][b] for each 3x3 filter w from channel c to k (double, one
+// side at a time). Serial: ~30 us for 32x32 filters, less
+// than starting the threads costs on a busy machine.
 std::vector<float> transform_weight(const at::Tensor& weight, bool transposed) {
   const at::Tensor w = weight.contiguous();
   const float* data = w.const_data_ptr<float>();
@@ -58,10 +59,9 @@ std::vector<float> transform_weight(const at::Tensor& weight, bool transposed) {
   // the conv's output and input channels: swapped for the transposed (input-gradient) conv
   const int64_t out_ch = transposed ? C : K, in_ch = transposed ? K : C;
   std::vector<float> u(kPoints * in_ch * out_ch);
-  at::parallel_for(0, K * C, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t filter = begin; filter < end; ++filter) {
-      const int64_t k = filter / C, c = filter % C;
-      const float* f = data + filter * 9;
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t c = 0; c < C; ++c) {
+      const float* f = data + (k * C + c) * 9;
       double g[3][3];
       for (int i = 0; i < 3; ++i)
         for (int j = 0; j < 3; ++j) g[i][j] = transposed ? f[(2 - i) * 3 + 2 - j] : f[i * 3 + j];
@@ -76,7 +76,7 @@ std::vector<float> transform_weight(const at::Tensor& weight, bool transposed) {
         }
       }
     }
-  });
+  }
   return u;
 }
 
@@ -147,7 +147,7 @@ bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, int64_t str
   return winograd_isa() != Isa::kNone && x.device().is_cpu() && x.scalar_type() == at::kFloat &&
          weight.scalar_type() == at::kFloat && x.dim() == 4 && weight.dim() == 4 &&
          weight.size(2) == 3 && weight.size(3) == 3 && stride == 1 && padding == 1 &&
-         x.size(1) % 8 == 0 && weight.size(0) % 8 == 0 &&
+         x.size(1) % 8 == 0 && weight.size(0) % 8 == 0 && x.numel() > 0 &&
          x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
@@ -179,30 +179,31 @@ at::Tensor winograd_weight_grad(const at::Tensor& x, const at::Tensor& grad, Isa
   const int64_t chunks = (blocks + kChunkBlocks - 1) / kChunkBlocks;
   // one float partial per chunk, summed in chunk order in double: the same result for
   // any number of threads
-  std::vector<float> partial(chunks * kPoints * C * K, 0.f);
+  const int64_t size = kPoints * C * K;
+  std::vector<float> partial(chunks * size, 0.f);
   const float* in = x.const_data_ptr<float>();
   const float* g = grad.const_data_ptr<float>();
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> v(kPoints * kBlockTiles * C), e(kPoints * kBlockTiles * K);
     for (int64_t chunk = begin; chunk < end; ++chunk)
-      kernels.weight_grad_chunk(in, g, C, K, tl, chunk, partial.data() + chunk * kPoints * C * K,
-                                v.data(), e.data());
+      kernels.weight_grad_chunk(in, g, C, K, tl, chunk, partial.data() + chunk * size, v.data(), e.data());
   });
   at::Tensor w = at::empty({K, C, 3, 3}, x.options().memory_format(at::MemoryFormat::Contiguous));
   float* out = w.mutable_data_ptr<float>();
-  const int64_t size = kPoints * C * K;
-  std::vector<double> total(size, 0.0);  // the chunks' sums, each entry in chunk order
-  at::parallel_for(0, size, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      const float* p = partial.data() + chunk * size;
-      for (int64_t i = begin; i < end; ++i) total[i] += p[i];
-    }
-  });
+  // per input channel: the chunks' sums (each entry in chunk order), then dW = G^T M G
   at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> total(kPoints * K);  // [p][k] of channel c
     for (int64_t c = begin; c < end; ++c) {
+      std::fill(total.begin(), total.end(), 0.0);
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        for (int p = 0; p < kPoints; ++p) {
+          const float* row = partial.data() + chunk * size + (p * C + c) * K;
+          for (int64_t k = 0; k < K; ++k) total[p * K + k] += row[k];
+        }
+      }
       for (int64_t k = 0; k < K; ++k) {
         double m[kWindow][kWindow];
-        for (int p = 0; p < kPoints; ++p) m[p / kWindow][p % kWindow] = total[(p * C + c) * K + k];
+        for (int p = 0; p < kPoints; ++p) m[p / kWindow][p % kWindow] = total[p * K + k];
         double half[kWindow][3];  // dW = G^T M G, one side at a time
         for (int a = 0; a < kWindow; ++a)
           for (int j = 0; j < 3; ++j) {

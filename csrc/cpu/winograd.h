@@ -23,8 +23,9 @@ const char* isa_name(Isa isa);
 Isa winograd_isa();
 
 // True when x (N, C, H, W) and weight (K, C, kH, kW) form a conv these kernels compute:
-// float32, x channels_last-contiguous, 3x3 kernel, stride 1, padding 1, C and K
-// multiples of 8, and an AVX2+FMA CPU.
+// float32, x channels_last-contiguous and not empty, 3x3 kernel, stride 1, padding 1, C
+// and K multiples of 8, and an AVX2+FMA CPU. (The 3-channel entry conv stays with ATen:
+// zero-padded to 8 channels, Winograd took 2.5-5x ATen's direct conv.)
 bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
                       int64_t padding);
 

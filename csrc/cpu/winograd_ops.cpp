@@ -19,11 +19,11 @@ Isa parse_isa(const std::string& name) {
   TORCH_CHECK(false, "isa must be avx2 or avx512, got '", name, "'");
 }
 
-// x or grad: float32, CPU, (N, C, H, W) channels_last with C a multiple of 8.
+// x or grad: float32, CPU, (N, C, H, W) channels_last, not empty, C a multiple of 8.
 void check_activation(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4 && t.size(1) % 8 == 0 &&
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4 && t.numel() > 0 && t.size(1) % 8 == 0 &&
                   t.is_contiguous(at::MemoryFormat::ChannelsLast),
-              name, " must be a float32 CPU tensor (N, C, H, W), channels_last, C a multiple of 8; got ",
+              name, " must be a non-empty float32 CPU tensor (N, C, H, W), channels_last, C a multiple of 8; got ",
               t.sizes(), " ", t.scalar_type(), " on ", t.device());
 }
 
