@@ -24,6 +24,8 @@ from vggbench.models.vgg import (
 OPTIMIZERS = ("adam", "sgd", "adamw")
 SCHEDULERS = ("cosine", "cosine_restarts", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# --impl auto: chosen at run start (vggbench.device.choose_impl), recorded resolved
+IMPL_CHOICES = ("auto", *IMPLS)
 # Options that say where or how a run executes, not what it trains; they may change on
 # --resume and do not distinguish configurations.
 # impl is runtime too: both implementations compute the same model from the same
@@ -78,8 +80,10 @@ class TrainConfig:
     negative_slope: float = opt(0.01, "LeakyReLU negative slope (0 gives ReLU)", group="model")
     bn_position: str = opt("before", "BatchNorm before the activation (the study) or after it", NORM_POSITIONS,
                            group="model")
-    impl: str = opt("native", "layers: native PyTorch, or the fused conv->BN->act C++/CUDA op "
-                    "(same weights and checkpoints)", IMPLS, group="model")
+    impl: str = opt("auto", "layers: native PyTorch, or the fused conv->BN->act C++/CUDA op "
+                    "(same weights and checkpoints), or auto: fused where it is the faster (on the CPU "
+                    "with --channels-last, fp32 and the Winograd kernels), else native", IMPL_CHOICES,
+                    group="model")
     dataset: str = opt("cifar100", "cifar100 (torchvision's CIFAR100 from --data-dir) or synthetic "
                        "(deterministic learnable stand-in with CIFAR-100's shapes)", DATASETS, group="data")
     data_dir: str = opt("data", "directory holding cifar-100-python/ (or where --download puts it)", group="data")
@@ -150,11 +154,12 @@ class TrainConfig:
         return {k: getattr(self, k) for k in RUNTIME_OPTIONS}
 
     def model_spec(self) -> dict:
-        """The keyword arguments of vggbench.models.build_model for this config's model."""
+        """The keyword arguments of vggbench.models.build_model for this config's model
+        (`impl` auto, unresolved outside a run: the native layers, same parameters)."""
         return {"name": self.model, "variant": self.variant, "filters": self.filters, "stages": self.stages,
                 "convs_per_block": self.convs_per_block, "residual_reduction": self.residual_reduction,
                 "activation": self.activation, "negative_slope": self.negative_slope,
-                "bn_position": self.bn_position, "impl": self.impl}
+                "bn_position": self.bn_position, "impl": self.impl if self.impl in IMPLS else "native"}
 
     def validate(self) -> TrainConfig:
         """Raise ConfigError naming the first impossible value; return self."""

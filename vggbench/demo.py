@@ -19,12 +19,11 @@ from pathlib import Path
 
 from vggbench import plot, report
 from vggbench.checkpoint import CheckpointError, atomic_write_text, epoch_checkpoints
-from vggbench.config import ConfigError, TrainConfig
+from vggbench.config import IMPL_CHOICES, ConfigError, TrainConfig
 from vggbench.data import DataError, cifar100_available, prepare_cifar100
 from vggbench.landscape.plots import plot_comparison as plot_landscapes
 from vggbench.landscape.plots import plot_run as plot_landscape
 from vggbench.landscape.probe import final_smoothness
-from vggbench.models import IMPLS
 from vggbench.runs import load_run
 from vggbench.train import SYNTHETIC_BANNER, train
 
@@ -122,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="synthetic only: test images (default: 1000)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (default: 0, best on 2 cores)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
-    parser.add_argument("--impl", default="native", choices=IMPLS,
-                        help="layers: native PyTorch or the fused C++/CUDA op (default: native)")
+    parser.add_argument("--impl", default="auto", choices=IMPL_CHOICES,
+                        help="layers: native PyTorch, the fused C++/CUDA op, or auto: fused where it is the "
+                        "faster (on the CPU: fp32 channels_last Winograd convs), else native (default: auto)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="tqdm progress bars (default: only on a terminal)")
     return parser

@@ -1,4 +1,5 @@
-"""The device and numerics a run uses: --device, --precision, --deterministic, --channels-last."""
+"""The device and numerics a run uses: --device, --precision, --deterministic, --channels-last,
+and which layers compute them (--impl auto)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,31 @@ def setup_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
     check_precision(cfg.precision, device)
     configure_determinism(cfg.deterministic, device)
     return device
+
+
+def choose_impl(cfg: TrainConfig, device: torch.device) -> tuple[str, str]:
+    """--impl auto: ("fused", why) where the fused op is the faster, else ("native", why).
+
+    Faster, as measured by the benchmarks: on the CPU, float32 channels_last, where its 3x3
+    convs run as Winograd (an AVX2+FMA or AVX-512 CPU). bf16 and contiguous layouts go
+    through ATen's convs there and gain nothing; the CUDA op is kept for explicit choice.
+    """
+    if device.type != "cpu":
+        return "native", f"on {device.type} the fused op is not the faster; --impl fused uses it"
+    if not cfg.channels_last:
+        return "native", "the fused op is faster only with --channels-last"
+    if cfg.precision != "fp32":
+        return "native", f"--precision {cfg.precision}: the fused op's convs are fast in fp32 only"
+    if cfg.activation != "leaky_relu" or cfg.bn_position != "before":
+        return "native", "the fused op computes conv -> BN -> LeakyReLU only"
+    try:
+        from vggbench import ops  # noqa: F401  (loads the extension: torch.ops.vggbench.*)
+    except ImportError:
+        return "native", "the C++ extension is not built"
+    isa = torch.ops.vggbench.winograd_isa()
+    if isa == "none":
+        return "native", "this CPU has no AVX2+FMA for the fused op's Winograd convs"
+    return "fused", f"Winograd convs on {isa.upper()}, channels_last, fp32"
 
 
 def memory_format(cfg: TrainConfig) -> torch.memory_format:

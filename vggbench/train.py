@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -44,7 +44,7 @@ from vggbench.data import (
     epoch_generator,
     rank_shard,
 )
-from vggbench.device import autocast, memory_format, setup_device
+from vggbench.device import autocast, choose_impl, memory_format, setup_device
 from vggbench.distributed import DistEnv, main_rank_first, process_group
 from vggbench.gradflow import GradientFlowRecorder
 from vggbench.landscape.probe import LandscapeProbe
@@ -331,6 +331,11 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, env: DistEnv | Non
     cfg, state = resume_state(cfg.validate(), explicit, env.world_size)
     cfg.validate()  # runtime options taken from the checkpoint meet the saved configuration
     device = setup_device(cfg, env)
+    if cfg.impl == "auto":
+        impl, why = choose_impl(cfg, device)
+        cfg = replace(cfg, impl=impl)
+        if env.is_main:
+            print(f"[{cfg.label}] layers: {impl} (--impl auto: {why}; --impl native or fused to choose)", flush=True)
     check_memory(cfg, device, env.world_size)
     # every rank has checked the run directory before any rank can pass the rendezvous and write to it
     with process_group(env, device, timedelta(seconds=cfg.dist_timeout)):

@@ -1,0 +1,42 @@
+// Internal to the Winograd convs (winograd.cpp): the tiling shared by every instruction
+// set, and the per-instruction-set kernels, compiled once per set from winograd_simd.h by
+// winograd_avx2.cpp and winograd_avx512.cpp. Raw pointers only: the kernels run on
+// buffers the caller owns, so nothing instruction-set specific crosses into std or ATen.
+#pragma once
+
+#include <cstdint>
+
+namespace vggbench::cpu::winograd {
+
+constexpr int kTile = 4, kWindow = 6, kPoints = kWindow * kWindow;
+constexpr int64_t kBlockTiles = 18;   // tiles per block: transforms + products ~300 KB for C=K=32
+constexpr int64_t kChunkBlocks = 16;  // blocks per weight-gradient partial sum
+
+// The tiles of an (N, H, W) output: tile t covers rows 4*ty.. and columns 4*tx.. of image n.
+struct Tiles {
+  int64_t n, h, w, rows, cols;
+  int64_t count() const { return n * rows * cols; }
+  void locate(int64_t t, int64_t& image, int64_t& top, int64_t& left) const {
+    image = t / (rows * cols);
+    const int64_t r = t % (rows * cols);
+    top = (r / cols) * kTile, left = (r % cols) * kTile;
+  }
+};
+
+// The kernels of one instruction set. Channel counts are multiples of `width`.
+struct Kernels {
+  int width;  // floats per vector register
+  // y for the tiles of blocks [begin, end): U holds the transformed weights
+  // [point][in][out]; v, m: scratch of kPoints * kBlockTiles * C (resp. K) floats.
+  void (*conv_blocks)(const float* x, const float* u, const float* bias, int64_t C, int64_t K,
+                      const Tiles& tl, int64_t begin, int64_t end, float* y, float* v, float* m);
+  // partial[p] (C x K) += V[p]^T E[p] over the tiles of chunk `chunk` (kChunkBlocks
+  // blocks); v, e: scratch as above.
+  void (*weight_grad_chunk)(const float* x, const float* g, int64_t C, int64_t K,
+                            const Tiles& tl, int64_t chunk, float* partial, float* v, float* e);
+};
+
+extern const Kernels kAvx2Kernels;    // AVX2 + FMA, 8 floats
+extern const Kernels kAvx512Kernels;  // AVX-512 F/BW/VL, 16 floats
+
+}  // namespace vggbench::cpu::winograd

@@ -1,0 +1,183 @@
+"""The CPU's Winograd convs on every instruction-set path this CPU supports (AVX2+FMA,
+AVX-512): accuracy against float64 relative to native float32's, the same bits on every path
+and thread count, the forced-AVX2 switch (VGGBENCH_CPU_ISA) in a process of its own, and the
+errors for bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vggbench import ops  # noqa: F401  (loads the extension: torch.ops.vggbench.*)
+
+ROOT = Path(__file__).resolve().parent.parent
+WIDEST = torch.ops.vggbench.winograd_isa()
+# the paths this CPU supports, narrowest first (AVX-512 CPUs have AVX2 too)
+ISAS = {"none": [], "avx2": ["avx2"], "avx512": ["avx2", "avx512"]}[WIDEST]
+# (N, C, K, H): partial edge tiles (5, 9, 13), channel counts that fill 8-float registers
+# but not 16-float ones (8, 24: AVX-512 falls back to its AVX2 kernels), the study's 32
+SHAPES = [(3, 8, 16, 9), (2, 16, 24, 5), (4, 32, 32, 16), (8, 32, 32, 8), (2, 48, 32, 13)]
+# Floor of the relative error: the transforms round each of the 36 points a few times with
+# coefficients up to 8, a few float32 ulps whatever the sum's length, while native's error
+# shrinks on short sums.
+FLOOR = 8 * torch.finfo(torch.float32).eps
+
+
+def channels_last(*shape: int, seed: int, scale: float = 1.0) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=gen) * scale).contiguous(memory_format=torch.channels_last)
+
+
+def operands(n: int, c: int, k: int, h: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x (N, C, H, H), weight (K, C, 3, 3) scaled to keep activations O(1), bias (K,), and an
+    output gradient (N, K, H, H); seeded by the shape."""
+    seed = n * 1000003 + c * 1009 + k * 31 + h
+    x = channels_last(n, c, h, h, seed=seed)
+    weight = torch.randn(k, c, 3, 3, generator=torch.Generator().manual_seed(seed + 1)) / (9 * c) ** 0.5
+    bias = torch.randn(k, generator=torch.Generator().manual_seed(seed + 2))
+    return x, weight, bias, channels_last(n, k, h, h, seed=seed + 3)
+
+
+# Each conv computed three ways: (fused on `isa`, native float32, float64 truth).
+def forward(x: Tensor, w: Tensor, b: Tensor, gy: Tensor) -> tuple[Callable[[str], Tensor], Callable[..., Tensor]]:
+    return (lambda isa: torch.ops.vggbench.winograd_conv(x, w, b, False, isa),
+            lambda dt: F.conv2d(x.to(dt), w.to(dt), b.to(dt), padding=1))
+
+
+def input_grad(x: Tensor, w: Tensor, b: Tensor, gy: Tensor) -> tuple[Callable[[str], Tensor], Callable[..., Tensor]]:
+    return (lambda isa: torch.ops.vggbench.winograd_conv(gy, w, None, True, isa),
+            lambda dt: torch.nn.grad.conv2d_input(x.shape, w.to(dt), gy.to(dt), padding=1))
+
+
+def weight_grad(x: Tensor, w: Tensor, b: Tensor, gy: Tensor) -> tuple[Callable[[str], Tensor], Callable[..., Tensor]]:
+    return (lambda isa: torch.ops.vggbench.winograd_weight_grad(x, gy, isa),
+            lambda dt: torch.nn.grad.conv2d_weight(x.to(dt), w.shape, gy.to(dt), padding=1))
+
+
+CONVS = {"forward": forward, "input_grad": input_grad, "weight_grad": weight_grad}
+
+
+def relative_error(value: Tensor, truth: Tensor) -> float:
+    return ((value.double() - truth).norm() / truth.norm()).item()
+
+
+@contextmanager
+def threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_widest_path_is_the_cpus() -> None:
+    """Unforced, the kernels use the widest instruction set the CPU has."""
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    if os.environ.get("VGGBENCH_CPU_ISA"):
+        assert WIDEST == os.environ["VGGBENCH_CPU_ISA"]
+    elif {"avx512f", "avx512bw", "avx512vl", "avx2", "fma"} <= set(flags):
+        assert WIDEST == "avx512"
+    elif {"avx2", "fma"} <= set(flags):
+        assert WIDEST == "avx2"
+    else:
+        assert WIDEST == "none"
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-C{}-K{}-H{}".format(*s))
+@pytest.mark.parametrize("conv", CONVS)
+@pytest.mark.parametrize("isa", ISAS)
+def test_matches_float64_like_native(isa: str, conv: str, shape: tuple[int, int, int, int]) -> None:
+    """Relative error against float64 within 4x native float32's on the same data (+ FLOOR)."""
+    fused, native = CONVS[conv](*operands(*shape))
+    truth = native(torch.float64)
+    native_error = relative_error(native(torch.float32), truth)
+    out = fused(isa)
+    assert out.dtype == torch.float32 and out.shape == truth.shape
+    assert relative_error(out, truth) <= 4 * native_error + FLOOR
+
+
+@pytest.mark.parametrize("conv", CONVS)
+def test_same_bits_on_every_path_and_thread_count(conv: str) -> None:
+    """Each lane does the same operations in the same order on every path, and sums run over
+    fixed chunks in order: the results are bitwise the same for any path and thread count."""
+    fused, _ = CONVS[conv](*operands(16, 32, 32, 16))
+    with threads(1):
+        expected = fused("avx2")
+    for isa in ISAS:
+        for count in (1, 2, 3):
+            with threads(count):
+                assert torch.equal(fused(isa), expected), (isa, count)
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"PYTHONPATH": str(ROOT)} | env)
+
+
+# A BN+residual unit's training step (forward, backward) through the fused op: saves the
+# output and gradients to $RESULT and prints the paths in use.
+UNIT_STEP = """
+import json, os, torch, vggbench
+from vggbench import ops
+gen = torch.Generator().manual_seed(0)
+cl = lambda *s: torch.randn(*s, generator=gen).contiguous(memory_format=torch.channels_last)
+x, res = cl(8, 32, 12, 12).requires_grad_(), cl(8, 32, 12, 12)
+w = (torch.randn(32, 32, 3, 3, generator=gen) / 17).requires_grad_()
+gamma, beta = torch.rand(32, generator=gen).add(0.5).requires_grad_(), torch.randn(32, generator=gen)
+out = ops.conv_bn_act(x, w, None, gamma, beta, residual=res, padding=1, training=True)
+grads = torch.autograd.grad(out, [x, w, gamma], cl(8, 32, 12, 12))
+torch.save([out.detach(), *grads], os.environ["RESULT"])
+print(json.dumps({"winograd": torch.ops.vggbench.winograd_isa(), "aten": torch.backends.cpu.get_cpu_capability()}))
+"""
+
+
+@pytest.mark.skipif("avx2" not in ISAS, reason="this CPU has no AVX2+FMA: the kernels do not run")
+def test_forced_avx2_process_gives_the_same_unit_results(tmp_path: Path) -> None:
+    """VGGBENCH_CPU_ISA=avx2 (with ATen and oneDNN held to AVX2 too, as on an AVX2-only CPU):
+    the fused unit's training step runs on the AVX2 kernels and gives the same bits as the
+    default (widest) path of this process."""
+    forced = run_python(UNIT_STEP, RESULT=str(tmp_path / "avx2.pt"), VGGBENCH_CPU_ISA="avx2",
+                        ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads(forced.stdout.splitlines()[-1]) == {"winograd": "avx2", "aten": "AVX2"}
+    default = run_python(UNIT_STEP, RESULT=str(tmp_path / "default.pt"), VGGBENCH_CPU_ISA="")
+    assert default.returncode == 0, default.stderr
+    assert json.loads(default.stdout.splitlines()[-1])["winograd"] == WIDEST
+    for a, b in zip(torch.load(tmp_path / "avx2.pt"), torch.load(tmp_path / "default.pt"), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("sse2", "VGGBENCH_CPU_ISA must be avx2 or avx512 (or unset: the widest this CPU has), got 'sse2'"),
+    *([("avx512", "VGGBENCH_CPU_ISA=avx512: this CPU lacks it")] if WIDEST == "avx2" else []),
+])
+def test_bad_isa_switch_is_a_clear_error(value: str, message: str) -> None:
+    result = run_python("import torch, vggbench.ops; torch.ops.vggbench.winograd_isa()", VGGBENCH_CPU_ISA=value)
+    assert result.returncode != 0 and message in result.stderr
+
+
+@pytest.mark.skipif("avx2" not in ISAS, reason="this CPU has no AVX2+FMA: the kernels do not run")
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda x, w: torch.ops.vggbench.winograd_conv(x, w, None, False, "sse"), "isa must be avx2 or avx512, got 'sse'"),
+    (lambda x, w: torch.ops.vggbench.winograd_conv(x.contiguous(), w, None, False, "avx2"),
+     "x must be a non-empty float32 CPU tensor (N, C, H, W), channels_last"),
+    (lambda x, w: torch.ops.vggbench.winograd_conv(x, w[:, :8], None, False, "avx2"), "with C = x's 16 channels"),
+    (lambda x, w: torch.ops.vggbench.winograd_conv(x, w, torch.zeros(3), False, "avx2"), "bias must be float32 of shape (8)"),
+    (lambda x, w: torch.ops.vggbench.winograd_weight_grad(x, x[:1], "avx2"), "must have the same N, H and W"),
+])
+def test_bad_inputs_are_clear_errors(call: Callable[[Tensor, Tensor], Tensor], message: str) -> None:
+    x, w = channels_last(2, 16, 5, 5, seed=0), torch.randn(8, 16, 3, 3)
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        call(x, w)
