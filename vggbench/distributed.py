@@ -252,12 +252,11 @@ def main_rank_first(env: DistEnv, timeout: timedelta = DATA_TIMEOUT) -> Iterator
     if not env.distributed:
         yield
         return
+    # left to process_group's teardown, which destroys every group: destroying it here, while
+    # the other rank may still be finishing the barrier, made ranks abort at exit now and then
     group = dist.new_group(backend="gloo", timeout=timeout)
-    try:
-        if not env.is_main:
-            dist.barrier(group)
-        yield
-        if env.is_main:
-            dist.barrier(group)
-    finally:
-        dist.destroy_process_group(group)
+    if not env.is_main:
+        dist.barrier(group)
+    yield
+    if env.is_main:
+        dist.barrier(group)
