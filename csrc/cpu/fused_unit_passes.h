@@ -1,0 +1,281 @@
+// The CPU passes over activations of the fused unit (see ../fused_unit.h): float, double
+// and bfloat16 activations. Compiled twice, into each file's own anonymous namespace: for the
+// baseline x86-64 ISA (fused_unit_kernel.cpp) and for AVX2 (fused_unit_kernel_avx2.cpp, used
+// where the CPU has it: twice the vector width for the backward's recovery rule). Neither
+// build may contract into FMAs (AVX2 alone has none), so both give the same bits.
+//
+// Reductions run over fixed blocks of rows, combined in block order, so results do not
+// depend on the number of threads. Within a block, values are summed in the compute type
+// (float for float/bfloat16) over spans of a few values per channel, and the spans in
+// double: vectorisable loops, and float rounding over at most kSpan / kLanes = kRows terms
+// in a row (NCHW: kLanes partial sums over kSpan values; NHWC: kRows rows).
+// Per-element options (residual, recovery of xhat, ...) are template parameters, so every
+// inner loop is branch-free and the compiler vectorises it.
+#pragma once
+
+#include "../backward_view.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/record_function.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <vector>
+
+// after every include: only the passes below are compiled for AVX2, nothing shared with
+// the baseline build
+#ifdef VGGBENCH_CPU_PASSES_AVX2
+#pragma GCC push_options
+#pragma GCC target("avx2")
+#endif
+
+namespace vggbench {
+namespace {
+
+
+constexpr int64_t kBlockElements = 1 << 15;  // elements per reduction block (~L2-sized)
+constexpr int64_t kSpan = 256;               // values per channel summed before widening
+constexpr int kLanes = 8;                    // independent partial sums along a contiguous run
+constexpr int64_t kRows = kSpan / kLanes;    // NHWC rows summed per channel before widening
+
+// fn(flags...) with each runtime bool turned into std::true_type / std::false_type, so
+// per-element options become compile-time constants (`if constexpr`).
+template <typename F>
+void with_flags(F fn) {
+  fn();
+}
+template <typename F, typename... Rest>
+void with_flags(F fn, bool first, Rest... rest) {
+  if (first) {
+    with_flags([&](auto... flags) { fn(std::true_type{}, flags...); }, rest...);
+  } else {
+    with_flags([&](auto... flags) { fn(std::false_type{}, flags...); }, rest...);
+  }
+}
+
+// Per-channel reductions of W values per element: entries [0, Sums) are summed, the
+// rest are maxima. value(i, c) returns the W values of the element at offset i, channel c.
+// Returns W*C doubles (entry w*C + c), blocks of rows combined in order.
+template <typename acc_t, int W, int Sums, typename Value>
+std::vector<double> reduce_channels(const Geometry& g, Value value) {
+  const int64_t C = g.channels;
+  const auto combine = [](int w, auto a, auto b) { return w < Sums ? a + b : std::max(a, b); };
+  const int64_t rows = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(1, C * g.inner));
+  const int64_t blocks = (g.outer + rows - 1) / rows;
+  std::vector<double> partial(blocks * W * C, 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const Value value_of = value;  // a local copy: its captures stay in registers
+    std::vector<acc_t> acc(W * C);
+    for (int64_t b = begin; b < end; ++b) {
+      double* out = partial.data() + b * W * C;
+      const int64_t first = b * rows, last = std::min(g.outer, first + rows);
+      if (g.inner == 1) {  // NHWC: channels contiguous, accumulate across rows
+        for (int64_t o = first; o < last; o += kRows) {
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          for (int64_t r = o; r < std::min(last, o + kRows); ++r) {
+#pragma GCC ivdep
+            for (int64_t c = 0; c < C; ++c) {
+              const std::array<acc_t, W> v = value_of(r * C + c, c);
+              for (int w = 0; w < W; ++w) acc[w * C + c] = combine(w, acc[w * C + c], v[w]);
+            }
+          }
+          for (int w = 0; w < W; ++w) {  // no j / C: a division per entry would cost more than the sums
+            for (int64_t c = 0; c < C; ++c) out[w * C + c] = combine(w, out[w * C + c], double(acc[w * C + c]));
+          }
+        }
+        continue;
+      }
+      for (int64_t o = first; o < last; ++o) {  // NCHW: a contiguous run per channel
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t base = (o * C + c) * g.inner;
+          for (int64_t s = 0; s < g.inner; s += kSpan) {
+            const int64_t n = std::min(kSpan, g.inner - s);
+            std::array<std::array<acc_t, kLanes>, W> lanes{};
+            int64_t i = 0;
+            for (; i + kLanes <= n; i += kLanes) {
+#pragma GCC ivdep
+              for (int l = 0; l < kLanes; ++l) {
+                const std::array<acc_t, W> v = value_of(base + s + i + l, c);
+                for (int w = 0; w < W; ++w) lanes[w][l] = combine(w, lanes[w][l], v[w]);
+              }
+            }
+            for (; i < n; ++i) {
+              const std::array<acc_t, W> v = value_of(base + s + i, c);
+              for (int w = 0; w < W; ++w) lanes[w][0] = combine(w, lanes[w][0], v[w]);
+            }
+            for (int w = 0; w < W; ++w) {
+              for (int l = 0; l < kLanes; ++l) out[w * C + c] = combine(w, out[w * C + c], double(lanes[w][l]));
+            }
+          }
+        }
+      }
+    }
+  });
+  std::vector<double> total(W * C, 0.0);  // an empty batch: sums 0 (and maxima 0)
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int w = 0; w < W; ++w) {
+      for (int64_t c = 0; c < C; ++c) total[w * C + c] = combine(w, total[w * C + c], partial[(b * W + w) * C + c]);
+    }
+  }
+  return total;
+}
+
+// Calls fn(i, c) for every element, in parallel over rows, innermost over the contiguous
+// dimension (H*W for NCHW, the channels for NHWC).
+template <typename F>
+void for_each_element(const Geometry& g, F fn) {
+  const int64_t grain = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(1, g.channels * g.inner));
+  at::parallel_for(0, g.outer, grain, [&](int64_t first, int64_t end) {
+    const F fn_copy = fn;  // a local copy: its captures stay in registers, not re-read after stores
+    for (int64_t o = first; o < end; ++o) {
+      if (g.inner == 1) {
+#pragma GCC ivdep
+        for (int64_t c = 0; c < g.channels; ++c) fn_copy(o * g.channels + c, c);
+        continue;
+      }
+      for (int64_t c = 0; c < g.channels; ++c) {
+        const int64_t base = (o * g.channels + c) * g.inner;
+#pragma GCC ivdep
+        for (int64_t i = base; i < base + g.inner; ++i) fn_copy(i, c);
+      }
+    }
+  });
+}
+
+Tensor channel_tensor(const std::vector<double>& values, int64_t offset, int64_t channels,
+                      const Tensor& like) {
+  Tensor t = at::empty({channels}, like.options().dtype(stats_dtype(like.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "vggbench_channel_tensor", [&] {
+    auto* out = t.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < channels; ++c) out[c] = static_cast<scalar_t>(values[offset + c]);
+  });
+  return t;
+}
+
+std::tuple<Tensor, Tensor> channel_stats(const Tensor& z) {
+  RECORD_FUNCTION("vggbench::cpu::channel_stats", {});  // the pass, in profiles
+  const Geometry g = geometry_of(z);
+  const int64_t C = g.channels;
+  std::vector<double> mean(C, 0.0), var(C, 0.0);  // an empty batch: 0 and 0
+  if (g.count() > 0) AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "vggbench_channel_stats", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* data = z.const_data_ptr<scalar_t>();
+    // sums of z - shift, shift = one sample of the channel: no cancellation when |mean| >> std
+    std::vector<acc_t> shift(C);
+    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc_t>(data[c * g.inner]);
+    const acc_t* sh = shift.data();
+    const auto sums = reduce_channels<acc_t, 2, 2>(g, [=](int64_t i, int64_t c) {
+      const acc_t d = static_cast<acc_t>(data[i]) - sh[c];
+      return std::array<acc_t, 2>{d, d * d};
+    });
+    for (int64_t c = 0; c < C; ++c) {
+      math::mean_var(sums[c], sums[C + c], static_cast<double>(shift[c]),
+                     static_cast<double>(g.count()), mean[c], var[c]);
+    }
+  });
+  return {channel_tensor(mean, 0, C, z), channel_tensor(var, 0, C, z)};
+}
+
+void normalize_act(const Tensor& z, const OptTensor& scale, const OptTensor& shift,
+                   const OptTensor& residual, double slope, const Tensor& out) {
+  RECORD_FUNCTION("vggbench::cpu::normalize_act", {});  // the pass, in profiles
+  const Geometry g = geometry_of(z);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "vggbench_normalize_act", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* in = z.const_data_ptr<scalar_t>();
+    const scalar_t* res = data_or_null<scalar_t>(residual);
+    const acc_t* sc = data_or_null<acc_t>(scale);
+    const acc_t* sh = data_or_null<acc_t>(shift);
+    scalar_t* y = out.mutable_data_ptr<scalar_t>();
+    const auto s = static_cast<acc_t>(slope);
+    with_flags([&](auto affine, auto add_residual) {
+      for_each_element(g, [=](int64_t i, int64_t c) {
+        acc_t v = static_cast<acc_t>(in[i]);
+        if constexpr (affine) v = v * sc[c] + sh[c];
+        if constexpr (add_residual) v += static_cast<acc_t>(res[i]);
+        y[i] = static_cast<scalar_t>(math::leaky_relu(v, s));
+      });
+    }, sc != nullptr, res != nullptr);
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
+  RECORD_FUNCTION("vggbench::cpu::backward_reduce", {});  // the pass, in profiles
+  const Geometry g = geometry_of(in.out);
+  const int64_t C = g.channels;
+  constexpr int kTerms = math::kRecoveryTerms;
+  std::vector<double> sums, flags(C, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, in.out.scalar_type(), "vggbench_backward_reduce", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const BackwardView<scalar_t> e(in);
+    if (in.xhat) {  // sum(g), sum(g * xhat)
+      sums = reduce_channels<acc_t, 2, 2>(g, [=](int64_t i, int64_t c) {
+        const acc_t gi = e.g(i);
+        return std::array<acc_t, 2>{gi, gi * static_cast<acc_t>(e.xhat[i])};
+      });
+      return;
+    }
+    with_flags([&](auto has_res) {  // the recovery rule's terms, sum(g) and sum(g * xhat) first
+      sums = reduce_channels<acc_t, kTerms, kTerms>(g, [=](int64_t i, int64_t c) {
+        acc_t t[kTerms];
+        e.template recovery_terms<has_res>(i, c, t);
+        std::array<acc_t, kTerms> v;
+        for (int w = 0; w < kTerms; ++w) v[w] = t[w];
+        return v;
+      });
+    }, in.residual.has_value());
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t channel[kTerms];
+      for (int w = 0; w < kTerms; ++w) channel[w] = static_cast<acc_t>(sums[w * C + c]);
+      flags[c] = e.recompute_flag(channel, static_cast<acc_t>(g.count()), c);
+    }
+  });
+  return {channel_tensor(sums, 0, C, in.out), channel_tensor(sums, C, C, in.out),
+          channel_tensor(flags, 0, C, in.out)};
+}
+
+void backward_apply(const BackwardInputs& in, const OptTensor& k, const OptTensor& mean_g,
+                    const OptTensor& mean_gx, const Tensor& grad_z,
+                    const OptTensor& grad_residual) {
+  RECORD_FUNCTION("vggbench::cpu::backward_apply", {});  // the pass, in profiles
+  const Geometry g = geometry_of(in.out);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, in.out.scalar_type(), "vggbench_backward_apply", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* kk = data_or_null<acc_t>(k);
+    const acc_t* mg = data_or_null<acc_t>(mean_g);
+    const acc_t* mgx = data_or_null<acc_t>(mean_gx);
+    scalar_t* dz = grad_z.mutable_data_ptr<scalar_t>();
+    scalar_t* dres = grad_residual ? grad_residual->mutable_data_ptr<scalar_t>() : nullptr;
+    const bool batch_norm = kk != nullptr, recovering = batch_norm && !in.xhat;
+    with_flags([&](auto has_res, auto recover, auto write_dres) {
+      const BackwardView<scalar_t> e(in);
+      for_each_element(g, [=](int64_t i, int64_t c) {
+        const acc_t gi = e.g(i);
+        acc_t out = gi;
+        if constexpr (recover) {
+          out = math::bn_input_grad(gi, e.template recovered_xhat<has_res>(i, c), kk[c], mg[c], mgx[c]);
+        } else if (batch_norm) {
+          out = math::bn_input_grad(gi, static_cast<acc_t>(e.xhat[i]), kk[c], mg[c], mgx[c]);
+        }
+        dz[i] = static_cast<scalar_t>(out);
+        if constexpr (write_dres) dres[i] = static_cast<scalar_t>(gi);
+      });
+    }, in.residual.has_value(), recovering, dres != nullptr);
+  });
+}
+
+// The backend's kernels with these passes.
+Kernels with_passes(decltype(Kernels::conv) conv, decltype(Kernels::conv_backward) conv_backward) {
+  return {conv, conv_backward, &channel_stats, &normalize_act, &backward_reduce, &backward_apply};
+}
+
+}  // namespace
+}  // namespace vggbench
+
+#ifdef VGGBENCH_CPU_PASSES_AVX2
+#pragma GCC pop_options
+#endif
