@@ -39,7 +39,8 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 def gradient_errors(sample, kink: float) -> dict[str, tuple[float, float, float]]:
     """Per gradient: (fused error, native error, floor), errors vs native float64."""
     ref = sample.cast(torch.float64)
-    other = torch.contiguous_format if ops.memory_format_of(sample.input) == torch.channels_last else torch.channels_last
+    channels_last = ops.memory_format_of(sample.input) == torch.channels_last
+    other = torch.contiguous_format if channels_last else torch.channels_last
     for name in ("input", "residual"):
         if getattr(ref, name) is not None:
             setattr(ref, name, getattr(ref, name).detach().contiguous(memory_format=other).requires_grad_())

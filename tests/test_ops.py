@@ -21,7 +21,7 @@ from torch import Tensor
 from vggbench import ops
 from vggbench.tolerances import TOLERANCES, Tolerance
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+requires_cuda = pytest.mark.cuda  # skipped without a GPU (tests/conftest.py); scripts/gpu_check.sh runs -m cuda
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 TENSOR_FIELDS = ("input", "weight", "bias", "bn_weight", "bn_bias", *BN_BUFFERS, "residual")
@@ -455,7 +455,8 @@ BAD_INPUTS = {  # label: (change to a valid call's arguments, exception, distinc
     "integer-input": (lambda a: {"input": a["input"].long()}, RuntimeError, "input must be floating point"),
     "float16-on-cpu": (lambda a: {n: a[n].half() for n in ("input", "weight", "bias", "residual")}, RuntimeError,
                        "float16 is supported on CUDA only"),
-    "bn-weight-length": (lambda a: {"bn_weight": a["bn_weight"][:3]}, RuntimeError, r"bn_weight must have shape \(4,\)"),
+    "bn-weight-length": (lambda a: {"bn_weight": a["bn_weight"][:3]}, RuntimeError,
+                         r"bn_weight must have shape \(4,\)"),
     "bn-bias-missing": (lambda a: {"bn_bias": None}, RuntimeError, "bn_weight and bn_bias must be given together"),
     "running-mean-length-eval": (lambda a: {"running_mean": a["running_mean"][:3], "training": False},
                                  RuntimeError, r"running_mean must have shape \(4,\)"),
