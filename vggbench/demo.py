@@ -1,4 +1,4 @@
-"""The main job: a short version of the study, end to end, in about 10 minutes on a 2-core CPU.
+"""The main job: a short version of the study, end to end, in a few minutes on a 2-core CPU.
 
 Trains VGG08, VGG38, VGG38 BN, VGG38 RC and VGG38 BN+RC with the same short
 protocol, probing the loss landscape after every epoch (--landscape-every 1), then writes
