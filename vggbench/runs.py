@@ -69,18 +69,18 @@ def load_run(run_dir: str | Path) -> Run:
     path = Path(run_dir)
     if not path.is_dir():
         raise RunError(f"{path}: not a directory; expected a run directory written by vggbench.train")
-    config = _read_json(path / CONFIG_FILE, "the JSON training config")
+    config = read_json(path / CONFIG_FILE, "the JSON training config")
     metrics = _read_metrics(path / METRICS_FILE)
     gradflow_path = path / GRADFLOW_FILE
     gradflow = _read_gradflow(gradflow_path) if gradflow_path.exists() else None
     test_path = path / TEST_FILE
-    test = _read_json(test_path, "the test result") if test_path.exists() else None
+    test = read_json(test_path, "the test result") if test_path.exists() else None
     if test is not None and "test_acc" not in test:
         raise RunError(f"{test_path}: expected a 'test_acc' key")
     return Run(path, config, metrics, gradflow, test)
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def read_json(path: Path, what: str) -> dict[str, Any]:
     """Parse a file holding one JSON object."""
     if not path.is_file():
         raise RunError(f"{path}: not found; expected {what}")
@@ -115,7 +115,7 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def _read_gradflow(path: Path) -> dict[str, Any]:
     """Parse ``gradflow.json`` and check each epoch has one value per layer."""
-    data = _read_json(path, "the gradient-flow record")
+    data = read_json(path, "the gradient-flow record")
     layers, epochs = data.get("layers"), data.get("epochs")
     if not isinstance(layers, list) or not isinstance(epochs, list):
         raise RunError(f"{path}: expected 'layers' and 'epochs' lists")

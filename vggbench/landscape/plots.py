@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the non-interactive backend
 
 from vggbench.landscape.probe import LANDSCAPE_FILE
-from vggbench.runs import RunError, load_run
+from vggbench.runs import RunError, load_run, read_json
 
 PANELS = (("loss_band", "loss along the gradient", "linear"),
           ("predictiveness_band", "||grad L(θ) - grad L(θ - lr·s·g)||", "log"),
@@ -29,12 +29,7 @@ PANELS = (("loss_band", "loss along the gradient", "linear"),
 def read_landscape(run_dir: str | Path) -> dict:
     """landscape.json of a run directory; RunError when absent or without probed epochs."""
     path = Path(run_dir) / LANDSCAPE_FILE
-    if not path.is_file():
-        raise RunError(f"{path}: not found; train with --landscape-every N to record the landscape probe")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise RunError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    data = read_json(path, "the landscape probe's record: train with --landscape-every N to record it")
     if not data.get("epochs"):
         raise RunError(f"{path}: no probed epochs yet; the probe runs every {data.get('every', '?')} epoch(s)")
     return data
