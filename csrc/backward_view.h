@@ -1,6 +1,6 @@
-// The per-element view of BackwardInputs the CPU and CUDA backward passes share:
-// g, the pre-activation and xhat at offset i of channel c (fused_unit_math.h does the
-// maths). Built on the host, passed by value to CUDA kernels.
+// The per-element view of BackwardInputs the CPU and CUDA backward passes share: g, the
+// pre-activation and xhat at offset i (fused_unit_math.h does the maths). Built on the
+// host, passed by value to CUDA kernels.
 #pragma once
 
 #include "fused_unit.h"
@@ -15,7 +15,6 @@ namespace vggbench {
 
 // The type xhat is recovered in: double for float activations (so that recovery adds only
 // the output's own rounding: see the rule in fused_unit_math.h), else the compute type.
-// recovery_dtype (fused_unit.h) is its ScalarType, the dtype of recover_scale and _shift.
 template <typename scalar_t>
 using recovery_t =
     std::conditional_t<std::is_same_v<scalar_t, float>, double, at::opmath_type<scalar_t>>;
@@ -24,10 +23,17 @@ template <typename scalar_t>
 struct BackwardView {
   using acc_t = at::opmath_type<scalar_t>;
   using rec_t = recovery_t<scalar_t>;
+
+  // One channel of training-mode BN: the recovery coefficients (math::recovery_coefficients),
+  // the rule's operands, and the coefficients of the input gradient once the sums are known.
+  struct Channel {
+    rec_t recover_scale, recover_shift;
+    acc_t gamma, beta, invstd, centre;  // centre = mean * invstd
+  };
+
   const scalar_t *dy, *y, *res, *xhat;
-  const rec_t *rscale, *rshift;
-  const acc_t *gamma, *beta, *centre;
-  acc_t slope;
+  const acc_t *gamma, *beta, *mean, *var;  // null without training-mode BN
+  acc_t eps, slope;
   // The rule's roundoff ratios to the activation dtype's: of the recovery arithmetic, and of
   // the cast of its result to the compute type (0 when there is none).
   acc_t rho_recover = roundoff_ratio<rec_t>();
@@ -38,21 +44,29 @@ struct BackwardView {
         y(in.out.const_data_ptr<scalar_t>()),
         res(data_or_null<scalar_t>(in.residual)),
         xhat(data_or_null<scalar_t>(in.xhat)),
-        rscale(channel_data<rec_t>(in.recover_scale)),
-        rshift(channel_data<rec_t>(in.recover_shift)),
-        gamma(channel_data<acc_t>(in.gamma)),
-        beta(channel_data<acc_t>(in.beta)),
-        centre(channel_data<acc_t>(in.centre)),
+        gamma(channel_data(in.gamma)),
+        beta(channel_data(in.beta)),
+        mean(channel_data(in.mean)),
+        var(channel_data(in.var)),
+        eps(static_cast<acc_t>(in.eps)),
         slope(static_cast<acc_t>(in.slope)) {}
 
-  template <typename T>
-  static const T* channel_data(const Tensor& t) {
-    return t.defined() ? t.const_data_ptr<T>() : nullptr;
+  static const acc_t* channel_data(const Tensor& t) {
+    return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
   }
   template <typename T>
   static acc_t roundoff_ratio() {
     return static_cast<acc_t>(static_cast<double>(std::numeric_limits<T>::epsilon()) /
                               static_cast<double>(std::numeric_limits<scalar_t>::epsilon()));
+  }
+
+  VGGBENCH_HD Channel channel(int64_t c) const {
+    Channel ch;
+    ch.gamma = gamma[c], ch.beta = beta[c], ch.invstd = math::inv_std(var[c], eps);
+    ch.centre = mean[c] * ch.invstd;
+    math::recovery_coefficients(static_cast<rec_t>(ch.gamma), static_cast<rec_t>(ch.beta),
+                                ch.recover_scale, ch.recover_shift);
+    return ch;
   }
 
   VGGBENCH_HD acc_t g(int64_t i) const {
@@ -64,27 +78,30 @@ struct BackwardView {
   // xhat recovered from the output; HasResidual: whether `res` is set (a compile-time
   // flag keeps the CPU's inner loops branch-free).
   template <bool HasResidual>
-  VGGBENCH_HD acc_t recovered_xhat(int64_t i, int64_t c) const {
+  VGGBENCH_HD acc_t recovered_xhat(int64_t i, const Channel& ch) const {
     const rec_t r = HasResidual ? static_cast<rec_t>(res[i]) : rec_t(0);
     const rec_t pre = math::inverse_act(static_cast<rec_t>(y[i]), static_cast<rec_t>(slope));
-    return static_cast<acc_t>(math::recover_xhat(pre, r, rscale[c], rshift[c]));
+    return static_cast<acc_t>(math::recover_xhat(pre, r, ch.recover_scale, ch.recover_shift));
   }
-  VGGBENCH_HD acc_t x_hat(int64_t i, int64_t c) const {
+  // xhat, given or recovered.
+  VGGBENCH_HD acc_t x_hat(int64_t i, const Channel& ch) const {
     if (xhat) return static_cast<acc_t>(xhat[i]);
-    return res ? recovered_xhat<true>(i, c) : recovered_xhat<false>(i, c);
+    return res ? recovered_xhat<true>(i, ch) : recovered_xhat<false>(i, ch);
   }
   // The recovery rule's per-element terms (fused_unit_math.h) with xhat recovered.
   template <bool HasResidual>
-  VGGBENCH_HD void recovery_terms(int64_t i, int64_t c, acc_t (&terms)[math::kRecoveryTerms]) const {
+  VGGBENCH_HD void recovery_terms(int64_t i, const Channel& ch,
+                                  acc_t (&terms)[math::kRecoveryTerms]) const {
     const acc_t r = HasResidual ? static_cast<acc_t>(res[i]) : acc_t(0);
-    math::recovery_terms(g(i), recovered_xhat<HasResidual>(i, c), pre(i), r, centre[c], rho_recover,
-                         rho_cast, terms);
+    math::recovery_terms(g(i), recovered_xhat<HasResidual>(i, ch), pre(i), r, ch.centre,
+                         rho_recover, rho_cast, terms);
   }
-  // Channel c's verdict from its summed terms: 1 to recompute xhat, 0 to recover it.
+  // A channel's verdict from its summed terms: 1 to recompute xhat, 0 to recover it.
   VGGBENCH_HD acc_t recompute_flag(const acc_t (&sums)[math::kRecoveryTerms], acc_t count,
-                                   int64_t c) const {
-    return math::recovery_accurate(sums, count, gamma[c], beta[c], rho_recover + rho_cast) ? acc_t(0)
-                                                                                        : acc_t(1);
+                                   const Channel& ch) const {
+    return math::recovery_accurate(sums, count, ch.gamma, ch.beta, rho_recover + rho_cast)
+               ? acc_t(0)
+               : acc_t(1);
   }
 };
 

@@ -45,22 +45,28 @@ const T* data_or_null(const OptTensor& t) {
 // statistics and per-channel coefficients the kernels take and return.
 at::ScalarType stats_dtype(at::ScalarType activation);
 
-// The dtype of the recovery coefficients (BackwardInputs::recover_scale and _shift): double
-// for float activations (backward_view.h's recovery_t), else stats_dtype.
-at::ScalarType recovery_dtype(at::ScalarType activation);
+// Per-channel operands of a normalisation z -> z * scale + shift (z: a conv output without
+// its bias), all in the statistics dtype; the backend computes (scale, shift) with
+// math::channel_affine. Without `normalize`: scale 1, shift = bias (no BatchNorm). With it:
+// scale = gamma / sqrt(var + eps), shift = beta + (bias - mean) * scale, where an absent
+// gamma, beta or bias means 1, 0, 0 (gamma and beta absent: xhat itself).
+struct ChannelAffine {
+  bool normalize;
+  OptTensor gamma, beta, mean, var, bias;
+  double eps;
+};
 
-// The activation-sized inputs of the backward passes. xhat (the normalised conv output)
-// is recovered element by element from the output when `xhat` is absent:
-//   pre = y > 0 ? y : y / slope,   xhat = (pre - residual) * recover_scale - recover_shift
-// with recover_scale = 1 / gamma and recover_shift = beta / gamma per channel; gamma, beta
-// and centre = mean / sqrt(var + eps) feed the recovery rule (fused_unit_math.h).
-// The per-channel tensors are undefined without training-mode BN.
+// The activation-sized inputs of the backward passes, and training-mode BN's per-channel
+// operands (statistics dtype; undefined without it). xhat (the normalised conv output) is
+// recovered element by element from the output when `xhat` is absent:
+//   pre = y > 0 ? y : y / slope,   xhat = (pre - residual) / gamma - beta / gamma
+// (math::recovery_coefficients), under the recovery rule of fused_unit_math.h.
 struct BackwardInputs {
   Tensor grad_out, out;
   OptTensor residual;
   OptTensor xhat;
-  Tensor recover_scale, recover_shift, gamma, beta, centre;
-  double slope;
+  Tensor gamma, beta, mean, var;
+  double eps, slope;
 };
 
 // ATen's conv and conv backward (grads of input, weight, bias as `mask` asks; undefined
@@ -72,6 +78,12 @@ std::tuple<Tensor, Tensor, Tensor> aten_conv_backward(const Tensor& grad_z, cons
                                                       int64_t stride, int64_t padding,
                                                       std::array<bool, 3> mask);
 
+// What a backend provides. Each member besides the convs is one pass over the activations
+// with its per-channel finish (on the CPU one function; on CUDA at most two kernels, the
+// finish one thread per channel), computing the per-channel maths itself with the formulas
+// of fused_unit_math.h: the orchestration (fused_unit.cpp) dispatches no other op around
+// them. A training unit: forward = conv + batch_stats + normalize_act (+ the running-stats
+// update, a fourth member); backward = backward_reduce + backward_apply + conv_backward.
 struct Kernels {
   // The conv and its backward (with aten_conv's and aten_conv_backward's contracts).
   Tensor (*conv)(const Tensor& x, const Tensor& weight, const OptTensor& bias, int64_t stride,
@@ -80,20 +92,30 @@ struct Kernels {
                                                       const Tensor& weight, bool has_bias,
                                                       int64_t stride, int64_t padding,
                                                       std::array<bool, 3> mask);
-  // Per-channel mean and biased variance of z (0 and 0 for an empty batch).
-  std::tuple<Tensor, Tensor> (*channel_stats)(const Tensor& z);
-  // out = leaky_relu(z * scale[c] + shift[c] + residual, slope); absent scale/shift mean
-  // 1 and 0. `out` may be `z`.
-  void (*normalize_act)(const Tensor& z, const OptTensor& scale, const OptTensor& shift,
-                        const OptTensor& residual, double slope, const Tensor& out);
+  // Per-channel mean and biased variance of z + bias (0 and 0 for an empty batch), in the
+  // statistics dtype; bias (statistics dtype) may be absent.
+  std::tuple<Tensor, Tensor> (*batch_stats)(const Tensor& z, const OptTensor& bias);
+  // out = leaky_relu(z * scale[c] + shift[c] + residual, slope), (scale, shift) from
+  // `affine`. `out` may be `z`.
+  void (*normalize_act)(const Tensor& z, const ChannelAffine& affine, const OptTensor& residual,
+                        double slope, const Tensor& out);
+  // nn.BatchNorm2d's running-statistics update (ops.cpp's update_running_stats_), over
+  // `count` values per channel (a 0-d tensor of the statistics dtype) or, without it,
+  // `batch_count`; factor = momentum, or 1 / num_batches_tracked after its increment.
+  void (*update_running_stats)(const Tensor& running_mean, const Tensor& running_var,
+                               const Tensor& num_batches_tracked, const Tensor& batch_mean,
+                               const Tensor& batch_var, const OptTensor& count,
+                               int64_t batch_count, std::optional<double> momentum);
   // Per channel: sum(g) and sum(g * xhat), where g = dL/dpre = grad_out * (y > 0 ? 1 : slope),
   // and whether xhat must be recomputed (1) or may be recovered (0) by the recovery rule
   // (math::recovery_accurate; all 0 when xhat is given). Zeros for an empty batch.
   std::tuple<Tensor, Tensor, Tensor> (*backward_reduce)(const BackwardInputs& in);
-  // grad_z = k[c] * (g - mean_g[c] - xhat * mean_gx[c]), or g when k is absent;
+  // With training-mode BN (in.gamma defined): grad_z = k (g - mean_g - xhat mean_gx) with
+  // (k, mean_g, mean_gx) = math::bn_backward_coefficients of the sums over `count` values
+  // (a 0-d tensor: all ranks'; absent: this batch's); otherwise grad_z = g.
   // grad_residual (if given) = g.
-  void (*backward_apply)(const BackwardInputs& in, const OptTensor& k, const OptTensor& mean_g,
-                         const OptTensor& mean_gx, const Tensor& grad_z,
+  void (*backward_apply)(const BackwardInputs& in, const OptTensor& sum_g, const OptTensor& sum_gx,
+                         const OptTensor& count, const Tensor& grad_z,
                          const OptTensor& grad_residual);
 };
 

@@ -37,6 +37,12 @@ VGGBENCH_HD T recover_xhat(T pre, T residual, T scale, T shift) {
   return (pre - residual) * scale - shift;
 }
 
+// The per-channel coefficients of recover_xhat: scale = 1 / gamma, shift = beta / gamma.
+template <typename T>
+VGGBENCH_HD void recovery_coefficients(T gamma, T beta, T& scale, T& shift) {
+  scale = T(1) / gamma, shift = beta * scale;
+}
+
 // BatchNorm's input gradient: k = gamma * invstd, mean_g = sum(g) / M,
 // mean_gx = sum(g * xhat) / M.
 template <typename T>
@@ -52,6 +58,45 @@ VGGBENCH_HD void mean_var(T sum, T sumsq, T shift, T count, T& mean, T& var) {
   mean = shift + m;
   const T v = sumsq / count - m * m;
   var = v < T(0) ? T(0) : v;  // clamps rounding below 0; keeps NaN (as native)
+}
+
+VGGBENCH_HD float square_root(float v) { return ::sqrtf(v); }
+VGGBENCH_HD double square_root(double v) { return ::sqrt(v); }
+
+// 1 / sqrt(var + eps): BatchNorm's inverse standard deviation.
+template <typename T>
+VGGBENCH_HD T inv_std(T var, T eps) {
+  return T(1) / square_root(var + eps);
+}
+
+// A channel's normalisation z -> z * scale + shift (fused_unit.h's ChannelAffine): with
+// `normalize`, scale = gamma / sqrt(var + eps), shift = beta + (bias - mean) * scale (the
+// conv bias enters here, so the conv runs without it); otherwise scale 1, shift = bias.
+template <typename T>
+VGGBENCH_HD void channel_affine(bool normalize, T gamma, T beta, T mean, T var, T bias, T eps,
+                                T& scale, T& shift) {
+  scale = normalize ? gamma * inv_std(var, eps) : T(1);
+  shift = normalize ? beta + (bias - mean) * scale : bias;
+}
+
+// The backward's per-channel coefficients from the sums over `count` values (an empty batch
+// has sums 0: dividing by at least 1 keeps 0 / 0 out).
+template <typename T>
+VGGBENCH_HD void bn_backward_coefficients(T gamma, T invstd, T sum_g, T sum_gx, T count, T& k,
+                                          T& mean_g, T& mean_gx) {
+  const T n = count > T(0) ? count : T(1);
+  k = gamma * invstd, mean_g = sum_g / n, mean_gx = sum_gx / n;
+}
+
+// nn.BatchNorm2d's running-statistics update of one channel from the batch's mean and
+// biased variance over `count` values (none: nothing changes), with the factor
+// momentum or 1 / num_batches_tracked; the variance enters unbiased.
+template <typename T>
+VGGBENCH_HD void running_update(T batch_mean, T batch_var, T count, T factor, T& running_mean,
+                                T& running_var) {
+  if (!(count > T(0))) return;
+  running_mean = batch_mean * factor + running_mean * (T(1) - factor);
+  running_var = batch_var * (count / (count - T(1))) * factor + running_var * (T(1) - factor);
 }
 
 // ---- Recover or recompute: the rule and its error bound --------------------------------
