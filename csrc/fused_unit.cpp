@@ -111,6 +111,24 @@ std::tuple<Tensor, Tensor, Tensor> fold_bn(const Tensor& weight, const OptTensor
           folded_bias.to(weight.scalar_type()), scale};
 }
 
+// The backend's conv without bias and its backward, each one profiler scope (whatever
+// layout copies the backend makes belong to it), with results in the call's layout `fmt`.
+Tensor conv(const Kernels& k, const Tensor& input, const Tensor& weight, int64_t stride,
+            int64_t padding, at::MemoryFormat fmt) {
+  RECORD_FUNCTION("vggbench::conv", {});
+  return k.conv(input.contiguous(fmt), weight, std::nullopt, stride, padding).contiguous(fmt);
+}
+
+std::tuple<Tensor, Tensor, Tensor> conv_backward(const Kernels& k, const Tensor& grad_z, const Tensor& x,
+                                                 const Tensor& weight, bool has_bias, int64_t stride,
+                                                 int64_t padding, std::array<bool, 3> mask,
+                                                 at::MemoryFormat fmt) {
+  RECORD_FUNCTION("vggbench::conv_backward", {});
+  auto [grad_x, grad_w, grad_b] = k.conv_backward(grad_z, x, weight, has_bias, stride, padding, mask);
+  return {grad_x.defined() ? grad_x.contiguous(fmt) : grad_x, grad_w.defined() ? grad_w.contiguous(fmt) : grad_w,
+          grad_b};
+}
+
 // Training-mode BN's first half: the conv without its bias, and the per-channel mean (bias
 // included) and biased variance. A distributed caller merges the ranks' statistics before
 // the second half (_bn_act: normalize_act with them).
@@ -118,7 +136,7 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats(const Kernels& k, const Tensor& in
                                               const Tensor& weight, const OptTensor& bias,
                                               int64_t stride, int64_t padding) {
   const auto fmt = memory_format_of(input, weight);
-  const Tensor z = k.conv(input.contiguous(fmt), weight, std::nullopt, stride, padding).contiguous(fmt);
+  const Tensor z = conv(k, input, weight, stride, padding, fmt);
   auto [mean, var] = k.batch_stats(z, as_stats(bias, stats_dtype(input.scalar_type())));
   return {z, mean, var};
 }
@@ -139,7 +157,7 @@ std::tuple<Tensor, Tensor, Tensor> forward(
     return {z, mean, var};
   }
   // the normalisation below adds the bias
-  const Tensor z = k.conv(input.contiguous(fmt), weight, std::nullopt, stride, padding).contiguous(fmt);
+  const Tensor z = conv(k, input, weight, stride, padding, fmt);
   if (!bn_weight) {
     k.normalize_act(z, {false, {}, {}, {}, {}, as_stats(bias, stats), eps}, res, slope, z);
     return {z, no_stats(z), no_stats(z)};
@@ -194,7 +212,7 @@ struct Recompute {
 
   void operator()(BackwardInputs& in) const {
     RECORD_FUNCTION("vggbench::recompute_xhat", {});  // so profiles count the recomputes
-    const Tensor z = k.conv(x, weight, std::nullopt, stride, padding).contiguous(fmt);
+    const Tensor z = conv(k, x, weight, stride, padding, fmt);
     const ChannelAffine xhat{true, {}, {}, in.mean, in.var, as_stats(bias, in.mean.scalar_type()), in.eps};
     k.normalize_act(z, xhat, std::nullopt, 1.0, z);
     in.xhat = z;
@@ -278,8 +296,8 @@ Grads backward(const Kernels& k, const Tensor& grad_out, const Tensor& out, cons
   const bool want_bn = batch_norm && (mask[3] || mask[4]);
   const std::array<bool, 3> conv_mask{mask[0], mask[1] || (eval_bn && mask[3]),
                                       want_bias || (eval_bn && want_bn)};
-  auto [grad_x, grad_w, grad_b] = k.conv_backward(grad_z, x, conv_weight, conv_bias.has_value(),
-                                                   stride, padding, conv_mask);
+  auto [grad_x, grad_w, grad_b] = conv_backward(k, grad_z, x, conv_weight, conv_bias.has_value(),
+                                                 stride, padding, conv_mask, fmt);
 
   if (eval_bn) {  // chain rule through W' = W * s and b' = beta + (b - mean) * s
     const Tensor invstd = at::rsqrt(var + eps);

@@ -245,6 +245,7 @@ def _setup_context(ctx, inputs, output) -> None:
     input, weight, bias, bn_weight, bn_bias, residual = (inputs[i] for i in _GRAD_POSITIONS)
     out, mean, var = output
     ctx.mark_non_differentiable(mean, var)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for mean and var
     if bn_weight is not None and not inputs[_ARGUMENTS.index("use_batch_stats")]:
         # eval: the running statistics normalised (an in-place update before backward is
         # caught by autograd's version check, as with native BatchNorm)
@@ -257,6 +258,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out, _grad_mean, _grad_var):
     out, input, weight, bias, bn_weight, bn_bias, residual, mean, var = ctx.saved_tensors
+    if grad_out is None:  # the output did not reach the loss
+        return (None,) * len(_ARGUMENTS)
     mean, var = mean.to(stats_dtype(input.dtype)), var.to(stats_dtype(input.dtype))  # eval: running statistics
     mask = [ctx.needs_input_grad[i] for i in _GRAD_POSITIONS]
     grads = torch.ops.vggbench._conv_bn_act_backward(
