@@ -129,7 +129,7 @@ __global__ void stats_partials(const scalar_t* z, Split s, acc_t* partials) {
   store_block_partials(v, s, partials);
 }
 
-// Mean and variance of z + bias: the bias only moves the shift (the sample of z + bias).
+// Mean and variance of z + bias: the bias moves the mean only.
 template <typename scalar_t, typename acc_t>
 __global__ void stats_finish(const scalar_t* z, const acc_t* bias, const acc_t* partials,
                              Split s, acc_t* mean, acc_t* var) {
@@ -137,8 +137,9 @@ __global__ void stats_finish(const scalar_t* z, const acc_t* bias, const acc_t* 
   if (c >= s.channels) return;
   acc_t total[2];
   sum_parts(partials, s, c, total);
-  const acc_t shift = static_cast<acc_t>(z[c * s.inner]) + (bias ? bias[c] : acc_t(0));
-  math::mean_var(total[0], total[1], shift, static_cast<acc_t>(s.count), mean[c], var[c]);
+  math::mean_var(total[0], total[1], static_cast<acc_t>(z[c * s.inner]),
+                 static_cast<acc_t>(s.count), mean[c], var[c]);
+  if (bias) mean[c] += bias[c];
 }
 
 std::tuple<Tensor, Tensor> batch_stats(const Tensor& z, const OptTensor& bias) {
@@ -247,7 +248,8 @@ unsigned elementwise_blocks(const Geometry& g) {
   const int64_t blocks = ceil_div(g.outer * g.channels * g.inner, kThreads);
   if (blocks <= kMaxBlocks) return static_cast<unsigned>(blocks);  // an element per thread
   const int64_t period = g.channels * g.inner;
-  const int64_t unit = period / std::gcd(period, int64_t{kThreads});  // blocks per lcm(period, kThreads) threads
+  // the fewest blocks whose threads span whole periods
+  const int64_t unit = period / std::gcd(period, int64_t{kThreads});
   return static_cast<unsigned>(unit <= kMaxBlocks ? kMaxBlocks / unit * unit : kMaxBlocks);
 }
 
@@ -389,7 +391,8 @@ __global__ void backward_apply_kernel(BackwardView<scalar_t> v, const acc_t* sum
 void backward_apply(const BackwardInputs& in, const OptTensor& sum_g, const OptTensor& sum_gx,
                     const OptTensor& count, const Tensor& grad_z,
                     const OptTensor& grad_residual) {
-  TORCH_INTERNAL_ASSERT(!in.gamma.defined() || (sum_g && sum_gx), "backward_apply: BN without sums");
+  TORCH_INTERNAL_ASSERT(!in.gamma.defined() || (sum_g && sum_gx),
+                        "backward_apply: BN without sums");
   const int64_t numel = in.out.numel();
   if (numel == 0) return;
   const c10::cuda::CUDAGuard guard(in.out.device());
@@ -409,19 +412,19 @@ void backward_apply(const BackwardInputs& in, const OptTensor& sum_g, const OptT
 
 // ---- update_running_stats -------------------------------------------------------------------
 
-// One block: every thread reads num_batches_tracked for the factor before thread 0
-// increments it, then the threads update the channels in turn. Computed in the batch
-// statistics' type T, stored in the running statistics' own (any floating type).
-template <typename running_t, typename T>
+// One block: every thread reads num_batches_tracked (any integer type) for the factor
+// before thread 0 increments it, then the threads update the channels in turn. Computed in
+// the batch statistics' type T, stored in the running statistics' own (any floating type).
+template <typename counter_t, typename running_t, typename T>
 __global__ void update_running_stats_kernel(running_t* running_mean, running_t* running_var,
-                                            int64_t* num_batches_tracked, const T* batch_mean,
+                                            counter_t* num_batches_tracked, const T* batch_mean,
                                             const T* batch_var, const T* count, T batch_count,
                                             bool has_momentum, T momentum, int64_t channels) {
   const T n = count ? *count : batch_count;
-  const T factor =
-      has_momentum ? momentum : T(1) / static_cast<T>(*num_batches_tracked + 1);
+  const int64_t tracked = static_cast<int64_t>(*num_batches_tracked) + 1;  // after the increment
+  const T factor = has_momentum ? momentum : static_cast<T>(1.0 / static_cast<double>(tracked));
   __syncthreads();  // every read of the counter before its write
-  if (threadIdx.x == 0) *num_batches_tracked += 1;
+  if (threadIdx.x == 0) *num_batches_tracked = static_cast<counter_t>(tracked);
   for (int64_t c = threadIdx.x; c < channels; c += blockDim.x) {
     T mean = static_cast<T>(running_mean[c]), var = static_cast<T>(running_var[c]);
     math::running_update(batch_mean[c], batch_var[c], n, factor, mean, var);
@@ -435,15 +438,18 @@ void update_running_stats(const Tensor& running_mean, const Tensor& running_var,
                           std::optional<double> momentum) {
   const c10::cuda::CUDAGuard guard(batch_mean.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(batch_mean.scalar_type(), "vggbench_update_running_stats", [&] {
-    using T = scalar_t;
-    VGGBENCH_DISPATCH(running_mean.scalar_type(), "vggbench_update_running_stats", [&] {
-      update_running_stats_kernel<<<1, kThreads, 0, stream>>>(
-          running_mean.mutable_data_ptr<scalar_t>(), running_var.mutable_data_ptr<scalar_t>(),
-          num_batches_tracked.mutable_data_ptr<int64_t>(), batch_mean.const_data_ptr<T>(),
-          batch_var.const_data_ptr<T>(), data_or_null<T>(count), static_cast<T>(batch_count),
-          momentum.has_value(), static_cast<T>(momentum.value_or(0)), batch_mean.size(0));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+  AT_DISPATCH_INTEGRAL_TYPES(num_batches_tracked.scalar_type(), "vggbench_batches_tracked", [&] {
+    using counter_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(batch_mean.scalar_type(), "vggbench_update_running_stats", [&] {
+      using T = scalar_t;
+      VGGBENCH_DISPATCH(running_mean.scalar_type(), "vggbench_running_stats", [&] {
+        update_running_stats_kernel<<<1, kThreads, 0, stream>>>(
+            running_mean.mutable_data_ptr<scalar_t>(), running_var.mutable_data_ptr<scalar_t>(),
+            num_batches_tracked.mutable_data_ptr<counter_t>(), batch_mean.const_data_ptr<T>(),
+            batch_var.const_data_ptr<T>(), data_or_null<T>(count), static_cast<T>(batch_count),
+            momentum.has_value(), static_cast<T>(momentum.value_or(0)), batch_mean.size(0));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
 }
