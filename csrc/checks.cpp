@@ -139,7 +139,8 @@ void conv_stats(const Tensor& input, const Tensor& weight, const OptTensor& bias
 }
 
 void bn_act(const Tensor& z, const Tensor& mean, const Tensor& var, const Tensor& bn_weight,
-            const Tensor& bn_bias, const OptTensor& residual, double eps, double slope) {
+            const Tensor& bn_bias, const OptTensor& bias, const OptTensor& residual, double eps,
+            double slope) {
   const char* op = "_bn_act";
   activation(op, z, "z");
   slope_and_eps(op, slope, eps);
@@ -148,6 +149,10 @@ void bn_act(const Tensor& z, const Tensor& mean, const Tensor& var, const Tensor
   channel_vector(op, var, z, channels, "var", /*stats_only=*/true);
   channel_vector(op, bn_weight, z, channels, "bn_weight");
   channel_vector(op, bn_bias, z, channels, "bn_bias");
+  if (bias) {
+    same_dtype(op, *bias, z, "bias", "z");
+    channel_vector(op, bias, z, channels, "bias");
+  }
   like_activation(op, residual, z, "residual", "z");
 }
 
@@ -185,7 +190,7 @@ void backward(const Tensor& grad_out, const Tensor& out, const Tensor& input, co
 
 void update_running_stats(const Tensor& running_mean, const Tensor& running_var,
                           const Tensor& num_batches_tracked, const Tensor& batch_mean,
-                          const Tensor& batch_var, const Tensor& count,
+                          const Tensor& batch_var, const OptTensor& count, int64_t batch_count,
                           std::optional<double> momentum) {
   const char* op = "update_running_stats_";
   CHECK_ARG(op, batch_mean.dim() == 1 && batch_mean.is_floating_point(),
@@ -199,17 +204,31 @@ void update_running_stats(const Tensor& running_mean, const Tensor& running_var,
             "batch_var (", batch_var.scalar_type(), ", shape ", batch_var.sizes(),
             ") must match batch_mean (", batch_mean.scalar_type(), ", shape ", batch_mean.sizes(), ")");
   for (const auto& [t, name] : {std::pair{&running_mean, "running_mean"}, {&running_var, "running_var"},
-                                {&num_batches_tracked, "num_batches_tracked"}, {&batch_var, "batch_var"},
-                                {&count, "count"}}) {
+                                {&num_batches_tracked, "num_batches_tracked"}, {&batch_var, "batch_var"}}) {
     same_device(op, *t, batch_mean, name, "batch_mean");
   }
+  CHECK_ARG(op, batch_mean.scalar_type() == at::kFloat || batch_mean.scalar_type() == at::kDouble,
+            "batch statistics must be float32 or float64, got ", batch_mean.scalar_type());
   CHECK_ARG(op, running_mean.is_floating_point() && running_var.is_floating_point(),
             "running statistics must be floating point, got ", running_mean.scalar_type(), " and ",
             running_var.scalar_type());
-  CHECK_ARG(op, num_batches_tracked.dim() == 0 && !num_batches_tracked.is_floating_point(),
+  CHECK_ARG(op, running_mean.is_contiguous() && running_var.is_contiguous() && batch_mean.is_contiguous() &&
+                    batch_var.is_contiguous(),
+            "running and batch statistics must be contiguous vectors (they are updated in place); "
+            "pass .contiguous() copies");
+  CHECK_ARG(op, num_batches_tracked.dim() == 0 && !num_batches_tracked.is_floating_point() &&
+                    num_batches_tracked.scalar_type() != at::kBool,
             "num_batches_tracked must be a 0-d integer tensor, got ", num_batches_tracked.scalar_type(),
             " of shape ", num_batches_tracked.sizes());
-  CHECK_ARG(op, count.dim() == 0, "count must be a 0-d tensor, got shape ", count.sizes());
+  if (count) {
+    same_device(op, *count, batch_mean, "count", "batch_mean");
+    CHECK_ARG(op, count->dim() == 0 && count->scalar_type() == batch_mean.scalar_type(),
+              "count must be a 0-d tensor of batch_mean's dtype ", batch_mean.scalar_type(), ", got ",
+              count->scalar_type(), " of shape ", count->sizes());
+  } else {
+    CHECK_ARG(op, batch_count >= 0, "give the number of values per channel: count (a 0-d tensor) "
+              "or batch_count >= 0, got batch_count ", batch_count);
+  }
   CHECK_ARG(op, !momentum || (*momentum >= 0 && *momentum <= 1), "momentum must be in [0, 1], got ",
             momentum.value_or(0));
 }

@@ -17,7 +17,8 @@ void conv_stats(const Tensor& input, const Tensor& weight, const OptTensor& bias
                 int64_t padding);
 
 void bn_act(const Tensor& z, const Tensor& mean, const Tensor& var, const Tensor& bn_weight,
-            const Tensor& bn_bias, const OptTensor& residual, double eps, double slope);
+            const Tensor& bn_bias, const OptTensor& bias, const OptTensor& residual, double eps,
+            double slope);
 
 // The backward ops (_conv_bn_act_backward, and _conv_bn_act_backward_sums with
 // use_batch_stats and no sums).
@@ -29,7 +30,7 @@ void backward(const Tensor& grad_out, const Tensor& out, const Tensor& input, co
 
 void update_running_stats(const Tensor& running_mean, const Tensor& running_var,
                           const Tensor& num_batches_tracked, const Tensor& batch_mean,
-                          const Tensor& batch_var, const Tensor& count,
+                          const Tensor& batch_var, const OptTensor& count, int64_t batch_count,
                           std::optional<double> momentum);
 
 }  // namespace vggbench::checks

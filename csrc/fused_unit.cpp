@@ -1,6 +1,11 @@
 // The orchestration every backend shares (the schemas are in ops.cpp, the checks in
-// checks.cpp): eval-mode folding, running statistics, and the backward's control flow.
-// The conv and the passes over activations come from the backend's Kernels (cpu/, cuda/).
+// checks.cpp): which backend passes run around the conv, and the backward's control flow.
+// The conv and the passes, with their per-channel maths, come from the backend's Kernels
+// (cpu/, cuda/); around them this file dispatches no op that computes, so a training unit
+// with BN and a residual costs (fused_unit.h): forward = conv + batch_stats + normalize_act
+// (+ update_running_stats_, called by vggbench/ops.py); backward = backward_reduce +
+// backward_apply + the conv's backward; eval = conv + normalize_act. The conv runs without
+// its bias: the bias enters the normalisation's shift (and the batch mean).
 //
 // Forward saves nothing activation-sized besides its input and output: backward recovers
 // the normalised conv output from the output, or recomputes it with the conv when the
@@ -17,18 +22,14 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/TensorOperators.h>
-#include <ATen/ops/abs.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
-#include <ATen/ops/reciprocal.h>
 #include <ATen/ops/rsqrt.h>
 #include <ATen/ops/sum.h>
-#include <ATen/ops/where.h>
-#include <ATen/ops/zeros.h>
 #include <ATen/record_function.h>
 #include <torch/library.h>
 
@@ -58,10 +59,6 @@ at::ScalarType stats_dtype(at::ScalarType activation) {
   return activation == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-at::ScalarType recovery_dtype(at::ScalarType activation) {
-  return activation == at::kFloat ? at::kDouble : stats_dtype(activation);
-}
-
 Tensor aten_conv(const Tensor& x, const Tensor& weight, const OptTensor& bias, int64_t stride,
                  int64_t padding) {
   return at::convolution(x, weight, bias, {stride, stride}, {padding, padding}, {1, 1},
@@ -83,10 +80,26 @@ namespace {
 
 using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-Tensor as_stats(const Tensor& t, at::ScalarType dtype) { return t.to(dtype); }
+// A per-channel tensor as the kernels read it: contiguous, in the statistics dtype (no copy
+// when it already is).
+Tensor as_stats(const Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
+OptTensor as_stats(const OptTensor& t, at::ScalarType dtype) {
+  return t ? OptTensor(as_stats(*t, dtype)) : std::nullopt;
+}
 
-// Eval-mode BatchNorm folded into the conv: W' = W * s, b' = beta + (b - mean) * s,
-// s = gamma / sqrt(var + eps). Returns (W', b', s).
+Tensor no_stats(const Tensor& like) { return at::empty({0}, like.options().dtype(stats_dtype(like.scalar_type()))); }
+
+// BatchNorm's normalisation with the given statistics (batch or running), the conv bias
+// folded into its shift.
+ChannelAffine batch_norm_affine(const Tensor& bn_weight, const Tensor& bn_bias, const Tensor& mean,
+                                const Tensor& var, const OptTensor& bias, double eps) {
+  const auto stats = mean.scalar_type();
+  return {true, as_stats(bn_weight, stats), as_stats(bn_bias, stats), as_stats(mean, stats),
+          as_stats(var, stats), as_stats(bias, stats), eps};
+}
+
+// Eval-mode BatchNorm folded into the conv, for the eval backward's chain rule:
+// W' = W * s, b' = beta + (b - mean) * s, s = gamma / sqrt(var + eps). Returns (W', b', s).
 std::tuple<Tensor, Tensor, Tensor> fold_bn(const Tensor& weight, const OptTensor& bias,
                                            const Tensor& gamma, const Tensor& beta,
                                            const Tensor& mean, const Tensor& var, double eps) {
@@ -98,26 +111,16 @@ std::tuple<Tensor, Tensor, Tensor> fold_bn(const Tensor& weight, const OptTensor
           folded_bias.to(weight.scalar_type()), scale};
 }
 
-// Training-mode BN in two halves, so that a distributed caller can merge the statistics
-// of all ranks in between: the conv and its per-channel mean and biased variance, ...
-std::tuple<Tensor, Tensor, Tensor> conv_stats(const Kernels& k, const Tensor& x,
+// Training-mode BN's first half: the conv without its bias, and the per-channel mean (bias
+// included) and biased variance. A distributed caller merges the ranks' statistics before
+// the second half (_bn_act: normalize_act with them).
+std::tuple<Tensor, Tensor, Tensor> conv_stats(const Kernels& k, const Tensor& input,
                                               const Tensor& weight, const OptTensor& bias,
-                                              int64_t stride, int64_t padding,
-                                              at::MemoryFormat fmt) {
-  const Tensor z = k.conv(x, weight, bias, stride, padding).contiguous(fmt);
-  auto [mean, var] = k.channel_stats(z);
+                                              int64_t stride, int64_t padding) {
+  const auto fmt = memory_format_of(input, weight);
+  const Tensor z = k.conv(input.contiguous(fmt), weight, std::nullopt, stride, padding).contiguous(fmt);
+  auto [mean, var] = k.batch_stats(z, as_stats(bias, stats_dtype(input.scalar_type())));
   return {z, mean, var};
-}
-
-// ... then normalisation with given statistics, residual and activation, into `out`
-// (which may be z).
-void bn_act(const Kernels& k, const Tensor& z, const Tensor& mean, const Tensor& var,
-            const Tensor& bn_weight, const Tensor& bn_bias, const OptTensor& residual, double eps,
-            double slope, const Tensor& out) {
-  const auto stats = mean.scalar_type();
-  const Tensor scale = as_stats(bn_weight, stats) * at::rsqrt(var + eps);
-  const Tensor shift = as_stats(bn_bias, stats) - mean * scale;
-  k.normalize_act(z, scale, shift, residual, slope, out);
 }
 
 std::tuple<Tensor, Tensor, Tensor> forward(
@@ -129,30 +132,22 @@ std::tuple<Tensor, Tensor, Tensor> forward(
                       residual, stride, padding, use_batch_stats, eps, slope);
   const auto fmt = memory_format_of(input, weight);
   const auto stats = stats_dtype(input.scalar_type());
-  const Tensor x = input.contiguous(fmt);
   const OptTensor res = residual ? OptTensor(residual->contiguous(fmt)) : std::nullopt;
-  const bool batch_norm = bn_weight.has_value();
-
-  if (batch_norm && use_batch_stats) {
-    auto [z, mean, var] = conv_stats(k, x, weight, bias, stride, padding, fmt);
-    bn_act(k, z, mean, var, *bn_weight, *bn_bias, res, eps, slope, z);  // in place: z is ours
+  if (bn_weight && use_batch_stats) {  // z is ours: normalised in place
+    auto [z, mean, var] = conv_stats(k, input, weight, bias, stride, padding);
+    k.normalize_act(z, batch_norm_affine(*bn_weight, *bn_bias, mean, var, bias, eps), res, slope, z);
     return {z, mean, var};
   }
-  Tensor mean, var;
-  Tensor z;
-  if (batch_norm) {  // eval: running statistics, folded into the conv
-    mean = running_mean->to(stats, /*non_blocking=*/false, /*copy=*/true);
-    var = running_var->to(stats, /*non_blocking=*/false, /*copy=*/true);
-    auto [folded_weight, folded_bias, scale] =
-        fold_bn(weight, bias, *bn_weight, *bn_bias, mean, var, eps);
-    z = k.conv(x, folded_weight, folded_bias, stride, padding).contiguous(fmt);
-  } else {
-    mean = at::empty({0}, x.options().dtype(stats));
-    var = at::empty({0}, x.options().dtype(stats));
-    z = k.conv(x, weight, bias, stride, padding).contiguous(fmt);
+  // the normalisation below adds the bias
+  const Tensor z = k.conv(input.contiguous(fmt), weight, std::nullopt, stride, padding).contiguous(fmt);
+  if (!bn_weight) {
+    k.normalize_act(z, {false, {}, {}, {}, {}, as_stats(bias, stats), eps}, res, slope, z);
+    return {z, no_stats(z), no_stats(z)};
   }
-  k.normalize_act(z, std::nullopt, std::nullopt, res, slope, z);
-  return {z, mean, var};
+  // eval: the running statistics (backward reads them from ops.py)
+  k.normalize_act(z, batch_norm_affine(*bn_weight, *bn_bias, *running_mean, *running_var, bias, eps),
+                  res, slope, z);
+  return {z, no_stats(z), no_stats(z)};
 }
 
 // Whether any entry of a per-channel flag vector is set: read from host memory (no op
@@ -167,17 +162,6 @@ bool any_flag(const Tensor& flags) {
   return any;
 }
 
-// xhat = (conv(x) - mean) * invstd recomputed for every channel: the conv, then the
-// normalise pass with slope 1 (the identity), in place.
-Tensor recompute_xhat(const Kernels& k, const Tensor& x, const Tensor& weight,
-                      const OptTensor& bias, const Tensor& mean, const Tensor& invstd,
-                      int64_t stride, int64_t padding, at::MemoryFormat fmt) {
-  RECORD_FUNCTION("vggbench::recompute_xhat", {});  // so profiles count the recomputes
-  const Tensor z = k.conv(x, weight, bias, stride, padding).contiguous(fmt);
-  k.normalize_act(z, invstd, -mean * invstd, std::nullopt, 1.0, z);
-  return z;
-}
-
 Tensor empty_grad(const Tensor& like) { return at::empty({0}, like.options()); }
 
 Tensor grad_or_empty(bool wanted, const Tensor& grad, const Tensor& like, at::MemoryFormat fmt) {
@@ -185,54 +169,55 @@ Tensor grad_or_empty(bool wanted, const Tensor& grad, const Tensor& like, at::Me
                 : empty_grad(like);
 }
 
-BackwardInputs backward_inputs(const Tensor& grad_out, const Tensor& out,
-                               const OptTensor& residual, at::MemoryFormat fmt, double slope) {
+// The backward passes' inputs; with training-mode BN (`bn_weight` given) its per-channel
+// operands too.
+BackwardInputs backward_inputs(const Tensor& grad_out, const Tensor& out, const OptTensor& residual,
+                               at::MemoryFormat fmt, const OptTensor& bn_weight,
+                               const OptTensor& bn_bias, const Tensor& mean, const Tensor& var,
+                               double eps, double slope) {
+  const auto stats = mean.scalar_type();
   return {grad_out.contiguous(fmt), out.contiguous(fmt),
-          residual ? OptTensor(residual->contiguous(fmt)) : std::nullopt,
-          std::nullopt, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), slope};
+          residual ? OptTensor(residual->contiguous(fmt)) : std::nullopt, std::nullopt,
+          bn_weight ? as_stats(*bn_weight, stats) : Tensor(), bn_bias ? as_stats(*bn_bias, stats) : Tensor(),
+          bn_weight ? as_stats(mean, stats) : Tensor(), bn_weight ? as_stats(var, stats) : Tensor(), eps, slope};
 }
 
-// Training-mode BN backward's context: what recovering xhat needs (set on `in`), and
-// recomputing it.
-struct TrainingBn {
+// Training-mode BN backward's recompute of xhat = (conv(x) + bias - mean) / sqrt(var + eps)
+// for every channel: the conv, then the normalise pass with slope 1 (the identity), in place.
+struct Recompute {
   const Kernels& k;
-  const Tensor &x, &weight;
+  const Tensor& x;
+  const Tensor& weight;
   const OptTensor& bias;
-  Tensor mean, invstd;
   int64_t stride, padding;
   at::MemoryFormat fmt;
 
-  void recompute(BackwardInputs& in) const {
-    in.xhat = recompute_xhat(k, x, weight, bias, mean, invstd, stride, padding, fmt);
+  void operator()(BackwardInputs& in) const {
+    RECORD_FUNCTION("vggbench::recompute_xhat", {});  // so profiles count the recomputes
+    const Tensor z = k.conv(x, weight, std::nullopt, stride, padding).contiguous(fmt);
+    const ChannelAffine xhat{true, {}, {}, in.mean, in.var, as_stats(bias, in.mean.scalar_type()), in.eps};
+    k.normalize_act(z, xhat, std::nullopt, 1.0, z);
+    in.xhat = z;
   }
 };
-
-void set_recovery(BackwardInputs& in, const Tensor& bn_weight, const Tensor& bn_bias,
-                  const TrainingBn& bn) {
-  const auto stats = bn.mean.scalar_type(), recovery = recovery_dtype(in.out.scalar_type());
-  in.gamma = as_stats(bn_weight, stats), in.beta = as_stats(bn_bias, stats);
-  in.recover_scale = at::reciprocal(bn_weight.to(recovery));
-  in.recover_shift = bn_bias.to(recovery) * in.recover_scale;
-  in.centre = bn.mean * bn.invstd;
-}
 
 // sum(g) and sum(g * xhat) over this call's batch, and whether xhat was recomputed (then
 // set in in.xhat). One reduction pass when xhat is recovered; with recompute_all (or
 // slope 0, which loses the negative branch) the conv runs first; otherwise when the rule
 // flags a channel, the conv and a second reduction follow.
-std::tuple<Tensor, Tensor, bool> bn_backward_sums(const TrainingBn& bn, BackwardInputs& in,
-                                                  bool recompute_all) {
+std::tuple<Tensor, Tensor, bool> bn_backward_sums(const Kernels& k, const Recompute& recompute,
+                                                  BackwardInputs& in, bool recompute_all) {
   Tensor sum_g, sum_gx, flags;
-  bool recompute = recompute_all || in.slope == 0;
-  if (!recompute) {
-    std::tie(sum_g, sum_gx, flags) = bn.k.backward_reduce(in);
-    recompute = any_flag(flags);
+  bool recomputed = recompute_all || in.slope == 0;
+  if (!recomputed) {
+    std::tie(sum_g, sum_gx, flags) = k.backward_reduce(in);
+    recomputed = any_flag(flags);
   }
-  if (recompute) {
-    bn.recompute(in);
-    std::tie(sum_g, sum_gx, flags) = bn.k.backward_reduce(in);
+  if (recomputed) {
+    recompute(in);
+    std::tie(sum_g, sum_gx, flags) = k.backward_reduce(in);
   }
-  return {sum_g, sum_gx, recompute};
+  return {sum_g, sum_gx, recomputed};
 }
 
 // Host read of the `recomputed` entry of _conv_bn_act_backward_sums (free on the CPU).
@@ -251,9 +236,10 @@ Grads backward(const Kernels& k, const Tensor& grad_out, const Tensor& out, cons
   const auto fmt = memory_format_of(input, weight);
   const auto stats = mean.scalar_type();
   const Tensor x = input.contiguous(fmt);
-  BackwardInputs in = backward_inputs(grad_out, out, residual, fmt, slope);
   const bool batch_norm = bn_weight.has_value();
   const bool train_bn = batch_norm && use_batch_stats;
+  BackwardInputs in = backward_inputs(grad_out, out, residual, fmt, train_bn ? bn_weight : std::nullopt,
+                                      bn_bias, mean, var, eps, slope);
   const int64_t channels = weight.size(0);
   Tensor grad_z = at::empty_like(in.out);
   OptTensor grad_residual;
@@ -261,26 +247,21 @@ Grads backward(const Kernels& k, const Tensor& grad_out, const Tensor& out, cons
   Tensor grad_gamma, grad_beta;
 
   if (train_bn) {
-    const Tensor invstd = at::rsqrt(var + eps);
-    const TrainingBn bn{k, x, weight, bias, mean, invstd, stride, padding, fmt};
-    set_recovery(in, *bn_weight, *bn_bias, bn);
-    Tensor sum_g, sum_gx, count;
+    const Recompute recompute{k, x, weight, bias, stride, padding, fmt};
+    Tensor sum_g, sum_gx;
+    OptTensor count;
     if (local_sums) {  // synchronised BN: the sums op ran the reduction
       grad_beta = local_sums->narrow(0, 0, channels).clone();  // outputs must not alias inputs
       grad_gamma = local_sums->narrow(0, channels, channels).clone();
-      if (recompute_all || recomputed_in(*local_sums)) bn.recompute(in);
+      if (recompute_all || recomputed_in(*local_sums)) recompute(in);
       sum_g = reduced_sums->narrow(0, 0, channels);
       sum_gx = reduced_sums->narrow(0, channels, channels);
-      count = reduced_sums->narrow(0, 2 * channels, 1);
+      count = reduced_sums->select(0, 2 * channels);
     } else {
-      std::tie(grad_beta, grad_gamma, std::ignore) = bn_backward_sums(bn, in, recompute_all);
+      std::tie(grad_beta, grad_gamma, std::ignore) = bn_backward_sums(k, recompute, in, recompute_all);
       sum_g = grad_beta, sum_gx = grad_gamma;
-      count = at::full({1}, static_cast<double>(geometry_of(in.out).count()), mean.options());
     }
-    // an empty batch has sums 0: divide by at least 1 so that no 0/0 appears
-    const Tensor divisor = at::where(count > 0, count, at::ones_like(count));
-    const Tensor k_scale = as_stats(*bn_weight, stats) * invstd;
-    k.backward_apply(in, k_scale, sum_g / divisor, sum_gx / divisor, grad_z, grad_residual);
+    k.backward_apply(in, sum_g, sum_gx, count, grad_z, grad_residual);
   } else {
     k.backward_apply(in, std::nullopt, std::nullopt, std::nullopt, grad_z, grad_residual);
   }
@@ -288,11 +269,11 @@ Grads backward(const Kernels& k, const Tensor& grad_out, const Tensor& out, cons
   Tensor conv_weight = weight;
   OptTensor conv_bias = bias;
   Tensor fold_scale;
-  if (batch_norm && !use_batch_stats) {
+  const bool eval_bn = batch_norm && !use_batch_stats;
+  if (eval_bn) {
     std::tie(conv_weight, conv_bias, fold_scale) =
         fold_bn(weight, bias, *bn_weight, *bn_bias, mean, var, eps);
   }
-  const bool eval_bn = batch_norm && !use_batch_stats;
   const bool want_bias = bias && mask[2];
   const bool want_bn = batch_norm && (mask[3] || mask[4]);
   const std::array<bool, 3> conv_mask{mask[0], mask[1] || (eval_bn && mask[3]),
@@ -329,32 +310,24 @@ Tensor backward_sums(const Kernels& k, const Tensor& grad_out, const Tensor& out
   checks::backward(grad_out, out, input, weight, bias, bn_weight, bn_bias, residual, mean, var,
                    stride, padding, /*use_batch_stats=*/true, eps, slope, std::nullopt, std::nullopt);
   const auto fmt = memory_format_of(input, weight);
-  BackwardInputs in = backward_inputs(grad_out, out, residual, fmt, slope);
-  const TrainingBn bn{k, input.contiguous(fmt), weight, bias, mean, at::rsqrt(var + eps),
-                      stride, padding, fmt};
-  set_recovery(in, bn_weight, bn_bias, bn);
-  auto [sum_g, sum_gx, recomputed] = bn_backward_sums(bn, in, recompute_all);
+  const Tensor x = input.contiguous(fmt);
+  BackwardInputs in = backward_inputs(grad_out, out, residual, fmt, bn_weight, bn_bias, mean, var, eps, slope);
+  const Recompute recompute{k, x, weight, bias, stride, padding, fmt};
+  auto [sum_g, sum_gx, recomputed] = bn_backward_sums(k, recompute, in, recompute_all);
   Tensor tail = at::full({2}, static_cast<double>(geometry_of(in.out).count()), mean.options());
   tail.narrow(0, 1, 1).fill_(recomputed ? 1.0 : 0.0);  // fills: no host-to-device copy
   return at::cat({sum_g, sum_gx, tail});
 }
 
-// nn.BatchNorm2d's running-statistics update (see ops.cpp), with the factor computed on
-// the device: no host read for momentum=None or a distributed count.
-void update_running_stats(Tensor& running_mean, Tensor& running_var, Tensor& num_batches_tracked,
-                          const Tensor& batch_mean, const Tensor& batch_var, const Tensor& count,
+// nn.BatchNorm2d's running-statistics update (see ops.cpp): one backend pass, no host read.
+void update_running_stats(const Kernels& k, const Tensor& running_mean, const Tensor& running_var,
+                          const Tensor& num_batches_tracked, const Tensor& batch_mean,
+                          const Tensor& batch_var, const OptTensor& count, int64_t batch_count,
                           std::optional<double> momentum) {
   checks::update_running_stats(running_mean, running_var, num_batches_tracked, batch_mean,
-                               batch_var, count, momentum);
-  num_batches_tracked.add_(1);
-  const auto dtype = batch_mean.scalar_type();
-  const Tensor n = count.to(dtype);
-  Tensor factor = momentum ? at::full({}, *momentum, batch_mean.options())
-                           : at::reciprocal(num_batches_tracked.to(dtype));
-  factor = at::where(n > 0, factor, at::zeros_like(factor));  // an empty batch changes nothing
-  const Tensor unbiased = batch_var * (n / (n - 1));
-  running_mean.copy_(at::where(n > 0, batch_mean * factor + running_mean * (1 - factor), running_mean));
-  running_var.copy_(at::where(n > 0, unbiased * factor + running_var * (1 - factor), running_var));
+                               batch_var, count, batch_count, momentum);
+  k.update_running_stats(running_mean, running_var, num_batches_tracked, batch_mean, batch_var,
+                         count, batch_count, momentum);
 }
 
 }  // namespace
@@ -383,17 +356,17 @@ void register_backend(torch::Library& m, const Kernels& kernels) {
   m.impl("_conv_stats", [k](const Tensor& input, const Tensor& weight, const OptTensor& bias,
                             int64_t stride, int64_t padding) {
     checks::conv_stats(input, weight, bias, stride, padding);
-    const auto fmt = memory_format_of(input, weight);
-    return conv_stats(*k, input.contiguous(fmt), weight, bias, stride, padding, fmt);
+    return conv_stats(*k, input, weight, bias, stride, padding);
   });
   m.impl("_bn_act", [k](const Tensor& z, const Tensor& mean, const Tensor& var,
-                        const Tensor& bn_weight, const Tensor& bn_bias, const OptTensor& residual,
-                        double eps, double negative_slope) {
-    checks::bn_act(z, mean, var, bn_weight, bn_bias, residual, eps, negative_slope);
+                        const Tensor& bn_weight, const Tensor& bn_bias, const OptTensor& bias,
+                        const OptTensor& residual, double eps, double negative_slope) {
+    checks::bn_act(z, mean, var, bn_weight, bn_bias, bias, residual, eps, negative_slope);
     const auto fmt = memory_format_of(z, z);
     const OptTensor res = residual ? OptTensor(residual->contiguous(fmt)) : std::nullopt;
     Tensor out = at::empty_like(z, fmt);
-    bn_act(*k, z.contiguous(fmt), mean, var, bn_weight, bn_bias, res, eps, negative_slope, out);
+    k->normalize_act(z.contiguous(fmt), batch_norm_affine(bn_weight, bn_bias, mean, var, bias, eps), res,
+                     negative_slope, out);
     return out;
   });
   m.impl("_conv_bn_act_backward_sums",
@@ -405,7 +378,13 @@ void register_backend(torch::Library& m, const Kernels& kernels) {
                                 residual, mean, var, stride, padding, eps, negative_slope,
                                 recompute_all);
          });
-  m.impl("update_running_stats_", &update_running_stats);
+  m.impl("update_running_stats_",
+         [k](const Tensor& running_mean, const Tensor& running_var, const Tensor& num_batches_tracked,
+             const Tensor& batch_mean, const Tensor& batch_var, const OptTensor& count,
+             std::optional<double> momentum, int64_t batch_count) {
+           update_running_stats(*k, running_mean, running_var, num_batches_tracked, batch_mean,
+                                batch_var, count, batch_count, momentum);
+         });
 }
 
 }  // namespace vggbench

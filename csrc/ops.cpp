@@ -20,26 +20,29 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(vggbench, m) {
-  // out = leaky_relu(bn(conv2d(input, weight, bias)) + residual, negative_slope), and the
-  // per-channel mean and biased variance that normalised it (the batch's with
-  // use_batch_stats, copies of the running ones otherwise; empty without BN), in float32
-  // (float64 for float64 inputs). An empty batch gives mean 0 and variance 0.
+  // out = leaky_relu(bn(conv2d(input, weight, bias)) + residual, negative_slope), and with
+  // use_batch_stats the batch's per-channel mean and biased variance that normalised it, in
+  // float32 (float64 for float64 inputs); otherwise (running statistics, or no BN) those two
+  // are empty. An empty batch gives mean 0 and variance 0.
   m.def(
       "conv_bn_act(Tensor input, Tensor weight, Tensor? bias, Tensor? bn_weight, "
       "Tensor? bn_bias, Tensor? running_mean, Tensor? running_var, Tensor? residual, "
       "int stride, int padding, bool use_batch_stats, float eps, float negative_slope)"
       " -> (Tensor, Tensor, Tensor)");
   // nn.BatchNorm2d's running-statistics update from one batch's mean and biased variance
-  // over `count` values per channel (a 0-d tensor, so a distributed count needs no host
-  // read): num_batches_tracked += 1; unless count is 0, running = (1 - f) * running +
+  // over `count` values per channel (a 0-d tensor of their dtype, so that a distributed
+  // count needs no host read) or, when count is None, `batch_count` values:
+  // num_batches_tracked += 1; unless the count is 0, running = (1 - f) * running +
   // f * batch with f = momentum, or 1 / num_batches_tracked when momentum is None;
   // running_var takes the unbiased variance.
   m.def(
       "update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, "
-      "Tensor(c!) num_batches_tracked, Tensor batch_mean, Tensor batch_var, Tensor count, "
-      "float? momentum) -> ()");
+      "Tensor(c!) num_batches_tracked, Tensor batch_mean, Tensor batch_var, Tensor? count, "
+      "float? momentum, int batch_count=-1) -> ()");
   // conv_bn_act's gradients for (input, weight, bias, bn_weight, bn_bias, residual); an
-  // entry whose mask is False or whose input is absent comes back empty. recompute_all:
+  // entry whose mask is False or whose input is absent comes back empty. mean and var: the
+  // forward's batch statistics, or with use_batch_stats False the running ones (empty
+  // without BN). recompute_all:
   // recompute the normalised conv output instead of recovering it from `out` (no host
   // read: the policy for CUDA graphs). local_sums / reduced_sums: this rank's and all
   // ranks' _conv_bn_act_backward_sums (synchronised BN): the input gradient uses the
@@ -51,13 +54,15 @@ TORCH_LIBRARY(vggbench, m) {
       "float negative_slope, bool recompute_all, bool[6] output_mask, "
       "Tensor? local_sums=None, Tensor? reduced_sums=None) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Training-mode conv_bn_act in halves, for synchronised BN: the conv output with its
-  // per-channel mean and biased variance (0 and 0 for an empty batch) ...
+  // Training-mode conv_bn_act in halves, for synchronised BN, computing exactly what it
+  // does: the conv output without its bias, and the per-channel mean (bias included) and
+  // biased variance (0 and 0 for an empty batch) ...
   m.def("_conv_stats(Tensor input, Tensor weight, Tensor? bias, int stride, int padding)"
         " -> (Tensor, Tensor, Tensor)");
-  // ... the normalisation with given (merged) statistics, + residual, and activation ...
+  // ... the normalisation of z + bias with given (merged) statistics, + residual, and
+  // activation ...
   m.def("_bn_act(Tensor z, Tensor mean, Tensor var, Tensor bn_weight, Tensor bn_bias, "
-        "Tensor? residual, float eps, float negative_slope) -> Tensor");
+        "Tensor? bias, Tensor? residual, float eps, float negative_slope) -> Tensor");
   // ... and the backward's per-channel sums over this call's batch, (2C + 2,):
   // [sum(g) (C), sum(g * xhat) (C), count, recomputed (1 when xhat was recomputed)].
   // The first 2C + 1 entries summed over ranks are the reduced_sums of the backward.

@@ -143,8 +143,8 @@ def test_op_entry_points_check_every_tensor(label):
     with pytest.raises(RuntimeError, match=message):
         if op_name == "_bn_act":
             z = torch.randn_like(tensors["out"])
-            op(z, tensors["mean"], tensors["var"], tensors["bn_weight"], tensors["bn_bias"], tensors["residual"],
-               eps, slope)
+            op(z, tensors["mean"], tensors["var"], tensors["bn_weight"], tensors["bn_bias"], tensors["bias"],
+               tensors["residual"], eps, slope)
         elif op_name == "_conv_bn_act_backward":
             op(*tensors.values(), stride, padding, True, eps, slope, False, [True] * 6)
         else:
@@ -165,6 +165,10 @@ def test_backward_checks_the_sums_it_is_given():
     ({"running_var": lambda t: t[:2]}, "running statistics of shape"),
     ({"num_batches_tracked": lambda t: t.float()}, "num_batches_tracked must be a 0-d integer tensor"),
     ({"count": lambda t: t.reshape(1)}, "count must be a 0-d tensor"),
+    ({"count": lambda t: t.double()}, "count must be a 0-d tensor of batch_mean's dtype Float, got Double"),
+    ({"count": lambda t: None}, "give the number of values per channel"),
+    ({"running_mean": lambda t: torch.zeros(8)[::2]}, "must be contiguous"),
+    ({"batch_mean": lambda t: t.half(), "batch_var": lambda t: t.half()}, "batch statistics must be float32 or float64"),
     ({"running_mean": lambda t: t.to("meta")}, "running_mean is on meta but input is on cpu"),
 ])
 def test_update_running_stats_checks_every_tensor(change, message):

@@ -214,6 +214,9 @@ def test_opcheck_conv_bn_act_backward(device, label, mask):
     """The backward op on the outputs of a real forward: its fake kernel gives the real gradients' metadata."""
     args = get_sample(label, device).op_args()
     out, mean, var = torch.ops.vggbench.conv_bn_act(*args)
+    if label.startswith("eval"):  # the forward returns no statistics; backward takes the running ones
+        assert mean.numel() == var.numel() == 0
+        mean, var = args[5], args[6]
     grad_out = torch.randn_like(out)
     for recompute_all in (False, True):
         torch.library.opcheck(
@@ -222,17 +225,20 @@ def test_opcheck_conv_bn_act_backward(device, label, mask):
         )
 
 
+@pytest.mark.parametrize("count_as", ["tensor", "int"])
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("device", DEVICES)
-def test_update_running_stats(device, dtype, momentum):
+def test_update_running_stats(device, dtype, momentum, count_as):
     """opcheck (it mutates its first three arguments), and nn.BatchNorm2d's update rule:
-    running = (1 - f) * running + f * batch, f = momentum or 1 / num_batches_tracked, the variance unbiased."""
+    running = (1 - f) * running + f * batch, f = momentum or 1 / num_batches_tracked, the variance unbiased;
+    the count given as a 0-d tensor (synchronised BN) or as batch_count."""
     gen = torch.Generator().manual_seed(0)
     running_mean, running_var, batch_mean, batch_var = (torch.rand(5, generator=gen, dtype=dtype).to(device)
                                                         for _ in range(4))
     tracked = torch.tensor(3, device=device)
-    args = (running_mean, running_var, tracked, batch_mean, batch_var, torch.tensor(50.0, device=device), momentum)
+    count = (torch.tensor(50.0, dtype=dtype, device=device), momentum) if count_as == "tensor" else (None, momentum, 50)
+    args = (running_mean, running_var, tracked, batch_mean, batch_var, *count)
     torch.library.opcheck(torch.ops.vggbench.update_running_stats_, args)
     expected_mean, expected_var = running_mean.clone(), running_var.clone()
     torch.ops.vggbench.update_running_stats_(*args)
@@ -256,7 +262,7 @@ def test_split_ops_compose_to_conv_bn_act(device, label):
     stats_args = (input, weight, bias, stride, padding)
     z, z_mean, z_var = torch.ops.vggbench._conv_stats(*stats_args)
     assert torch.equal(z_mean, mean) and torch.equal(z_var, var)
-    act_args = (z, mean, var, bn_weight, bn_bias, residual, eps, slope)
+    act_args = (z, mean, var, bn_weight, bn_bias, bias, residual, eps, slope)
     assert torch.equal(torch.ops.vggbench._bn_act(*act_args), out)
 
     grad_out = torch.randn_like(out)

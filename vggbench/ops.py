@@ -145,9 +145,8 @@ def conv_bn_act(
     if use_batch_stats and training and running_mean is not None:
         if running_var is None or num_batches_tracked is None:
             raise ValueError("updating running statistics needs running_var and num_batches_tracked too")
-        count = mean.new_full((), out.numel() // out.shape[1])  # a fill: no host-to-device copy
         torch.ops.vggbench.update_running_stats_(running_mean, running_var, num_batches_tracked, mean, var,
-                                                 count, momentum)
+                                                 None, momentum, out.numel() // out.shape[1])
     return out.to(dtype)
 
 
@@ -177,7 +176,7 @@ def _conv_bn_act_fake(
     _check_devices("conv_bn_act", input, weight=weight, bias=bias, bn_weight=bn_weight, bn_bias=bn_bias,
                    running_mean=running_mean, running_var=running_var, residual=residual)
     out = _conv_output(input, weight, stride, padding)
-    stats = (weight.shape[0] if bn_weight is not None else 0,)
+    stats = (weight.shape[0] if bn_weight is not None and use_batch_stats else 0,)
     dtype = stats_dtype(input.dtype)
     return out, input.new_empty(stats, dtype=dtype), input.new_empty(stats, dtype=dtype)
 
@@ -214,8 +213,9 @@ def _conv_stats_fake(input, weight, bias, stride, padding):
 
 
 @torch.library.register_fake("vggbench::_bn_act")
-def _bn_act_fake(z, mean, var, bn_weight, bn_bias, residual, eps, negative_slope):
-    _check_devices("_bn_act", z, mean=mean, var=var, bn_weight=bn_weight, bn_bias=bn_bias, residual=residual)
+def _bn_act_fake(z, mean, var, bn_weight, bn_bias, bias, residual, eps, negative_slope):
+    _check_devices("_bn_act", z, mean=mean, var=var, bn_weight=bn_weight, bn_bias=bn_bias, bias=bias,
+                   residual=residual)
     return torch.empty_like(z, memory_format=memory_format_of(z))
 
 
@@ -229,7 +229,7 @@ def _conv_bn_act_backward_sums_fake(grad_out, out, input, weight, bias, bn_weigh
 
 @torch.library.register_fake("vggbench::update_running_stats_")
 def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, batch_mean, batch_var, count,
-                               momentum):
+                               momentum, batch_count=-1):
     _check_devices("update_running_stats_", batch_mean, running_mean=running_mean, running_var=running_var,
                    num_batches_tracked=num_batches_tracked, batch_var=batch_var, count=count)
 
@@ -238,12 +238,17 @@ def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, b
 # Positions in conv_bn_act's schema of the differentiable inputs and the options.
 _GRAD_POSITIONS = tuple(_ARGUMENTS.index(name) for name in GRAD_INPUTS)
 _OPTION_POSITIONS = tuple(_ARGUMENTS.index(name) for name in _OPTIONS)
+_RUNNING_POSITIONS = (_ARGUMENTS.index("running_mean"), _ARGUMENTS.index("running_var"))
 
 
 def _setup_context(ctx, inputs, output) -> None:
     input, weight, bias, bn_weight, bn_bias, residual = (inputs[i] for i in _GRAD_POSITIONS)
     out, mean, var = output
     ctx.mark_non_differentiable(mean, var)
+    if bn_weight is not None and not inputs[_ARGUMENTS.index("use_batch_stats")]:
+        # eval: the running statistics normalised (an in-place update before backward is
+        # caught by autograd's version check, as with native BatchNorm)
+        mean, var = (inputs[i] for i in _RUNNING_POSITIONS)
     # The output and the input: nothing else activation-sized (residual is another
     # layer's input or output, saved there anyway).
     ctx.save_for_backward(out, input, weight, bias, bn_weight, bn_bias, residual, mean, var)
@@ -252,6 +257,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out, _grad_mean, _grad_var):
     out, input, weight, bias, bn_weight, bn_bias, residual, mean, var = ctx.saved_tensors
+    mean, var = mean.to(stats_dtype(input.dtype)), var.to(stats_dtype(input.dtype))  # eval: running statistics
     mask = [ctx.needs_input_grad[i] for i in _GRAD_POSITIONS]
     grads = torch.ops.vggbench._conv_bn_act_backward(
         grad_out, out, input, weight, bias, bn_weight, bn_bias, residual, mean, var, *ctx.options,

@@ -156,12 +156,23 @@ Tensor channel_tensor(const std::vector<double>& values, int64_t offset, int64_t
   return t;
 }
 
-std::tuple<Tensor, Tensor> channel_stats(const Tensor& z) {
-  RECORD_FUNCTION("vggbench::cpu::channel_stats", {});  // the pass, in profiles
+// The per-channel data of an optional statistics-dtype tensor, or nullptr.
+template <typename acc_t>
+const acc_t* channel_ptr(const OptTensor& t) {
+  return data_or_null<acc_t>(t);
+}
+
+template <typename acc_t>
+acc_t entry_or(const acc_t* values, int64_t c, acc_t otherwise) {
+  return values ? values[c] : otherwise;
+}
+
+std::tuple<Tensor, Tensor> batch_stats(const Tensor& z, const OptTensor& bias) {
+  RECORD_FUNCTION("vggbench::cpu::batch_stats", {});  // the pass, in profiles
   const Geometry g = geometry_of(z);
   const int64_t C = g.channels;
   std::vector<double> mean(C, 0.0), var(C, 0.0);  // an empty batch: 0 and 0
-  if (g.count() > 0) AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "vggbench_channel_stats", [&] {
+  if (g.count() > 0) AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "vggbench_batch_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* data = z.const_data_ptr<scalar_t>();
     // sums of z - shift, shift = one sample of the channel: no cancellation when |mean| >> std
@@ -172,24 +183,35 @@ std::tuple<Tensor, Tensor> channel_stats(const Tensor& z) {
       const acc_t d = static_cast<acc_t>(data[i]) - sh[c];
       return std::array<acc_t, 2>{d, d * d};
     });
+    const acc_t* b = channel_ptr<acc_t>(bias);
     for (int64_t c = 0; c < C; ++c) {
       math::mean_var(sums[c], sums[C + c], static_cast<double>(shift[c]),
                      static_cast<double>(g.count()), mean[c], var[c]);
+      mean[c] += static_cast<double>(entry_or(b, c, acc_t(0)));
     }
   });
   return {channel_tensor(mean, 0, C, z), channel_tensor(var, 0, C, z)};
 }
 
-void normalize_act(const Tensor& z, const OptTensor& scale, const OptTensor& shift,
-                   const OptTensor& residual, double slope, const Tensor& out) {
+void normalize_act(const Tensor& z, const ChannelAffine& a, const OptTensor& residual, double slope,
+                   const Tensor& out) {
   RECORD_FUNCTION("vggbench::cpu::normalize_act", {});  // the pass, in profiles
   const Geometry g = geometry_of(z);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "vggbench_normalize_act", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const int64_t C = g.channels;
+    std::vector<acc_t> scale(C), shift(C);
+    const acc_t *gamma = channel_ptr<acc_t>(a.gamma), *beta = channel_ptr<acc_t>(a.beta),
+                *mean = channel_ptr<acc_t>(a.mean), *var = channel_ptr<acc_t>(a.var),
+                *bias = channel_ptr<acc_t>(a.bias);
+    for (int64_t c = 0; c < C; ++c) {
+      math::channel_affine(a.normalize, entry_or(gamma, c, acc_t(1)), entry_or(beta, c, acc_t(0)),
+                           entry_or(mean, c, acc_t(0)), entry_or(var, c, acc_t(0)),
+                           entry_or(bias, c, acc_t(0)), static_cast<acc_t>(a.eps), scale[c], shift[c]);
+    }
     const scalar_t* in = z.const_data_ptr<scalar_t>();
     const scalar_t* res = data_or_null<scalar_t>(residual);
-    const acc_t* sc = data_or_null<acc_t>(scale);
-    const acc_t* sh = data_or_null<acc_t>(shift);
+    const acc_t *sc = scale.data(), *sh = shift.data();
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
     const auto s = static_cast<acc_t>(slope);
     with_flags([&](auto affine, auto add_residual) {
@@ -199,7 +221,33 @@ void normalize_act(const Tensor& z, const OptTensor& scale, const OptTensor& shi
         if constexpr (add_residual) v += static_cast<acc_t>(res[i]);
         y[i] = static_cast<scalar_t>(math::leaky_relu(v, s));
       });
-    }, sc != nullptr, res != nullptr);
+    }, a.normalize || bias != nullptr, res != nullptr);
+  });
+}
+
+void update_running_stats(const Tensor& running_mean, const Tensor& running_var,
+                          const Tensor& num_batches_tracked, const Tensor& batch_mean,
+                          const Tensor& batch_var, const OptTensor& count, int64_t batch_count,
+                          std::optional<double> momentum) {
+  RECORD_FUNCTION("vggbench::cpu::update_running_stats", {});  // the pass, in profiles
+  int64_t tracked = 0;
+  AT_DISPATCH_INTEGRAL_TYPES(num_batches_tracked.scalar_type(), "vggbench_batches_tracked", [&] {
+    scalar_t* n = num_batches_tracked.mutable_data_ptr<scalar_t>();
+    tracked = static_cast<int64_t>(*n += 1);
+  });
+  AT_DISPATCH_FLOATING_TYPES(batch_mean.scalar_type(), "vggbench_update_running_stats", [&] {
+    using stats_t = scalar_t;
+    const stats_t n = count ? *count->const_data_ptr<stats_t>() : static_cast<stats_t>(batch_count);
+    const stats_t factor = static_cast<stats_t>(momentum ? *momentum : 1.0 / static_cast<double>(tracked));
+    const stats_t *bm = batch_mean.const_data_ptr<stats_t>(), *bv = batch_var.const_data_ptr<stats_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(), "vggbench_running", [&] {
+      scalar_t *rm = running_mean.mutable_data_ptr<scalar_t>(), *rv = running_var.mutable_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < batch_mean.numel(); ++c) {
+        stats_t m = static_cast<stats_t>(rm[c]), v = static_cast<stats_t>(rv[c]);
+        math::running_update(bm[c], bv[c], n, factor, m, v);
+        rm[c] = static_cast<scalar_t>(m), rv[c] = static_cast<scalar_t>(v);
+      }
+    });
   });
 }
 
@@ -211,6 +259,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
   std::vector<double> sums, flags(C, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, in.out.scalar_type(), "vggbench_backward_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    using Channel = typename BackwardView<scalar_t>::Channel;
     const BackwardView<scalar_t> e(in);
     if (in.xhat) {  // sum(g), sum(g * xhat)
       sums = reduce_channels<acc_t, 2, 2>(g, [=](int64_t i, int64_t c) {
@@ -219,10 +268,13 @@ std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
       });
       return;
     }
+    std::vector<Channel> channels(C);
+    for (int64_t c = 0; c < C; ++c) channels[c] = e.channel(c);
+    const Channel* ch = channels.data();
     with_flags([&](auto has_res) {  // the recovery rule's terms, sum(g) and sum(g * xhat) first
       sums = reduce_channels<acc_t, kTerms, kTerms>(g, [=](int64_t i, int64_t c) {
         acc_t t[kTerms];
-        e.template recovery_terms<has_res>(i, c, t);
+        e.template recovery_terms<has_res>(i, ch[c], t);
         std::array<acc_t, kTerms> v;
         for (int w = 0; w < kTerms; ++w) v[w] = t[w];
         return v;
@@ -231,35 +283,49 @@ std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
     for (int64_t c = 0; c < C; ++c) {
       acc_t channel[kTerms];
       for (int w = 0; w < kTerms; ++w) channel[w] = static_cast<acc_t>(sums[w * C + c]);
-      flags[c] = e.recompute_flag(channel, static_cast<acc_t>(g.count()), c);
+      flags[c] = e.recompute_flag(channel, static_cast<acc_t>(g.count()), ch[c]);
     }
   });
   return {channel_tensor(sums, 0, C, in.out), channel_tensor(sums, C, C, in.out),
           channel_tensor(flags, 0, C, in.out)};
 }
 
-void backward_apply(const BackwardInputs& in, const OptTensor& k, const OptTensor& mean_g,
-                    const OptTensor& mean_gx, const Tensor& grad_z,
-                    const OptTensor& grad_residual) {
+void backward_apply(const BackwardInputs& in, const OptTensor& sum_g, const OptTensor& sum_gx,
+                    const OptTensor& count, const Tensor& grad_z, const OptTensor& grad_residual) {
   RECORD_FUNCTION("vggbench::cpu::backward_apply", {});  // the pass, in profiles
   const Geometry g = geometry_of(in.out);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, in.out.scalar_type(), "vggbench_backward_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* kk = data_or_null<acc_t>(k);
-    const acc_t* mg = data_or_null<acc_t>(mean_g);
-    const acc_t* mgx = data_or_null<acc_t>(mean_gx);
+    using Channel = typename BackwardView<scalar_t>::Channel;
+    struct Coefficients {
+      Channel ch;
+      acc_t k, mean_g, mean_gx;
+    };
+    const BackwardView<scalar_t> e(in);
+    const bool batch_norm = in.gamma.defined(), recovering = batch_norm && !in.xhat;
+    std::vector<Coefficients> coefficients(batch_norm ? g.channels : 0);
+    if (batch_norm) {
+      const acc_t n = count ? *count->const_data_ptr<acc_t>() : static_cast<acc_t>(g.count());
+      const acc_t *sg = sum_g->const_data_ptr<acc_t>(), *sgx = sum_gx->const_data_ptr<acc_t>();
+      for (int64_t c = 0; c < g.channels; ++c) {
+        Coefficients& k = coefficients[c];
+        k.ch = e.channel(c);
+        math::bn_backward_coefficients(k.ch.gamma, k.ch.invstd, sg[c], sgx[c], n, k.k, k.mean_g, k.mean_gx);
+      }
+    }
+    const Coefficients* coef = coefficients.data();
     scalar_t* dz = grad_z.mutable_data_ptr<scalar_t>();
     scalar_t* dres = grad_residual ? grad_residual->mutable_data_ptr<scalar_t>() : nullptr;
-    const bool batch_norm = kk != nullptr, recovering = batch_norm && !in.xhat;
     with_flags([&](auto has_res, auto recover, auto write_dres) {
-      const BackwardView<scalar_t> e(in);
       for_each_element(g, [=](int64_t i, int64_t c) {
         const acc_t gi = e.g(i);
         acc_t out = gi;
         if constexpr (recover) {
-          out = math::bn_input_grad(gi, e.template recovered_xhat<has_res>(i, c), kk[c], mg[c], mgx[c]);
+          const Coefficients& k = coef[c];
+          out = math::bn_input_grad(gi, e.template recovered_xhat<has_res>(i, k.ch), k.k, k.mean_g, k.mean_gx);
         } else if (batch_norm) {
-          out = math::bn_input_grad(gi, static_cast<acc_t>(e.xhat[i]), kk[c], mg[c], mgx[c]);
+          const Coefficients& k = coef[c];
+          out = math::bn_input_grad(gi, static_cast<acc_t>(e.xhat[i]), k.k, k.mean_g, k.mean_gx);
         }
         dz[i] = static_cast<scalar_t>(out);
         if constexpr (write_dres) dres[i] = static_cast<scalar_t>(gi);
@@ -270,7 +336,8 @@ void backward_apply(const BackwardInputs& in, const OptTensor& k, const OptTenso
 
 // The backend's kernels with these passes.
 Kernels with_passes(decltype(Kernels::conv) conv, decltype(Kernels::conv_backward) conv_backward) {
-  return {conv, conv_backward, &channel_stats, &normalize_act, &backward_reduce, &backward_apply};
+  return {conv, conv_backward, &batch_stats, &normalize_act, &update_running_stats, &backward_reduce,
+          &backward_apply};
 }
 
 }  // namespace

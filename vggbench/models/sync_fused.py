@@ -4,9 +4,10 @@ Training-mode BN needs the whole batch's statistics before any element is normal
 the fused op runs in its two halves (csrc/ops.cpp) with the cross-rank merge in between,
 the same kernels as the single-process op:
 
-    forward:  _conv_stats (conv + per-channel mean/var of this rank's batch)
+    forward:  _conv_stats (conv without bias + per-channel mean/var of this rank's batch)
               -> all_gather + merge with the ranks' counts (merge_batch_stats)
-              -> _bn_act (normalise with the global statistics, + residual, LeakyReLU)
+              -> update_running_stats_
+              -> _bn_act (normalise with the global statistics, bias, + residual, LeakyReLU)
     backward: _conv_bn_act_backward_sums (this rank's [sum(g), sum(g * xhat), count,
               recomputed]: the one reduction pass, which also decides recover or recompute)
               -> all_reduce of [sum(g), sum(g * xhat), count]
@@ -39,10 +40,11 @@ class _SyncedConvBnAct(torch.autograd.Function):
                 num_batches_tracked, stride, padding, momentum, eps, slope, group):
         z, mean, var = torch.ops.vggbench._conv_stats(input, weight, bias, stride, padding)
         mean, var, total = merge_batch_stats(mean, var, z.numel() // z.shape[1], group)
-        mean, var = mean.to(ops.stats_dtype(input.dtype)), var.to(ops.stats_dtype(input.dtype))
+        stats = ops.stats_dtype(input.dtype)
+        mean, var, total = mean.to(stats), var.to(stats), total.to(stats)
         torch.ops.vggbench.update_running_stats_(running_mean, running_var, num_batches_tracked, mean, var,
                                                  total, momentum)
-        out = torch.ops.vggbench._bn_act(z, mean, var, bn_weight, bn_bias, residual, eps, slope)
+        out = torch.ops.vggbench._bn_act(z, mean, var, bn_weight, bn_bias, bias, residual, eps, slope)
         ctx.save_for_backward(out, input, weight, bias, bn_weight, bn_bias, residual, mean, var)
         ctx.options, ctx.group = (stride, padding, eps, slope), group
         return out
