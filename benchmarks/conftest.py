@@ -22,10 +22,12 @@ from vggbench.bench import machine
 from vggbench.bench.flow_cases import flow_cases
 from vggbench.bench.layer_cases import PASSES, LayerBench, LayerCase, layer_cases
 from vggbench.bench.model_cases import model_cases
+from vggbench.bench.scaling import SCALING_IMPLS, scaling_cases
 from vggbench.bench.timing import (
     LAYER_POLICY,
     MODEL_POLICY,
     QUICK_POLICY,
+    SCALING_POLICY,
     TimingPolicy,
     interleaved,
     synchronized,
@@ -42,6 +44,7 @@ class Settings:
     compile: bool
     layer_policy: TimingPolicy
     model_policy: TimingPolicy
+    scaling_policy: TimingPolicy
 
     @property
     def mode(self) -> str:
@@ -66,6 +69,7 @@ def _settings(config: pytest.Config) -> Settings:
         quick=quick, device=torch.device(config.getoption("--bench-device")),
         compile=not config.getoption("--bench-no-compile"),
         layer_policy=QUICK_POLICY if quick else LAYER_POLICY, model_policy=QUICK_POLICY if quick else MODEL_POLICY,
+        scaling_policy=QUICK_POLICY if quick else SCALING_POLICY,
     )
 
 
@@ -83,9 +87,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Layer benchmarks ordered case -> pass -> implementation, models case -> implementation:
-    the baseline of each group (eager / native) runs first and sets the group's rounds. Flow
-    cases: one per model."""
+    """Layer benchmarks ordered case -> pass -> implementation, models and scaling case ->
+    implementation: the baseline of each group (eager / native) runs first and sets the group's
+    rounds. Flow cases: one per model."""
     settings = metafunc.config.stash[SETTINGS]
     if "layer" in metafunc.fixturenames:
         params = [(case, pass_, impl) for case in layer_cases(settings.quick, settings.compile)
@@ -94,6 +98,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "step" in metafunc.fixturenames:
         params = [(case, impl) for case in model_cases(settings.quick) for impl in case.impls]
         metafunc.parametrize("step", params, ids=[f"{case.group}-{impl}" for case, impl in params])
+    if "scale" in metafunc.fixturenames:
+        params = [(case, impl) for case in scaling_cases(settings.quick) for impl in SCALING_IMPLS]
+        metafunc.parametrize("scale", params, ids=[f"{case.group}-{impl}" for case, impl in params])
     if "flow" in metafunc.fixturenames:
         cases = flow_cases(settings.quick)
         metafunc.parametrize("flow", cases, ids=[case.name for case in cases])
@@ -108,6 +115,7 @@ def pytest_benchmark_update_json(config: pytest.Config, benchmarks: list, output
     output_json["vggbench"] = {
         "mode": settings.mode, "device": str(settings.device), "compile": settings.compile,
         "layer_policy": asdict(settings.layer_policy), "model_policy": asdict(settings.model_policy),
+        "scaling_policy": asdict(settings.scaling_policy),
     }
 
 

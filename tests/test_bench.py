@@ -1,6 +1,7 @@
 """The benchmark suite end to end: `python -m vggbench.bench --quick` writes a JSON, report and charts,
-including the gradient-flow equivalence of fused vs native (asserted against float64 in quick mode)
-and a loss surface on 1 and 2 gloo ranks.
+including the gradient-flow equivalence of fused vs native (asserted against float64 in quick mode),
+a loss surface on 1 and 2 gloo ranks, the step time's scaling and the ops dispatched per unit
+(tests/test_scaling.py checks those two sections' figures against the JSON).
 
 Quick mode with --no-compile here: a cold torch.compile costs ~15 s per graph on a 2-core
 CPU, and the suite's torch.compile path is exercised by `python -m vggbench.bench --quick`
@@ -46,6 +47,12 @@ def test_quick_mode_writes_json_report_and_charts(tmp_path):
             s = info["stats"][stat]
             assert s["fused_vs_float64"]["max"] <= s["tolerance"] and s["native_vs_float64"]["layer"]
             assert 0 < s["native_vs_float64"]["max"] < 1  # native float32 is off the truth, but not by O(1)
+    scaling = [b for b in data["benchmarks"] if b["extra_info"]["kind"] == "scaling"]
+    assert {(b["extra_info"]["threads"], b["extra_info"]["impl"]) for b in scaling} == {
+        (t, impl) for t in (1, 2) for impl in ("native", "fused")}
+    counts = {b["extra_info"]["impl"]: b["extra_info"]["counts"] for b in data["benchmarks"]
+              if b["extra_info"]["kind"] == "op_counts"}
+    assert set(counts) == {"native", "fused"} and all(counts[impl]["forward"] for impl in counts)
     surfaces = {b["extra_info"]["impl"]: b for b in data["benchmarks"] if b["extra_info"]["kind"] == "surface"}
     assert set(surfaces) == {"1rank", "2ranks"} and surfaces["2ranks"]["extra_info"]["ranks"] == 2
     for b in layers:
@@ -61,10 +68,11 @@ def test_quick_mode_writes_json_report_and_charts(tmp_path):
     report = (tmp_path / "report.md").read_text()
     for heading in ("## Machine and software", "## Targets", "### training forward+backward", "## Numerical agreement",
                     "## Bytes saved for backward", "## Model training step", "Gradient-flow recording",
-                    "Landscape probe", "## Gradient-flow equivalence", "## Loss surface over ranks"):
+                    "Landscape probe", "## Gradient-flow equivalence", "## Loss surface over ranks",
+                    "## How cost grows", "## Ops dispatched per unit", "ATen CPU capability"):
         assert heading in report
     assert "issue" not in report.lower()  # the report states its targets itself
-    for chart in ("speedup.png", "memory.png", "throughput.png", "gradflow-equivalence.png"):
+    for chart in ("speedup.png", "memory.png", "throughput.png", "gradflow-equivalence.png", "scaling.png"):
         assert (tmp_path / chart).read_bytes().startswith(b"\x89PNG"), chart
 
 

@@ -10,6 +10,8 @@ from and what turns their JSON into a report:
                   landscape probe's cost on VGG38 BN+RC)
   flow_cases.py   gradient-flow equivalence: native vs fused vs float64 over 20+ training steps
   surface_cases.py  a loss surface (vggbench.landscape) on 1 vs 2 gloo ranks
+  scaling.py      how cost grows: a training step against depth, batch size and threads
+  op_counts.py    the ops a step dispatches that do work (torch.profiler), per unit and phase
   timing.py       rounds, device synchronisation, baselines timed interleaved for the speedups
   machine.py      machine and software information
   results.py      the benchmark JSON read back as records

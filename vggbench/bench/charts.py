@@ -1,5 +1,5 @@
 """PNG charts of one run: speedup per layer shape, memory per model, images/s per model, gradient flow
-native vs fused per layer."""
+native vs fused per layer, step time against batch size, threads and depth."""
 
 from __future__ import annotations
 
@@ -108,8 +108,42 @@ def flow_chart(results: Results, path: Path) -> bool:
     return True
 
 
+def scaling_chart(results: Results, path: Path) -> bool:
+    """Training-step time vs batch size (log-log), a line per model and implementation (native dashed,
+    fused solid, one colour per model), a panel per thread count; the CPU and its kernels' ISA in the title."""
+    if not results.scaling:
+        return False
+    threads = sorted({r.info["threads"] for r in results.scaling})
+    sizes = sorted({r.info["n"] for r in results.scaling})
+    fig, axes = plt.subplots(1, len(threads), figsize=(5.5 * len(threads), 4.2), squeeze=False, sharey=True)
+    for ax, count in zip(axes[0], threads):
+        for colour, model in enumerate(dict.fromkeys(r.info["model"] for r in results.scaling)):
+            for impl, style in (("native", "o--"), ("fused", "s-")):
+                series = sorted((r for r in results.scaling if r.info["model"] == model and r.impl == impl
+                                 and r.info["threads"] == count), key=lambda r: r.info["n"])
+                if series:
+                    ax.plot([r.info["n"] for r in series], [r.median_s * 1e3 for r in series], style,
+                            color=f"C{colour}", label=f"{series[0].info['label']} {impl}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.xaxis.set_minor_locator(plt.NullLocator())
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.set_xlabel("batch size")
+        ax.set_title(f"{count} thread{'s' * (count > 1)}", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("training step, ms")
+    axes[0][-1].legend(fontsize=7)
+    machine = results.machine
+    fig.suptitle(f"{machine.get('cpu_model', '?')} (ATen {machine.get('aten_cpu_capability', '?')}, "
+                 f"Winograd {machine.get('winograd_isa', '?')})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 CHARTS = {"speedup.png": speedup_chart, "memory.png": memory_chart, "throughput.png": throughput_chart,
-          "gradflow-equivalence.png": flow_chart}
+          "gradflow-equivalence.png": flow_chart, "scaling.png": scaling_chart}
 
 
 def write_charts(results: Results, out_dir: Path) -> list[str]:

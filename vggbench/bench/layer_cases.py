@@ -235,6 +235,15 @@ class LayerBench:
         exclude = [t for t in (self.input, self.residual, *module.parameters()) if t is not None]
         return saved_bytes(lambda: module(self.input, residual=self.residual), exclude=exclude)
 
+    def backward_fn(self, impl: str) -> Callable[[], tuple[Tensor, ...]]:
+        """Run a training forward of `impl` now; return the function that runs its backward (once)."""
+        module = self.module(impl)
+        x, residual = self._inputs()
+        module.train()
+        out = module(x, residual=residual)
+        tensors = list(self._grad_tensors(module, x, residual).values())
+        return lambda: torch.autograd.grad(out, tensors, self.grad_out)
+
     def pass_fn(self, impl: str, pass_: str) -> Callable[[], object]:
         """The function one round of `pass_` times (the module put in train or eval mode first)."""
         module = self.module(impl)

@@ -21,13 +21,36 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def vector_extensions(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
+    """The CPU's vector instruction sets from its Linux flags (avx*, fma, amx*), sorted; [] where unknown."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "flags":
+                return sorted(f for f in value.split() if f.startswith(("avx", "fma", "amx")))
+    except OSError:
+        pass
+    return []
+
+
+def instruction_sets() -> dict[str, str]:
+    """What decides the CPU kernels: the CPU's vector extensions, ATen's capability and the
+    Winograd kernels' path (VGGBENCH_CPU_ISA and ATEN_CPU_CAPABILITY may narrow the last two)."""
+    from vggbench import ops  # noqa: F401  (loads the extension: torch.ops.vggbench.*)
+
+    return {"cpu_vector_extensions": " ".join(vector_extensions()) or "unknown",
+            "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "winograd_isa": torch.ops.vggbench.winograd_isa()}
+
+
 def collect(device: torch.device) -> dict[str, object]:
-    """CPU model and cores, torch threads, Python/torch/torchvision versions, and on CUDA the
-    GPU name, its CUDA capability and torch's CUDA version."""
+    """CPU model, its instruction sets and cores, torch threads, Python/torch/torchvision versions,
+    and on CUDA the GPU name, its CUDA capability and torch's CUDA version."""
     import torchvision
 
     info: dict[str, object] = {
         "cpu_model": cpu_model(),
+        **instruction_sets(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

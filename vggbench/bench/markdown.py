@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from vggbench.bench.flow_cases import STAT_LABELS
 from vggbench.bench.layer_cases import PASSES, UNITS
 from vggbench.bench.model_cases import STEPS_PER_EPOCH
+from vggbench.bench.op_counts import PHASES
 from vggbench.bench.results import Record, Results
+from vggbench.bench.scaling import SCALING_IMPLS
 from vggbench.bench.surface_cases import SURFACE_GROUP
 
 KEY_CASE = "conv-N100-H32-float32-channels_last"  # the study's 32->32 unit as it trains on the CPU
@@ -99,10 +101,11 @@ def _case_label(results: Results, case: str) -> str:
 
 
 def machine_section(results: Results) -> list[str]:
-    """Machine and software, and the run's settings."""
+    """Machine and software (the CPU's instruction sets first), and the run's settings."""
     rows = [(key, str(value)) for key, value in results.machine.items()]
     rows += [(f"suite {key}", str(value)) for key, value in results.settings.items()]
-    return ["## Machine and software", "", *_table(("", ""), rows)]
+    return ["## Machine and software", "", f"CPU: {_instruction_sets(results.machine)}.", "",
+            *_table(("", ""), rows)]
 
 
 def targets_section(results: Results) -> list[str]:
@@ -293,6 +296,54 @@ def surface_section(results: Results) -> list[str]:
             "", *_table(("surface", "1 rank s", "2 ranks s", "2 ranks / 1 rank"), rows)]
 
 
+def _instruction_sets(machine: dict) -> str:
+    """The CPU and what decides its kernels, in words (benchmark JSONs from before they were recorded: "–")."""
+    return (f"{machine.get('cpu_model', '?')}: vector extensions {machine.get('cpu_vector_extensions', '–')}; "
+            f"ATen CPU capability {machine.get('aten_cpu_capability', '–')}; "
+            f"Winograd kernels {machine.get('winograd_isa', '–')}")
+
+
+def scaling_section(results: Results) -> list[str]:
+    """Training-step time per depth, batch size and thread count, native vs fused (scaling.png draws it)."""
+    rows = []
+    for group in dict.fromkeys(r.group for r in results.scaling):
+        native, fused = (results.find(group, impl) for impl in SCALING_IMPLS)
+        info = (native or fused).info
+
+        def per_image(record: Record | None, n: int = info["n"]) -> str:
+            return f"{record.median_s * 1e3 / n:.2f}" if record else "–"
+
+        rows.append((info["label"], str(info["n"]), str(info["threads"]), _timed(native), _timed(fused, True),
+                     _fmt(_vs_baseline(fused)), per_image(native), per_image(fused)))
+    if not rows:
+        return []
+    return ["## How cost grows", "",
+            ("Training step (forward, cross-entropy, backward, Adam; float32, channels_last, 32x32) against depth "
+             "(BN+RC at every depth), batch size and torch threads, on " + _instruction_sets(results.machine) +
+             ". Median ms over the benchmark's rounds; in parentheses the median of the native steps timed "
+             "interleaved with the fused rounds (same threads), which fused/native uses. Chart: scaling.png."), "",
+            *_table(("model", "batch", "threads", "native ms", "fused ms", "fused/native", "native ms/image",
+                     "fused ms/image"), rows)]
+
+
+def op_counts_section(results: Results) -> list[str]:
+    """Ops dispatched per unit and phase, native vs fused, totals and by op."""
+    if not results.op_counts:
+        return []
+    info = results.op_counts[0].info
+    totals = [(r.impl, *(str(sum(r.info["counts"][phase].values())) for phase in PHASES)) for r in results.op_counts]
+    detail = [(r.impl, phase, ", ".join(f"{name} x{count}" for name, count in r.info["counts"][phase].items()) or "–")
+              for r in results.op_counts for phase in PHASES]
+    return ["## Ops dispatched per unit", "",
+            (f"Ops dispatched per unit (forward / backward / eval), native vs fused: the 32->32 BN+residual unit "
+             f"(N={info['n']}, {info['size']}x{info['size']}, float32, channels_last), counted with torch.profiler "
+             "by vggbench/bench/op_counts.py: top-level ops that do work (not allocation, views or autograd's "
+             "wrappers), the fused op's registered ops expanded into what they call, and each pass the extension "
+             "records inside them (vggbench::cpu::..., vggbench::recompute_xhat) once. On a GPU each is a launch."),
+            "", *_table(("implementation", *PHASES), totals),
+            *_table(("implementation", "phase", "ops"), detail)]
+
+
 def render(results: Results, charts: Iterable[str] = ()) -> str:
     """The whole report as Markdown; `charts`: PNG file names next to it."""
     mode = results.settings.get("mode", "?")
@@ -306,7 +357,7 @@ def render(results: Results, charts: Iterable[str] = ()) -> str:
         "",
         *machine_section(results), *targets_section(results), *layer_time_sections(results),
         *errors_section(results), *memory_section(results), *models_section(results), *flow_section(results),
-        *surface_section(results),
+        *surface_section(results), *scaling_section(results), *op_counts_section(results),
     ]
     charts = list(charts)
     if charts:

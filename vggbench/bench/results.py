@@ -25,20 +25,23 @@ class Record:
 
 @dataclass(frozen=True)
 class Results:
-    """A run of the suite: layer, model and gradient-flow records in run order, the machine, the run's settings."""
+    """A run of the suite: layer, model, gradient-flow, surface, scaling and op-count records in run
+    order, the machine, the run's settings."""
 
     layers: list[Record]
     models: list[Record]
     flows: list[Record]
     surfaces: list[Record]
+    scaling: list[Record]
+    op_counts: list[Record]
     machine: dict
     settings: dict
     datetime: str
 
     def find(self, group: str, impl: str) -> Record | None:
         """The record of `impl` in `group`, or None if it was not run."""
-        return next((r for r in (*self.layers, *self.models, *self.surfaces) if r.group == group and r.impl == impl),
-                    None)
+        return next((r for r in (*self.layers, *self.models, *self.surfaces, *self.scaling)
+                     if r.group == group and r.impl == impl), None)
 
     def cases(self) -> list[str]:
         """Layer case names in run order, each once."""
@@ -62,6 +65,8 @@ def load(path: Path) -> Results:
         models=[r for r in records if r.info.get("kind") == "model"],
         flows=[r for r in records if r.info.get("kind") == "flow"],
         surfaces=[r for r in records if r.info.get("kind") == "surface"],
+        scaling=[r for r in records if r.info.get("kind") == "scaling"],
+        op_counts=[r for r in records if r.info.get("kind") == "op_counts"],
         machine=data["machine_info"].get("vggbench", {}), settings=data.get("vggbench", {}),
         datetime=data.get("datetime", ""),
     )
