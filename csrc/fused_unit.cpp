@@ -83,11 +83,11 @@ using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 // A per-channel tensor as the kernels read it: contiguous, in the statistics dtype (no copy
 // when it already is).
 Tensor as_stats(const Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
-OptTensor as_stats(const OptTensor& t, at::ScalarType dtype) {
-  return t ? OptTensor(as_stats(*t, dtype)) : std::nullopt;
-}
 
 Tensor no_stats(const Tensor& like) { return at::empty({0}, like.options().dtype(stats_dtype(like.scalar_type()))); }
+
+// The conv bias as the kernels read it: contiguous, in its own (the activation) dtype.
+OptTensor contiguous(const OptTensor& bias) { return bias ? OptTensor(bias->contiguous()) : std::nullopt; }
 
 // BatchNorm's normalisation with the given statistics (batch or running), the conv bias
 // folded into its shift.
@@ -95,7 +95,7 @@ ChannelAffine batch_norm_affine(const Tensor& bn_weight, const Tensor& bn_bias, 
                                 const Tensor& var, const OptTensor& bias, double eps) {
   const auto stats = mean.scalar_type();
   return {true, as_stats(bn_weight, stats), as_stats(bn_bias, stats), as_stats(mean, stats),
-          as_stats(var, stats), as_stats(bias, stats), eps};
+          as_stats(var, stats), contiguous(bias), eps};
 }
 
 // Eval-mode BatchNorm folded into the conv, for the eval backward's chain rule:
@@ -137,7 +137,7 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats(const Kernels& k, const Tensor& in
                                               int64_t stride, int64_t padding) {
   const auto fmt = memory_format_of(input, weight);
   const Tensor z = conv(k, input, weight, stride, padding, fmt);
-  auto [mean, var] = k.batch_stats(z, as_stats(bias, stats_dtype(input.scalar_type())));
+  auto [mean, var] = k.batch_stats(z, contiguous(bias));
   return {z, mean, var};
 }
 
@@ -149,7 +149,6 @@ std::tuple<Tensor, Tensor, Tensor> forward(
   checks::conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                       residual, stride, padding, use_batch_stats, eps, slope);
   const auto fmt = memory_format_of(input, weight);
-  const auto stats = stats_dtype(input.scalar_type());
   const OptTensor res = residual ? OptTensor(residual->contiguous(fmt)) : std::nullopt;
   if (bn_weight && use_batch_stats) {  // z is ours: normalised in place
     auto [z, mean, var] = conv_stats(k, input, weight, bias, stride, padding);
@@ -159,7 +158,7 @@ std::tuple<Tensor, Tensor, Tensor> forward(
   // the normalisation below adds the bias
   const Tensor z = conv(k, input, weight, stride, padding, fmt);
   if (!bn_weight) {
-    k.normalize_act(z, {false, {}, {}, {}, {}, as_stats(bias, stats), eps}, res, slope, z);
+    k.normalize_act(z, {false, {}, {}, {}, {}, contiguous(bias), eps}, res, slope, z);
     return {z, no_stats(z), no_stats(z)};
   }
   // eval: the running statistics (backward reads them from ops.py)
@@ -213,7 +212,7 @@ struct Recompute {
   void operator()(BackwardInputs& in) const {
     RECORD_FUNCTION("vggbench::recompute_xhat", {});  // so profiles count the recomputes
     const Tensor z = conv(k, x, weight, stride, padding, fmt);
-    const ChannelAffine xhat{true, {}, {}, in.mean, in.var, as_stats(bias, in.mean.scalar_type()), in.eps};
+    const ChannelAffine xhat{true, {}, {}, in.mean, in.var, contiguous(bias), in.eps};
     k.normalize_act(z, xhat, std::nullopt, 1.0, z);
     in.xhat = z;
   }

@@ -46,7 +46,8 @@ const T* data_or_null(const OptTensor& t) {
 at::ScalarType stats_dtype(at::ScalarType activation);
 
 // Per-channel operands of a normalisation z -> z * scale + shift (z: a conv output without
-// its bias), all in the statistics dtype; the backend computes (scale, shift) with
+// its bias), contiguous, in the statistics dtype except the conv's bias (the activation
+// dtype, as the conv takes it); the backend computes (scale, shift) with
 // math::channel_affine. Without `normalize`: scale 1, shift = bias (no BatchNorm). With it:
 // scale = gamma / sqrt(var + eps), shift = beta + (bias - mean) * scale, where an absent
 // gamma, beta or bias means 1, 0, 0 (gamma and beta absent: xhat itself).
@@ -93,7 +94,7 @@ struct Kernels {
                                                       int64_t stride, int64_t padding,
                                                       std::array<bool, 3> mask);
   // Per-channel mean and biased variance of z + bias (0 and 0 for an empty batch), in the
-  // statistics dtype; bias (statistics dtype) may be absent.
+  // statistics dtype; bias (z's dtype) may be absent.
   std::tuple<Tensor, Tensor> (*batch_stats)(const Tensor& z, const OptTensor& bias);
   // out = leaky_relu(z * scale[c] + shift[c] + residual, slope), (scale, shift) from
   // `affine`. `out` may be `z`.

@@ -1,5 +1,8 @@
 """No host reads in a training step of the fused op (torch.profiler on the CPU), plain and
-synchronised on 2 gloo ranks, and how many ops each unit dispatches."""
+synchronised on 2 gloo ranks, and how many ops each unit dispatches: the launch budget of
+csrc/fused_unit.h (a training unit with BN and a residual: forward = conv + 3 passes,
+backward = the conv's backward + at most 3, eval = conv + 1; the running-statistics update
+is one of the forward's passes)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from tests.test_ops import make_sample
 from vggbench import launch, ops
+from vggbench.bench.op_counts import dispatch_counts
 from vggbench.models import build_model, convert_sync_batchnorm
 
 HOST_READS = ("aten::_local_scalar_dense", "aten::item", "aten::nonzero")
@@ -54,6 +58,57 @@ def test_fused_unit_step_reads_nothing_on_the_host(momentum, case, policy, monke
     assert counts["vggbench::conv_bn_act"] == 1 and counts["vggbench::_conv_bn_act_backward"] == 1
     assert host_reads(counts) == {}
     assert counts[RECOMPUTE] == (0 if recovered and policy == "rule" else 1)
+
+
+CONV, CONV_BACKWARD = "vggbench::conv", "vggbench::conv_backward"
+
+
+def budget_sample(layout: str, bias: bool, dtype: torch.dtype, bn: str = "train"):
+    """A unit with BN and a residual whose xhat the rule recovers (|gamma| ~ 1, no shift, a small
+    residual): the budget's common case."""
+    sample = make_sample(f"budget-{layout}-{bias}-{dtype}-{bn}", "cpu", dtype, True, n=4, c=8, k=4, size=8,
+                         residual=True, bias=bias, layout=layout, bn=bn, gamma=[1.0, -1.0, 0.8, 1.2])
+    with torch.no_grad():
+        sample.residual.mul_(0.1)
+        sample.bn_bias.zero_()
+    return sample
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_fused_unit_keeps_the_launch_budget(layout, bias, dtype, monkeypatch):
+    """Training forward: the conv + batch statistics, normalise+act, running-statistics update;
+    backward: the conv's backward + reduction + apply; eval: the conv + normalise+act. Nothing
+    else that computes (no bias pass, no per-channel ATen ops)."""
+    monkeypatch.setattr(ops, "RECOMPUTE", "rule")
+    sample = budget_sample(layout, bias, dtype)
+    out = ops.conv_bn_act(**sample.kwargs())
+    forward = dispatch_counts(lambda: ops.conv_bn_act(**sample.kwargs()))
+    assert forward[CONV] == 1 and sum(forward.values()) <= 1 + 3, forward
+    grad = torch.ones_like(out)
+    backward = dispatch_counts(lambda: out.backward(grad))
+    assert backward[RECOMPUTE] == 0, "the sample is one the rule recovers"
+    passes = {name: count for name, count in backward.items() if name != "aten::add_"}  # add_: AccumulateGrad's
+    assert passes[CONV_BACKWARD] == 1 and sum(passes.values()) <= 1 + 3, backward
+    sample.training = False
+    with torch.no_grad():
+        evaluation = dispatch_counts(lambda: ops.conv_bn_act(**sample.kwargs()))
+    assert evaluation[CONV] == 1 and sum(evaluation.values()) <= 1 + 1, evaluation
+
+
+def test_recompute_adds_the_conv_a_normalise_and_a_reduction(monkeypatch):
+    """The rule's rare case: xhat recomputed costs the recompute (the conv and a normalise pass,
+    one profiler scope) and a second reduction."""
+    monkeypatch.setattr(ops, "RECOMPUTE", "rule")
+    sample = make_sample("budget-recompute", "cpu", torch.float32, True, n=4, c=8, k=4, size=8, residual=True,
+                         gamma=[1e-3, -1e-4, 1.0, 0.7])
+    out = ops.conv_bn_act(**sample.kwargs())
+    grad = torch.ones_like(out)
+    backward = dispatch_counts(lambda: out.backward(grad))
+    passes = {name: count for name, count in backward.items() if name != "aten::add_"}
+    assert passes == {CONV_BACKWARD: 1, "vggbench::cpu::backward_reduce": 2, RECOMPUTE: 1,
+                      "vggbench::cpu::backward_apply": 1}, backward
 
 
 def vgg38_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:

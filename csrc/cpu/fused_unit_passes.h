@@ -183,11 +183,11 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& z, const OptTensor& bias) {
       const acc_t d = static_cast<acc_t>(data[i]) - sh[c];
       return std::array<acc_t, 2>{d, d * d};
     });
-    const acc_t* b = channel_ptr<acc_t>(bias);
+    const scalar_t* b = data_or_null<scalar_t>(bias);
     for (int64_t c = 0; c < C; ++c) {
       math::mean_var(sums[c], sums[C + c], static_cast<double>(shift[c]),
                      static_cast<double>(g.count()), mean[c], var[c]);
-      mean[c] += static_cast<double>(entry_or(b, c, acc_t(0)));
+      if (b) mean[c] += static_cast<double>(b[c]);
     }
   });
   return {channel_tensor(mean, 0, C, z), channel_tensor(var, 0, C, z)};
@@ -202,12 +202,13 @@ void normalize_act(const Tensor& z, const ChannelAffine& a, const OptTensor& res
     const int64_t C = g.channels;
     std::vector<acc_t> scale(C), shift(C);
     const acc_t *gamma = channel_ptr<acc_t>(a.gamma), *beta = channel_ptr<acc_t>(a.beta),
-                *mean = channel_ptr<acc_t>(a.mean), *var = channel_ptr<acc_t>(a.var),
-                *bias = channel_ptr<acc_t>(a.bias);
+                *mean = channel_ptr<acc_t>(a.mean), *var = channel_ptr<acc_t>(a.var);
+    const scalar_t* bias = data_or_null<scalar_t>(a.bias);
     for (int64_t c = 0; c < C; ++c) {
       math::channel_affine(a.normalize, entry_or(gamma, c, acc_t(1)), entry_or(beta, c, acc_t(0)),
                            entry_or(mean, c, acc_t(0)), entry_or(var, c, acc_t(0)),
-                           entry_or(bias, c, acc_t(0)), static_cast<acc_t>(a.eps), scale[c], shift[c]);
+                           bias ? static_cast<acc_t>(bias[c]) : acc_t(0), static_cast<acc_t>(a.eps), scale[c],
+                           shift[c]);
     }
     const scalar_t* in = z.const_data_ptr<scalar_t>();
     const scalar_t* res = data_or_null<scalar_t>(residual);

@@ -131,7 +131,7 @@ __global__ void stats_partials(const scalar_t* z, Split s, acc_t* partials) {
 
 // Mean and variance of z + bias: the bias moves the mean only.
 template <typename scalar_t, typename acc_t>
-__global__ void stats_finish(const scalar_t* z, const acc_t* bias, const acc_t* partials,
+__global__ void stats_finish(const scalar_t* z, const scalar_t* bias, const acc_t* partials,
                              Split s, acc_t* mean, acc_t* var) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= s.channels) return;
@@ -139,7 +139,7 @@ __global__ void stats_finish(const scalar_t* z, const acc_t* bias, const acc_t* 
   sum_parts(partials, s, c, total);
   math::mean_var(total[0], total[1], static_cast<acc_t>(z[c * s.inner]),
                  static_cast<acc_t>(s.count), mean[c], var[c]);
-  if (bias) mean[c] += bias[c];
+  if (bias) mean[c] += static_cast<acc_t>(bias[c]);
 }
 
 std::tuple<Tensor, Tensor> batch_stats(const Tensor& z, const OptTensor& bias) {
@@ -157,7 +157,7 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& z, const OptTensor& bias) {
         z.const_data_ptr<scalar_t>(), s, partials.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     stats_finish<<<channel_blocks(g.channels), kThreads, 0, stream>>>(
-        z.const_data_ptr<scalar_t>(), data_or_null<acc_t>(bias), partials.const_data_ptr<acc_t>(),
+        z.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(bias), partials.const_data_ptr<acc_t>(),
         s, mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -292,10 +292,12 @@ __device__ void for_each_element(int64_t numel, int64_t channels, int64_t inner,
 // ---- normalize_act ------------------------------------------------------------------------
 
 // ChannelAffine as a kernel sees it: absent operands are null (gamma 1, beta 0, bias 0).
-template <typename acc_t>
+template <typename scalar_t>
 struct AffineOperands {
+  using acc_t = at::opmath_type<scalar_t>;
   bool normalize;
-  const acc_t *gamma, *beta, *mean, *var, *bias;
+  const acc_t *gamma, *beta, *mean, *var;
+  const scalar_t* bias;  // the conv's, in the activation dtype
   acc_t eps;
 
   struct Coefficients {
@@ -308,7 +310,7 @@ struct AffineOperands {
         beta(data_or_null<acc_t>(a.beta)),
         mean(data_or_null<acc_t>(a.mean)),
         var(data_or_null<acc_t>(a.var)),
-        bias(data_or_null<acc_t>(a.bias)),
+        bias(data_or_null<scalar_t>(a.bias)),
         eps(static_cast<acc_t>(a.eps)) {
     TORCH_INTERNAL_ASSERT(!normalize || (mean && var), "normalize_act: BN without statistics");
   }
@@ -317,17 +319,17 @@ struct AffineOperands {
     Coefficients k;
     math::channel_affine(normalize, gamma ? gamma[c] : acc_t(1), beta ? beta[c] : acc_t(0),
                          normalize ? mean[c] : acc_t(0), normalize ? var[c] : acc_t(0),
-                         bias ? bias[c] : acc_t(0), eps, k.scale, k.shift);
+                         bias ? static_cast<acc_t>(bias[c]) : acc_t(0), eps, k.scale, k.shift);
     return k;
   }
 };
 
 // `y` may be `z`: each element is read before it is written.
 template <typename scalar_t, typename acc_t>
-__global__ void normalize_act_kernel(const scalar_t* z, AffineOperands<acc_t> affine,
+__global__ void normalize_act_kernel(const scalar_t* z, AffineOperands<scalar_t> affine,
                                      const scalar_t* res, acc_t slope, scalar_t* y,
                                      int64_t numel, int64_t channels, int64_t inner) {
-  using Coefficients = typename AffineOperands<acc_t>::Coefficients;
+  using Coefficients = typename AffineOperands<scalar_t>::Coefficients;
   for_each_element(
       numel, channels, inner, [&](int64_t c) { return affine.of(c); },
       [&](int64_t i, const Coefficients& k) {
@@ -347,7 +349,7 @@ void normalize_act(const Tensor& z, const ChannelAffine& affine, const OptTensor
   VGGBENCH_DISPATCH(z.scalar_type(), "vggbench_normalize_act", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     normalize_act_kernel<<<elementwise_blocks(g), kThreads, 0, stream>>>(
-        z.const_data_ptr<scalar_t>(), AffineOperands<acc_t>(affine),
+        z.const_data_ptr<scalar_t>(), AffineOperands<scalar_t>(affine),
         data_or_null<scalar_t>(residual), static_cast<acc_t>(slope),
         out.mutable_data_ptr<scalar_t>(), numel, g.channels, g.inner);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
