@@ -2,14 +2,16 @@
 // bfloat16 activations, statistics and sums in the op-math type (float, or double for
 // double). The per-channel maths is fused_unit_math.h's, as on the CPU.
 //
-// Launches per member: batch_stats and backward_reduce 2 (partial sums, then a finish of one
-// thread per channel); normalize_act, update_running_stats and backward_apply 1. Nothing
-// else is dispatched (allocations aside) and nothing is read on the host: everything runs
+// Launches per member: one each (batch_stats, normalize_act, update_running_stats,
+// backward_reduce, backward_apply). Nothing else is dispatched (allocations aside, and the
+// arrival counters' one-time zeroing below) and nothing is read on the host: everything runs
 // on the current stream of the tensors' device.
 //
 // Reductions are deterministic: block (c, p) sums a fixed slice of channel c into
-// partials[w][c][p] (w: which sum), and the finish adds the parts in order, so results
-// depend only on the shape (no atomics).
+// partials[w][c][p] (w: which sum), and the block of channel c that finishes last adds the
+// parts in order p = 0, 1, ... (PyTorch's Reduce.cuh "last block" pattern), so results
+// depend only on the shape. The only atomic is the per-channel arrival count; no value is
+// added atomically.
 //
 // With inner == 1 (NHWC) a reduction block's loads are strided by C; the blocks of one
 // slice run side by side (c is the fastest grid index), so neighbouring channels share
@@ -21,14 +23,20 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <climits>
+#include <map>
+#include <mutex>
 #include <numeric>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 // The activation dtypes every pass takes.
 #define VGGBENCH_DISPATCH(TYPE, NAME, ...) \
@@ -41,15 +49,12 @@ constexpr int kThreads = 256;                       // threads per block, every 
 constexpr int kMaxParts = 128;                      // blocks per channel in a reduction
 constexpr int64_t kMinPartElements = 4 * kThreads;  // so each thread loads a few values
 constexpr int64_t kMaxBlocks = 4096;                // elementwise grid; grid-stride beyond
+// The last block of a channel stages its parts in the block's tree-sum buffer.
+static_assert(kMaxParts <= kThreads, "a channel's parts must fit the shared buffer");
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// One thread per channel.
-unsigned channel_blocks(int64_t channels) {
-  return static_cast<unsigned>(ceil_div(channels, kThreads));
-}
-
-// ---- Reductions: block (c, p) -> partials[w][c][p] -> one thread per channel ---------
+// ---- Reductions: block (c, p) -> partials[w][c][p] -> channel c's last block ------------
 
 // How a reduction splits each channel's `count` elements (j = o * inner + i, at offset
 // (o * channels + c) * inner + i): block (c, p) takes [p * chunk, min((p + 1) * chunk, count)).
@@ -65,7 +70,50 @@ Split split_of(const Geometry& g) {
   return {g.channels, g.inner, count, ceil_div(count, parts), parts};
 }
 
-dim3 reduction_grid(const Split& s) { return dim3(static_cast<unsigned>(s.channels), s.parts); }
+// Channels on x (up to 2^31 - 1 blocks), parts on y (at most kMaxParts of 65535).
+dim3 reduction_grid(const Split& s) {
+  TORCH_CHECK(s.channels <= INT_MAX, "vggbench: ", s.channels,
+              " channels exceed the CUDA grid (at most ", INT_MAX, ")");
+  return dim3(static_cast<unsigned>(s.channels), static_cast<unsigned>(s.parts));
+}
+
+// Per-channel arrival counters of the reductions: zero between calls (the last block of a
+// channel resets its counter), so no launch re-zeroes them. One buffer per (device, stream):
+// calls on different streams may run concurrently and must not share counters; calls on one
+// stream run in order. A buffer is zeroed once, when created or grown (on its own stream,
+// so before any kernel that uses it); retired buffers are kept, as a captured CUDA graph
+// may still hold their address. Growing is impossible while the stream is being captured
+// (the zeroing would only happen at replay): run the op once on the capture stream, with at
+// least as many channels, before capturing. A graph replays with the counters of its
+// capture stream, so it must not replay concurrently with eager calls on that stream.
+int* arrival_counters(int64_t channels) {
+  struct Buffers {
+    Tensor current;
+    std::vector<Tensor> retired;
+  };
+  static std::mutex mutex;
+  // Leaked: freeing CUDA memory at exit may come after the CUDA runtime's teardown.
+  static auto* buffers = new std::map<std::pair<c10::DeviceIndex, c10::StreamId>, Buffers>();
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
+  const std::lock_guard<std::mutex> lock(mutex);
+  Buffers& b = (*buffers)[{stream.device_index(), stream.id()}];
+  const int64_t size = b.current.defined() ? b.current.numel() : 0;
+  if (size < channels) {
+    TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() ==
+                    c10::cuda::CaptureStatus::None,
+                "vggbench: the fused op's reduction counters on cuda:",
+                static_cast<int>(stream.device_index()), " must grow to ", channels,
+                " channels while its stream is being captured into a CUDA graph; run the op once "
+                "on that stream (e.g. warm up on the stream passed to torch.cuda.graph(..., "
+                "stream=s)) with at least as many channels before capturing");
+    if (b.current.defined()) b.retired.push_back(std::move(b.current));
+    // doubling keeps the retired buffers few
+    b.current = at::zeros({std::max(channels, 2 * size)},
+                          at::TensorOptions().dtype(at::kInt).device(at::kCUDA,
+                                                                     stream.device_index()));
+  }
+  return b.current.mutable_data_ptr<int>();
+}
 
 // Calls body(offset) for this thread's elements of block (c, p)'s slice, thread t taking
 // j = begin + t, begin + t + kThreads, ...; (o, i) follow j without a division per step.
@@ -83,11 +131,19 @@ __device__ void for_each_in_slice(const Split& s, int64_t c, int64_t p, Body bod
   }
 }
 
-// Tree-sums each thread's W values over the block in shared memory; thread 0 stores the
-// results at partials[(w * channels + c) * parts + p] for block (c, p).
+// Block (c, p) = (blockIdx.x, blockIdx.y) of a single-launch reduction of W sums per
+// channel: tree-sums each thread's W values over the block, thread 0 stores them at
+// partials[(w * channels + c) * parts + p] and counts the block in arrivals[c]. The block
+// that arrives last adds channel c's parts in order p = 0, 1, ... into `total` and resets
+// arrivals[c]; returns true in that block's thread 0 only, which writes the channel's
+// outputs. Every thread of every block must call it (it synchronises the block).
 template <int W, typename acc_t>
-__device__ void store_block_partials(const acc_t (&v)[W], const Split& s, acc_t* partials) {
+__device__ bool reduce_channel(const acc_t (&v)[W], const Split& s, acc_t* partials,
+                               int* arrivals, acc_t (&total)[W]) {
   __shared__ acc_t smem[W][kThreads];
+  __shared__ acc_t totals[W];
+  __shared__ bool last;
+  const int64_t c = blockIdx.x;
   for (int w = 0; w < W; ++w) smem[w][threadIdx.x] = v[w];
   __syncthreads();
   for (int n = kThreads / 2; n > 0; n /= 2) {
@@ -97,28 +153,41 @@ __device__ void store_block_partials(const acc_t (&v)[W], const Split& s, acc_t*
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    for (int w = 0; w < W; ++w) {
-      partials[(w * s.channels + blockIdx.x) * s.parts + blockIdx.y] = smem[w][0];
-    }
+    for (int w = 0; w < W; ++w) partials[(w * s.channels + c) * s.parts + blockIdx.y] = smem[w][0];
+    __threadfence();  // release: the partials reach the whole device before the count does
+    last = atomicAdd(arrivals + c, 1) == s.parts - 1;
   }
-}
-
-// Channel c's W totals: its parts added in order.
-template <int W, typename acc_t>
-__device__ void sum_parts(const acc_t* partials, const Split& s, int64_t c, acc_t (&total)[W]) {
-  for (int w = 0; w < W; ++w) {
-    const acc_t* part = partials + (w * s.channels + c) * s.parts;
-    total[w] = part[0];
-    for (int p = 1; p < s.parts; ++p) total[w] += part[p];
+  __syncthreads();
+  if (!last) return false;
+  __threadfence();  // acquire: order the reads below after the count
+  // Stage the parts in parallel (L2 loads: __ldcg skips the L1, which may hold stale lines
+  // of other blocks' partials), then W threads add them in order.
+  for (int k = threadIdx.x; k < W * s.parts; k += kThreads) {
+    const int w = k / s.parts, p = k - w * s.parts;
+    smem[w][p] = __ldcg(partials + (w * s.channels + c) * s.parts + p);
   }
+  __syncthreads();
+  if (threadIdx.x < W) {
+    const acc_t* part = smem[threadIdx.x];
+    acc_t sum = part[0];
+    for (int p = 1; p < s.parts; ++p) sum += part[p];
+    totals[threadIdx.x] = sum;
+  }
+  if (threadIdx.x == 0) arrivals[c] = 0;  // every part has arrived: ready for the next call
+  __syncthreads();
+  if (threadIdx.x != 0) return false;
+  for (int w = 0; w < W; ++w) total[w] = totals[w];
+  return true;
 }
 
 // ---- batch_stats ------------------------------------------------------------------------
 
-// Sums of (z - shift) and (z - shift)^2 over a slice; shift = z at (0, c, 0), one sample of
-// the channel (math::mean_var: no cancellation when |mean| >> std).
+// Mean and variance of z + bias per channel, the bias moving the mean only. The blocks sum
+// (z - shift) and (z - shift)^2 over their slices; shift = z at (0, c, 0), one sample of the
+// channel (math::mean_var: no cancellation when |mean| >> std).
 template <typename scalar_t, typename acc_t>
-__global__ void stats_partials(const scalar_t* z, Split s, acc_t* partials) {
+__global__ void batch_stats_kernel(const scalar_t* z, const scalar_t* bias, Split s,
+                                   acc_t* partials, int* arrivals, acc_t* mean, acc_t* var) {
   const int64_t c = blockIdx.x;
   const acc_t shift = static_cast<acc_t>(z[c * s.inner]);
   acc_t v[2] = {acc_t(0), acc_t(0)};
@@ -126,19 +195,9 @@ __global__ void stats_partials(const scalar_t* z, Split s, acc_t* partials) {
     const acc_t d = static_cast<acc_t>(z[k]) - shift;
     v[0] += d, v[1] += d * d;
   });
-  store_block_partials(v, s, partials);
-}
-
-// Mean and variance of z + bias: the bias moves the mean only.
-template <typename scalar_t, typename acc_t>
-__global__ void stats_finish(const scalar_t* z, const scalar_t* bias, const acc_t* partials,
-                             Split s, acc_t* mean, acc_t* var) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= s.channels) return;
   acc_t total[2];
-  sum_parts(partials, s, c, total);
-  math::mean_var(total[0], total[1], static_cast<acc_t>(z[c * s.inner]),
-                 static_cast<acc_t>(s.count), mean[c], var[c]);
+  if (!reduce_channel(v, s, partials, arrivals, total)) return;
+  math::mean_var(total[0], total[1], shift, static_cast<acc_t>(s.count), mean[c], var[c]);
   if (bias) mean[c] += static_cast<acc_t>(bias[c]);
 }
 
@@ -150,15 +209,15 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& z, const OptTensor& bias) {
   Tensor mean = at::empty({g.channels}, options), var = at::empty({g.channels}, options);
   const Split s = split_of(g);
   const Tensor partials = at::empty({2, g.channels, s.parts}, options);
+  const dim3 grid = reduction_grid(s);
+  int* const arrivals = arrival_counters(g.channels);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   VGGBENCH_DISPATCH(z.scalar_type(), "vggbench_batch_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    stats_partials<<<reduction_grid(s), kThreads, 0, stream>>>(
-        z.const_data_ptr<scalar_t>(), s, partials.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    stats_finish<<<channel_blocks(g.channels), kThreads, 0, stream>>>(
-        z.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(bias), partials.const_data_ptr<acc_t>(),
-        s, mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
+    batch_stats_kernel<<<grid, kThreads, 0, stream>>>(
+        z.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(bias), s,
+        partials.mutable_data_ptr<acc_t>(), arrivals, mean.mutable_data_ptr<acc_t>(),
+        var.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {mean, var};
@@ -168,10 +227,13 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& z, const OptTensor& bias) {
 
 constexpr int kTerms = math::kRecoveryTerms;
 
-// The recovery rule's terms (fused_unit_math.h) over a slice, xhat recovered; with xhat
-// given, only terms 0 and 1 (sum g, sum g * xhat): no rule, and terms 2.. stay 0.
+// Per channel: sum(g), sum(g * xhat) and the recovery rule's verdict (fused_unit_math.h).
+// The blocks sum the rule's terms over their slices, xhat recovered; with xhat given, only
+// terms 0 and 1: no rule (verdict 0), and terms 2.. stay 0.
 template <typename scalar_t, typename acc_t>
-__global__ void backward_partials(BackwardView<scalar_t> v, Split s, acc_t* partials) {
+__global__ void backward_reduce_kernel(BackwardView<scalar_t> v, Split s, acc_t* partials,
+                                       int* arrivals, acc_t* sum_g, acc_t* sum_gx,
+                                       acc_t* recompute) {
   const int64_t c = blockIdx.x;
   acc_t t[kTerms] = {};
   if (v.xhat) {
@@ -194,17 +256,8 @@ __global__ void backward_partials(BackwardView<scalar_t> v, Split s, acc_t* part
       sum_terms(std::false_type{});
     }
   }
-  store_block_partials(t, s, partials);
-}
-
-// One thread per channel: its sums, and the rule's verdict (0 when xhat is given).
-template <typename scalar_t, typename acc_t>
-__global__ void backward_finish(BackwardView<scalar_t> v, const acc_t* partials, Split s,
-                                acc_t* sum_g, acc_t* sum_gx, acc_t* recompute) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= s.channels) return;
   acc_t total[kTerms];
-  sum_parts(partials, s, c, total);
+  if (!reduce_channel(t, s, partials, arrivals, total)) return;
   sum_g[c] = total[0], sum_gx[c] = total[1];
   recompute[c] =
       v.xhat ? acc_t(0) : v.recompute_flag(total, static_cast<acc_t>(s.count), v.channel(c));
@@ -224,16 +277,15 @@ std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
          recompute = at::empty({g.channels}, options);
   const Split s = split_of(g);
   const Tensor partials = at::empty({kTerms, g.channels, s.parts}, options);
+  const dim3 grid = reduction_grid(s);
+  int* const arrivals = arrival_counters(g.channels);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   VGGBENCH_DISPATCH(in.out.scalar_type(), "vggbench_backward_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const BackwardView<scalar_t> view(in);
-    backward_partials<<<reduction_grid(s), kThreads, 0, stream>>>(
-        view, s, partials.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    backward_finish<<<channel_blocks(g.channels), kThreads, 0, stream>>>(
-        view, partials.const_data_ptr<acc_t>(), s, sum_g.mutable_data_ptr<acc_t>(),
-        sum_gx.mutable_data_ptr<acc_t>(), recompute.mutable_data_ptr<acc_t>());
+    backward_reduce_kernel<<<grid, kThreads, 0, stream>>>(
+        BackwardView<scalar_t>(in), s, partials.mutable_data_ptr<acc_t>(), arrivals,
+        sum_g.mutable_data_ptr<acc_t>(), sum_gx.mutable_data_ptr<acc_t>(),
+        recompute.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {sum_g, sum_gx, recompute};
