@@ -80,8 +80,8 @@ std::tuple<Tensor, Tensor, Tensor> aten_conv_backward(const Tensor& grad_z, cons
                                                       std::array<bool, 3> mask);
 
 // What a backend provides. Each member besides the convs is one pass over the activations
-// with its per-channel finish (on the CPU one function; on CUDA at most two kernels, the
-// finish one thread per channel), computing the per-channel maths itself with the formulas
+// with its per-channel finish (on the CPU one function; on CUDA one kernel, whose last block
+// per channel finishes a reduction), computing the per-channel maths itself with the formulas
 // of fused_unit_math.h: the orchestration (fused_unit.cpp) dispatches no other op around
 // them. A training unit: forward = conv + batch_stats + normalize_act (+ the running-stats
 // update, a fourth member); backward = backward_reduce + backward_apply + conv_backward.

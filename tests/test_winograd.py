@@ -146,8 +146,8 @@ print(json.dumps({"winograd": torch.ops.vggbench.winograd_isa(), "aten": torch.b
 @pytest.mark.skipif("avx2" not in ISAS, reason="this CPU has no AVX2+FMA: the kernels do not run")
 def test_forced_avx2_process_gives_the_same_unit_results(tmp_path: Path) -> None:
     """VGGBENCH_CPU_ISA=avx2 (with ATen and oneDNN held to AVX2 too, as on an AVX2-only CPU):
-    the fused unit's training step runs on the AVX2 kernels and gives the same bits as the
-    default (widest) path of this process."""
+    the fused unit's training step runs on the AVX2 kernels (Winograd and the BN/activation
+    passes) and gives the same bits as the default (widest) path of this process."""
     forced = run_python(UNIT_STEP, RESULT=str(tmp_path / "avx2.pt"), VGGBENCH_CPU_ISA="avx2",
                         ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
     assert forced.returncode == 0, forced.stderr

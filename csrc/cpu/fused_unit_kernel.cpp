@@ -9,8 +9,9 @@
 
 namespace vggbench {
 namespace cpu {
-// fused_unit_kernel_avx2.cpp: with_passes of the AVX2 build.
+// fused_unit_kernel_avx2.cpp, _avx512.cpp: with_passes of the AVX2 and AVX-512 builds.
 Kernels with_avx2_passes(decltype(Kernels::conv) conv, decltype(Kernels::conv_backward) conv_backward);
+Kernels with_avx512_passes(decltype(Kernels::conv) conv, decltype(Kernels::conv_backward) conv_backward);
 }  // namespace cpu
 
 namespace {
@@ -38,9 +39,24 @@ std::tuple<Tensor, Tensor, Tensor> conv_backward(const Tensor& grad_z, const Ten
           mask[2] && has_bias ? at::sum(grad_z, {0, 2, 3}) : Tensor()};
 }
 
+// The passes' build for the widest instruction set the Winograd kernels use (the CPU's,
+// capped by VGGBENCH_CPU_ISA); every build gives the same bits. A bad VGGBENCH_CPU_ISA is
+// reported by the first Winograd conv, not here (this runs when the library loads).
 Kernels cpu_kernels() {
-  static const bool avx2 = __builtin_cpu_supports("avx2");
-  return avx2 ? cpu::with_avx2_passes(&conv, &conv_backward) : with_passes(&conv, &conv_backward);
+  cpu::Isa isa = cpu::Isa::kNone;
+  try {
+    isa = cpu::winograd_isa();
+  } catch (const c10::Error&) {
+    isa = __builtin_cpu_supports("avx2") ? cpu::Isa::kAvx2 : cpu::Isa::kNone;
+  }
+  switch (isa) {
+    case cpu::Isa::kAvx512:
+      return cpu::with_avx512_passes(&conv, &conv_backward);
+    case cpu::Isa::kAvx2:
+      return cpu::with_avx2_passes(&conv, &conv_backward);
+    default:
+      return with_passes(&conv, &conv_backward);
+  }
 }
 
 const Kernels kCpuKernels = cpu_kernels();

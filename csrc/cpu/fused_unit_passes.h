@@ -1,8 +1,10 @@
 // The CPU passes over activations of the fused unit (see ../fused_unit.h): float, double
-// and bfloat16 activations. Compiled twice, into each file's own anonymous namespace: for the
-// baseline x86-64 ISA (fused_unit_kernel.cpp) and for AVX2 (fused_unit_kernel_avx2.cpp, used
-// where the CPU has it: twice the vector width for the backward's recovery rule). Neither
-// build may contract into FMAs (AVX2 alone has none), so both give the same bits.
+// and bfloat16 activations. Compiled three times, into each file's own anonymous namespace:
+// for the baseline x86-64 ISA (fused_unit_kernel.cpp), for AVX2 (fused_unit_kernel_avx2.cpp)
+// and for AVX-512 F/BW/VL (fused_unit_kernel_avx512.cpp); fused_unit_kernel.cpp uses the
+// widest the CPU has (capped by VGGBENCH_CPU_ISA, as the Winograd kernels). No build may
+// contract into FMAs (fp-contract off: the baseline and AVX2 have none), so all give the
+// same bits.
 //
 // Reductions run over fixed blocks of rows, combined in block order, so results do not
 // depend on the number of threads. Within a block, values are summed in the compute type
@@ -28,9 +30,15 @@
 
 // after every include: only the passes below are compiled for AVX2, nothing shared with
 // the baseline build
-#ifdef VGGBENCH_CPU_PASSES_AVX2
+#if defined(VGGBENCH_CPU_PASSES_AVX2) || defined(VGGBENCH_CPU_PASSES_AVX512)
 #pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
+#ifdef VGGBENCH_CPU_PASSES_AVX2
 #pragma GCC target("avx2")
+#endif
+#ifdef VGGBENCH_CPU_PASSES_AVX512
+#pragma GCC target("avx2,avx512f,avx512bw,avx512vl")
 #endif
 
 namespace vggbench {
@@ -344,6 +352,6 @@ Kernels with_passes(decltype(Kernels::conv) conv, decltype(Kernels::conv_backwar
 }  // namespace
 }  // namespace vggbench
 
-#ifdef VGGBENCH_CPU_PASSES_AVX2
+#if defined(VGGBENCH_CPU_PASSES_AVX2) || defined(VGGBENCH_CPU_PASSES_AVX512)
 #pragma GCC pop_options
 #endif
