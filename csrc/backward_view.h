@@ -31,13 +31,22 @@ struct BackwardView {
     acc_t gamma, beta, invstd, centre;  // centre = mean * invstd
   };
 
+  // Whether the negative branch's pre = y / slope is a division (double activations: the
+  // rule's margin in float64 is thin) or a product with a rounded 1 / slope (float and
+  // bfloat16: one more rounding of a type 2^16 or 2^29 times finer, far cheaper than a
+  // division per element).
+  static constexpr bool kDivide = std::is_same_v<rec_t, scalar_t>;
+
   const scalar_t *dy, *y, *res, *xhat;
   const acc_t *gamma, *beta, *mean, *var;  // null without training-mode BN
   acc_t eps, slope;
-  // The rule's roundoff ratios to the activation dtype's: of the recovery arithmetic, and of
-  // the cast of its result to the compute type (0 when there is none).
+  rec_t inv_slope;
+  // The rule's roundoff ratios to the activation dtype's: of the recovery arithmetic, of
+  // the cast of its result to the compute type (0 when there is none), and of the inverse
+  // activation (fused_unit_math.h's d rho_r).
   acc_t rho_recover = roundoff_ratio<rec_t>();
   acc_t rho_cast = std::is_same_v<rec_t, acc_t> ? acc_t(0) : roundoff_ratio<acc_t>();
+  acc_t rho_inverse = (kDivide ? acc_t(1) : acc_t(2)) * rho_recover;
 
   explicit BackwardView(const BackwardInputs& in)
       : dy(in.grad_out.const_data_ptr<scalar_t>()),
@@ -49,7 +58,8 @@ struct BackwardView {
         mean(channel_data(in.mean)),
         var(channel_data(in.var)),
         eps(static_cast<acc_t>(in.eps)),
-        slope(static_cast<acc_t>(in.slope)) {}
+        slope(static_cast<acc_t>(in.slope)),
+        inv_slope(rec_t(1) / static_cast<rec_t>(in.slope)) {}
 
   static const acc_t* channel_data(const Tensor& t) {
     return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
@@ -72,15 +82,18 @@ struct BackwardView {
   VGGBENCH_HD acc_t g(int64_t i) const {
     return math::act_grad(static_cast<acc_t>(y[i]), static_cast<acc_t>(dy[i]), slope);
   }
+  // The pre-activation for the rule's error terms (an estimate: its rounding does not matter).
   VGGBENCH_HD acc_t pre(int64_t i) const {
-    return math::inverse_act(static_cast<acc_t>(y[i]), slope);
+    const acc_t v = static_cast<acc_t>(y[i]);
+    return v > acc_t(0) ? v : v * static_cast<acc_t>(inv_slope);
   }
   // xhat recovered from the output; HasResidual: whether `res` is set (a compile-time
   // flag keeps the CPU's inner loops branch-free).
   template <bool HasResidual>
   VGGBENCH_HD acc_t recovered_xhat(int64_t i, const Channel& ch) const {
     const rec_t r = HasResidual ? static_cast<rec_t>(res[i]) : rec_t(0);
-    const rec_t pre = math::inverse_act(static_cast<rec_t>(y[i]), static_cast<rec_t>(slope));
+    const rec_t v = static_cast<rec_t>(y[i]);
+    const rec_t pre = kDivide ? math::inverse_act(v, static_cast<rec_t>(slope)) : (v > rec_t(0) ? v : v * inv_slope);
     return static_cast<acc_t>(math::recover_xhat(pre, r, ch.recover_scale, ch.recover_shift));
   }
   // xhat, given or recovered.
@@ -94,7 +107,7 @@ struct BackwardView {
                                   acc_t (&terms)[math::kRecoveryTerms]) const {
     const acc_t r = HasResidual ? static_cast<acc_t>(res[i]) : acc_t(0);
     math::recovery_terms(g(i), recovered_xhat<HasResidual>(i, ch), pre(i), r, ch.centre,
-                         rho_recover, rho_cast, terms);
+                         rho_recover, rho_cast, rho_inverse, terms);
   }
   // A channel's verdict from its summed terms: 1 to recompute xhat, 0 to recover it.
   VGGBENCH_HD acc_t recompute_flag(const acc_t (&sums)[math::kRecoveryTerms], acc_t count,

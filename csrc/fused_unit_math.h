@@ -109,13 +109,15 @@ VGGBENCH_HD void running_update(T batch_mean, T batch_var, T count, T factor, T&
 //   n = |xhat + mean r| + 2 rho |xhat|.
 // Recovered from the output, xhat' = (pre' - residual) / gamma - beta / gamma, where pre'
 // comes from y (rounded: u |pre|). The recovery arithmetic runs in a type of roundoff
-// rho_r u (double for float activations, backward_view.h): y / slope on the negative
-// branch, the subtraction, the product with 1 / gamma, its rounding and the shift add
-// rho_r (|pre| + 3 |pre - residual| + |beta|); casting the result to the compute type (float
+// rho_r u (double for float activations, backward_view.h): the negative branch's y / slope
+// (d rho_r |pre|: d = 1 for a division, 2 for a product with a rounded 1 / slope, which the
+// code uses where rho_r is small, i.e. for float and bfloat16 activations), the
+// subtraction, the product with 1 / gamma, its rounding and the shift add
+// rho_r (3 |pre - residual| + |beta|); casting the result to the compute type (float
 // activations: double -> float) adds rho_c |gamma xhat| <= rho_c (|pre - residual| + |beta|).
 // All divided by |gamma|:
 //   e = (p + (rho_r + rho_c) |beta|) / |gamma|,
-//   p = |pre| (1 + rho_r) + (3 rho_r + rho_c) |pre - residual|.
+//   p = |pre| (1 + d rho_r) + (3 rho_r + rho_c) |pre - residual|.
 // (Both share the conv's own rounding and the forward's, which the recovery cannot worsen.)
 // With g = dL/dpre, M values per channel:
 //   dgamma = sum(g xhat): recovery adds at most sum(|g| e); native's error is at most
@@ -152,13 +154,14 @@ VGGBENCH_HD T abs_of(T v) {
 }
 
 // rho_r, rho_c: the roundoff ratios of the recovery arithmetic and of its cast (above); the
-// compute type's, for native's n, is 1 with float arithmetic and rho_r + rho_c in general.
+// compute type's, for native's n, is 1 with float arithmetic and rho_r + rho_c in general;
+// rho_inverse = d rho_r, the inverse activation's.
 template <typename T>
-VGGBENCH_HD void recovery_terms(T g, T xhat, T pre, T residual, T centre, T rho_r, T rho_c,
+VGGBENCH_HD void recovery_terms(T g, T xhat, T pre, T residual, T centre, T rho_r, T rho_c, T rho_inverse,
                                 T (&terms)[kRecoveryTerms]) {
   const T abs_g = abs_of(g);
   const T n = abs_of(xhat + centre) + T(2) * (rho_r + rho_c) * abs_of(xhat);
-  const T p = abs_of(pre) * (T(1) + rho_r) + (T(3) * rho_r + rho_c) * abs_of(pre - residual);
+  const T p = abs_of(pre) * (T(1) + rho_inverse) + (T(3) * rho_r + rho_c) * abs_of(pre - residual);
   terms[0] = g, terms[1] = g * xhat, terms[2] = abs_g, terms[3] = abs_g * n;
   terms[4] = abs_g * p, terms[5] = g * g, terms[6] = p * p, terms[7] = n * n;
 }

@@ -260,6 +260,42 @@ void update_running_stats(const Tensor& running_mean, const Tensor& running_var,
   });
 }
 
+// BackwardView::Channel of every channel, stored field by field: the inner loops load each
+// field of consecutive channels (NHWC) with one vector load, where an array of structs would
+// need gathers.
+template <typename scalar_t>
+struct ChannelTable {
+  using View = BackwardView<scalar_t>;
+  using Channel = typename View::Channel;
+  using acc_t = typename View::acc_t;
+  using rec_t = typename View::rec_t;
+  std::vector<rec_t> recover_scale, recover_shift;
+  std::vector<acc_t> gamma, beta, invstd, centre;
+
+  ChannelTable(const View& view, int64_t channels)
+      : recover_scale(channels), recover_shift(channels), gamma(channels), beta(channels),
+        invstd(channels), centre(channels) {
+    for (int64_t c = 0; c < channels; ++c) {
+      const Channel ch = view.channel(c);
+      recover_scale[c] = ch.recover_scale, recover_shift[c] = ch.recover_shift;
+      gamma[c] = ch.gamma, beta[c] = ch.beta, invstd[c] = ch.invstd, centre[c] = ch.centre;
+    }
+  }
+
+  // The fields' data, copied into lambdas that run the inner loops.
+  struct Pointers {
+    const rec_t *recover_scale, *recover_shift;
+    const acc_t *gamma, *beta, *invstd, *centre;
+    Channel operator[](int64_t c) const {
+      return {recover_scale[c], recover_shift[c], gamma[c], beta[c], invstd[c], centre[c]};
+    }
+  };
+  Pointers pointers() const {
+    return {recover_scale.data(), recover_shift.data(), gamma.data(), beta.data(), invstd.data(),
+            centre.data()};
+  }
+};
+
 std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
   RECORD_FUNCTION("vggbench::cpu::backward_reduce", {});  // the pass, in profiles
   const Geometry g = geometry_of(in.out);
@@ -268,7 +304,6 @@ std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
   std::vector<double> sums, flags(C, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, in.out.scalar_type(), "vggbench_backward_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    using Channel = typename BackwardView<scalar_t>::Channel;
     const BackwardView<scalar_t> e(in);
     if (in.xhat) {  // sum(g), sum(g * xhat)
       sums = reduce_channels<acc_t, 2, 2>(g, [=](int64_t i, int64_t c) {
@@ -277,9 +312,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
       });
       return;
     }
-    std::vector<Channel> channels(C);
-    for (int64_t c = 0; c < C; ++c) channels[c] = e.channel(c);
-    const Channel* ch = channels.data();
+    const ChannelTable<scalar_t> table(e, C);
+    const auto ch = table.pointers();
     with_flags([&](auto has_res) {  // the recovery rule's terms, sum(g) and sum(g * xhat) first
       sums = reduce_channels<acc_t, kTerms, kTerms>(g, [=](int64_t i, int64_t c) {
         acc_t t[kTerms];
@@ -305,24 +339,21 @@ void backward_apply(const BackwardInputs& in, const OptTensor& sum_g, const OptT
   const Geometry g = geometry_of(in.out);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, in.out.scalar_type(), "vggbench_backward_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    using Channel = typename BackwardView<scalar_t>::Channel;
-    struct Coefficients {
-      Channel ch;
-      acc_t k, mean_g, mean_gx;
-    };
     const BackwardView<scalar_t> e(in);
     const bool batch_norm = in.gamma.defined(), recovering = batch_norm && !in.xhat;
-    std::vector<Coefficients> coefficients(batch_norm ? g.channels : 0);
+    const int64_t C = batch_norm ? g.channels : 0;
+    const ChannelTable<scalar_t> table(e, C);
+    std::vector<acc_t> k(C), mean_g(C), mean_gx(C);  // field by field, as the table
     if (batch_norm) {
       const acc_t n = count ? *count->const_data_ptr<acc_t>() : static_cast<acc_t>(g.count());
       const acc_t *sg = sum_g->const_data_ptr<acc_t>(), *sgx = sum_gx->const_data_ptr<acc_t>();
-      for (int64_t c = 0; c < g.channels; ++c) {
-        Coefficients& k = coefficients[c];
-        k.ch = e.channel(c);
-        math::bn_backward_coefficients(k.ch.gamma, k.ch.invstd, sg[c], sgx[c], n, k.k, k.mean_g, k.mean_gx);
+      for (int64_t c = 0; c < C; ++c) {
+        math::bn_backward_coefficients(table.gamma[c], table.invstd[c], sg[c], sgx[c], n, k[c], mean_g[c],
+                                       mean_gx[c]);
       }
     }
-    const Coefficients* coef = coefficients.data();
+    const auto ch = table.pointers();
+    const acc_t *kk = k.data(), *mg = mean_g.data(), *mgx = mean_gx.data();
     scalar_t* dz = grad_z.mutable_data_ptr<scalar_t>();
     scalar_t* dres = grad_residual ? grad_residual->mutable_data_ptr<scalar_t>() : nullptr;
     with_flags([&](auto has_res, auto recover, auto write_dres) {
@@ -330,11 +361,9 @@ void backward_apply(const BackwardInputs& in, const OptTensor& sum_g, const OptT
         const acc_t gi = e.g(i);
         acc_t out = gi;
         if constexpr (recover) {
-          const Coefficients& k = coef[c];
-          out = math::bn_input_grad(gi, e.template recovered_xhat<has_res>(i, k.ch), k.k, k.mean_g, k.mean_gx);
+          out = math::bn_input_grad(gi, e.template recovered_xhat<has_res>(i, ch[c]), kk[c], mg[c], mgx[c]);
         } else if (batch_norm) {
-          const Coefficients& k = coef[c];
-          out = math::bn_input_grad(gi, static_cast<acc_t>(e.xhat[i]), k.k, k.mean_g, k.mean_gx);
+          out = math::bn_input_grad(gi, static_cast<acc_t>(e.xhat[i]), kk[c], mg[c], mgx[c]);
         }
         dz[i] = static_cast<scalar_t>(out);
         if constexpr (write_dres) dres[i] = static_cast<scalar_t>(gi);
