@@ -3,6 +3,9 @@
 import json
 import math
 
+import torch
+
+from vggbench import ops  # noqa: F401  (loads the extension: torch.ops.vggbench.*)
 from vggbench.demo import main
 
 
@@ -14,6 +17,10 @@ def test_demo_shows_the_signature_and_is_idempotent(tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "SYNTHETIC DATA" in printed and str(out.resolve()) in printed
+    # on the CPU the demo trains channels_last, through the fused op where this CPU has its kernels, and says so
+    assert printed.count("memory format: channels_last (--channels-last unset: the faster on the CPU") == 5
+    fast = torch.ops.vggbench.winograd_isa() != "none"
+    assert printed.count(f"layers: {'fused' if fast else 'native'} (--impl auto: ") == 5
     for name in ("report.md", "report.json", "compare.png", "compare.json", "landscape-compare.png"):
         assert (out / name).stat().st_size > 0
     runs = {d.name: d for d in (out / "runs").iterdir()}
@@ -22,6 +29,7 @@ def test_demo_shows_the_signature_and_is_idempotent(tmp_path, capsys):
     for name, run in runs.items():
         assert (run / "gradflow.png").exists() and (run / "curves.png").exists() and (run / "test.json").exists()
         assert (run / "landscape.png").exists()
+        assert json.loads((run / "config.json").read_text())["channels_last"] is True
         assert [e["epoch"] for e in json.loads((run / "landscape.json").read_text())["epochs"]] == [1]
         flow = json.loads((run / "gradflow.json").read_text())["epochs"][-1]
         diagnosis[name] = flow["diagnosis"]

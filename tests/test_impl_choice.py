@@ -1,6 +1,6 @@
 """--impl auto: the fused op where it is the faster (the CPU, fp32, channels_last, Winograd
-kernels), native otherwise; resolved at run start, said in the output, recorded in
-config.json."""
+kernels), native otherwise; --channels-last unset: channels_last on the CPU, contiguous
+elsewhere; both resolved at run start, said in the output, recorded in config.json."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import torch
 from tests.helpers import option
 from vggbench import ops  # noqa: F401  (loads the extension: torch.ops.vggbench.*)
 from vggbench.config import TrainConfig
-from vggbench.device import choose_impl
+from vggbench.device import choose_channels_last, choose_impl
+from vggbench.resume import resume_state
 from vggbench.train import main
 
 FAST_CPU = torch.ops.vggbench.winograd_isa() != "none"
@@ -34,7 +35,7 @@ def test_fused_on_the_cpu_in_fp32_channels_last() -> None:
 
 
 @pytest.mark.parametrize(("change", "device", "reason"), [
-    ({"channels_last": False}, CPU, "only with --channels-last"),
+    ({"channels_last": False}, CPU, "only in channels_last (not with --no-channels-last)"),
     ({"precision": "bf16"}, CPU, "--precision bf16: the fused op's convs are fast in fp32 only"),
     ({"activation": "sigmoid"}, CPU, "conv -> BN -> LeakyReLU only"),
     ({"bn_position": "after"}, CPU, "conv -> BN -> LeakyReLU only"),
@@ -52,3 +53,35 @@ def test_training_says_and_records_the_choice(tiny_args, capsys) -> None:
     assert main([*args, "--channels-last"]) == 0
     assert "[VGG08 BN+RC] layers: fused (--impl auto: Winograd convs on" in capsys.readouterr().out
     assert json.loads((run / "config.json").read_text())["impl"] == "fused"
+
+
+def test_channels_last_unless_told_on_the_cpu_only() -> None:
+    assert TrainConfig().channels_last is None  # unset: chosen at run start
+    assert choose_channels_last(CPU) == (True, "the faster on the CPU, and the fused op's Winograd convs need it")
+    assert choose_channels_last(torch.device("cuda")) == (False, "on cuda channels_last is not measured faster")
+
+
+@pytest.mark.skipif(not FAST_CPU, reason="this CPU has no AVX2+FMA: auto never picks the fused op here")
+def test_training_takes_the_fast_path_by_default_and_says_so(tiny_args, capsys) -> None:
+    args = [*tiny_args[:tiny_args.index("--epochs") + 1], "1", *tiny_args[tiny_args.index("--epochs") + 2:]]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "[VGG08 BN+RC] memory format: channels_last (--channels-last unset: the faster on the CPU" in out
+    assert "[VGG08 BN+RC] layers: fused (--impl auto: Winograd convs on" in out
+    saved = json.loads((Path(option(args, "--out-dir")) / "config.json").read_text())
+    assert (saved["channels_last"], saved["impl"]) == (True, "fused")
+
+
+def test_no_channels_last_trains_contiguous_and_native(tiny_args, capsys) -> None:
+    args = [*tiny_args[:tiny_args.index("--epochs") + 1], "1", *tiny_args[tiny_args.index("--epochs") + 2:]]
+    run = Path(option(args, "--out-dir"))
+    assert main([*args, "--no-channels-last"]) == 0
+    out = capsys.readouterr().out
+    assert "memory format:" not in out
+    assert "[VGG08 BN+RC] layers: native (--impl auto: the fused op is faster only in channels_last" in out
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["channels_last"] is False
+    # resumed without saying (as the demo resumes: explicit=None checks every option), the run keeps its choice
+    fields = {k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}  # not the run's facts
+    cfg, state = resume_state(TrainConfig(**{**fields, "channels_last": None, "resume": "latest"}), explicit=None)
+    assert state is not None and cfg.channels_last is False

@@ -207,7 +207,7 @@ def test_help_explains_every_option(capsys):
     [
         ["--optimizer", "sgd", "--scheduler", "cosine_restarts", "--restart-period", "1"],
         ["--optimizer", "adamw", "--weight-decay", "1e-4", "--scheduler", "none"],
-        ["--precision", "bf16", "--channels-last"],
+        ["--precision", "bf16", "--no-channels-last"],
         ["--variant", "plain", "--activation", "sigmoid", "--residual-reduction", "--workers", "1"],
         ["--variant", "bn", "--bn-position", "after", "--train-limit", "200", "--no-augment"],
     ],

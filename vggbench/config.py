@@ -26,6 +26,9 @@ SCHEDULERS = ("cosine", "cosine_restarts", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # --impl auto: chosen at run start (vggbench.device.choose_impl), recorded resolved
 IMPL_CHOICES = ("auto", *IMPLS)
+# Options whose None means "chosen at run start" (vggbench.device.choose_channels_last), recorded
+# resolved: a resumed run given None keeps its recorded choice.
+CHOSEN_AT_START = ("channels_last",)
 # Options that say where or how a run executes, not what it trains; they may change on
 # --resume and do not distinguish configurations.
 # impl is runtime too: both implementations compute the same model from the same
@@ -115,7 +118,9 @@ class TrainConfig:
     sync_bn: bool = opt(False, "distributed runs: BatchNorm statistics over the global batch (SyncBatchNorm "
                         "semantics) instead of each rank's share; no effect in a single process", group="distributed")
     device: str = opt("auto", "cpu, cuda, cuda:N, or auto (cuda when available)", group="execution")
-    channels_last: bool = opt(False, "channels_last memory format for model and inputs", group="execution")
+    channels_last: bool | None = opt(None, "channels_last memory format for model and inputs, or contiguous "
+                                     "(--no-channels-last); unset: channels_last on the CPU, where it is the faster "
+                                     "(and the fused op needs it), contiguous elsewhere", group="execution")
     precision: str = opt("fp32", "fp32, or mixed precision: bf16 (CPU or CUDA), fp16 (CUDA, "
                          "with gradient scaling)", PRECISIONS, group="execution")
     workers: int = opt(2, "DataLoader worker processes (0 loads in the main process)", group="execution")

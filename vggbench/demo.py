@@ -51,7 +51,7 @@ def run_configs(args: argparse.Namespace, dataset: str) -> list[TrainConfig]:
         seed=args.seed,
         batch_size=100, val_size=args.val_size, train_limit=args.train_limit if dataset == "cifar100" else None,
         synthetic_train_size=args.synthetic_train_size, synthetic_test_size=args.synthetic_test_size,
-        workers=args.workers, device=args.device, impl=args.impl, channels_last=True, progress=args.progress,
+        workers=args.workers, device=args.device, impl=args.impl, progress=args.progress,
         landscape_every=1,
     )
     return [replace(base, model=m, variant=v, out_dir=str(Path(args.out) / "runs" / f"{m}-{v}"))

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 from vggbench.checkpoint import CheckpointError, epoch_checkpoints, load_checkpoint
 from vggbench.config import (
+    CHOSEN_AT_START,
     RUNTIME_OPTIONS,
     ConfigError,
     TrainConfig,
@@ -56,7 +57,8 @@ def resume_state(cfg: TrainConfig, explicit: set[str] | None, world_size: int = 
     if unknown:
         raise CheckpointError(f"checkpoint {path} has config keys this vggbench does not know: {sorted(unknown)}")
     checked = given.keys() if explicit is None else explicit - set(RUNTIME_OPTIONS)
-    changed = [f"--{flag(k)} {given[k]!r} (run has {saved[k]!r})" for k in checked if saved.get(k) != given[k]]
+    changed = [f"--{flag(k)} {given[k]!r} (run has {saved[k]!r})" for k in checked
+               if saved.get(k) != given[k] and not (k in CHOSEN_AT_START and given[k] is None)]
     if changed:
         raise ConfigError(f"cannot change a run's configuration on --resume: {'; '.join(changed)}. "
                           "Start a new run in another --out-dir instead")

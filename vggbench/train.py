@@ -44,7 +44,7 @@ from vggbench.data import (
     epoch_generator,
     rank_shard,
 )
-from vggbench.device import autocast, choose_impl, memory_format, setup_device
+from vggbench.device import autocast, choose_channels_last, choose_impl, memory_format, setup_device
 from vggbench.distributed import DistEnv, main_rank_first, process_group
 from vggbench.gradflow import GradientFlowRecorder
 from vggbench.landscape.probe import LandscapeProbe
@@ -331,6 +331,12 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, env: DistEnv | Non
     cfg, state = resume_state(cfg.validate(), explicit, env.world_size)
     cfg.validate()  # runtime options taken from the checkpoint meet the saved configuration
     device = setup_device(cfg, env)
+    if cfg.channels_last is None:
+        channels_last, why = choose_channels_last(device)
+        cfg = replace(cfg, channels_last=channels_last)
+        if env.is_main:
+            print(f"[{cfg.label}] memory format: {'channels_last' if channels_last else 'contiguous'} (--channels-last "
+                  f"unset: {why}; --channels-last or --no-channels-last to choose)", flush=True)
     if cfg.impl == "auto":
         impl, why = choose_impl(cfg, device)
         cfg = replace(cfg, impl=impl)

@@ -303,18 +303,18 @@ def _instruction_sets(machine: dict) -> str:
             f"Winograd kernels {machine.get('winograd_isa', '–')}")
 
 
+def _ms_per_image(record: Record | None) -> str:
+    return f"{record.median_s * 1e3 / record.info['n']:.2f}" if record else "–"
+
+
 def scaling_section(results: Results) -> list[str]:
     """Training-step time per depth, batch size and thread count, native vs fused (scaling.png draws it)."""
     rows = []
     for group in dict.fromkeys(r.group for r in results.scaling):
         native, fused = (results.find(group, impl) for impl in SCALING_IMPLS)
         info = (native or fused).info
-
-        def per_image(record: Record | None, n: int = info["n"]) -> str:
-            return f"{record.median_s * 1e3 / n:.2f}" if record else "–"
-
         rows.append((info["label"], str(info["n"]), str(info["threads"]), _timed(native), _timed(fused, True),
-                     _fmt(_vs_baseline(fused)), per_image(native), per_image(fused)))
+                     _fmt(_vs_baseline(fused)), _ms_per_image(native), _ms_per_image(fused)))
     if not rows:
         return []
     return ["## How cost grows", "",
