@@ -246,18 +246,30 @@ def test_bad_input_raises_on_cuda(label):
         assert torch.equal(args[name], before), name
 
 
-@pytest.mark.parametrize("position", ["bn_bias", "running_mean", "bias"])
-def test_cpu_tensor_in_split_ops_raises(position):
-    """A CPU tensor among CUDA ones in the synchronised-BN halves is named, not read as device memory."""
+SPLIT_BAD_INPUTS = {  # label: (change to _bn_act's valid arguments, distinctive part of the message)
+    "bn_bias-on-cpu": (lambda a: {"bn_bias": a["bn_bias"].cpu()}, "bn_bias is on cpu but input is on cuda"),
+    "bias-on-cpu": (lambda a: {"bias": a["bias"].cpu()}, "bias is on cpu but input is on cuda"),
+    "residual-on-cpu": (lambda a: {"residual": a["residual"].cpu()}, "residual is on cpu but z is on cuda"),
+    "mean-length": (lambda a: {"mean": a["mean"][:3]}, r"mean must have shape \(4,\)"),
+}
+
+
+@pytest.mark.parametrize("label", list(SPLIT_BAD_INPUTS))
+def test_bad_input_to_split_ops_raises(label):
+    """CPU tensors among CUDA ones, or statistics of the wrong length, in the synchronised-BN
+    halves are named, not read as device memory."""
     sample = make_sample("split", "cuda", bias=True, residual=True)
     z, mean, var = torch.ops.vggbench._conv_stats(sample.input, sample.weight, sample.bias, 1, sample.padding)
-    tensors = {"bn_bias": sample.bn_bias, "bias": sample.bias}
-    if position in tensors:
-        tensors[position] = tensors[position].cpu()
-        with pytest.raises(RuntimeError, match=f"{position} is on cpu but .* is on cuda"):
-            torch.ops.vggbench._bn_act(z, mean, var, sample.bn_weight, tensors["bn_bias"], tensors["bias"],
-                                       sample.residual, sample.eps, sample.negative_slope)
-    else:
-        with pytest.raises(RuntimeError, match=f"{position} is on cpu but batch_mean is on cuda"):
-            torch.ops.vggbench.update_running_stats_(sample.running_mean.cpu(), sample.running_var,
-                                                     sample.num_batches_tracked, mean, var, None, 0.1, 100)
+    args = {"z": z, "mean": mean, "var": var, "bn_weight": sample.bn_weight, "bn_bias": sample.bn_bias,
+            "bias": sample.bias, "residual": sample.residual, "eps": sample.eps, "slope": sample.negative_slope}
+    change, message = SPLIT_BAD_INPUTS[label]
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.vggbench._bn_act(*{**args, **change(args)}.values())
+
+
+def test_cpu_running_stats_with_cuda_batch_stats_raise():
+    sample = make_sample("split", "cuda")
+    _, mean, var = torch.ops.vggbench._conv_stats(sample.input, sample.weight, None, 1, sample.padding)
+    with pytest.raises(RuntimeError, match="running_mean is on cpu but batch_mean is on cuda"):
+        torch.ops.vggbench.update_running_stats_(sample.running_mean.cpu(), sample.running_var,
+                                                 sample.num_batches_tracked, mean, var, None, 0.1, 100)
