@@ -5,7 +5,8 @@
     python -m vggbench.bench [--quick] --out DIR                   # the same, plus report.md and charts
 
 Options: --bench-quick (or VGGBENCH_BENCH_QUICK=1), --bench-device cpu|cuda,
---bench-no-compile (leave torch.compile out). Timing and speedups: vggbench/bench/timing.py.
+--bench-no-compile (leave torch.compile out), --bench-l2-flush (CUDA: a cold L2 cache for every
+round). Timing (CUDA events on a GPU) and speedups: vggbench/bench/timing.py.
 """
 
 from __future__ import annotations
@@ -28,20 +29,24 @@ from vggbench.bench.timing import (
     MODEL_POLICY,
     QUICK_POLICY,
     SCALING_POLICY,
+    DeviceTiming,
     TimingPolicy,
+    device_timing,
     interleaved,
-    synchronized,
     time_once,
 )
 
 
 @dataclass(frozen=True)
 class Settings:
-    """What this session runs: mode, device, whether torch.compile is benchmarked, rounds."""
+    """What this session runs: mode, device, whether torch.compile is benchmarked, how and how
+    many rounds are timed."""
 
     quick: bool
     device: torch.device
     compile: bool
+    l2_flush: bool
+    timing: DeviceTiming
     layer_policy: TimingPolicy
     model_policy: TimingPolicy
     scaling_policy: TimingPolicy
@@ -61,24 +66,29 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bench-device", default="cpu", choices=("cpu", "cuda"), help="device to benchmark on")
     group.addoption("--bench-no-compile", action="store_true", default=False,
                     help="leave out the torch.compile implementation")
+    group.addoption("--bench-l2-flush", action="store_true", default=False,
+                    help="CUDA: overwrite a buffer twice the L2 cache's size before every round (a cold cache)")
 
 
 def _settings(config: pytest.Config) -> Settings:
     quick = config.getoption("--bench-quick") or os.environ.get("VGGBENCH_BENCH_QUICK", "") not in ("", "0")
+    device, l2_flush = torch.device(config.getoption("--bench-device")), config.getoption("--bench-l2-flush")
     return Settings(
-        quick=quick, device=torch.device(config.getoption("--bench-device")),
-        compile=not config.getoption("--bench-no-compile"),
+        quick=quick, device=device, compile=not config.getoption("--bench-no-compile"),
+        l2_flush=l2_flush, timing=device_timing(device, l2_flush),
         layer_policy=QUICK_POLICY if quick else LAYER_POLICY, model_policy=QUICK_POLICY if quick else MODEL_POLICY,
         scaling_policy=QUICK_POLICY if quick else SCALING_POLICY,
     )
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--bench-device") == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--bench-device cuda: CUDA is not available on this machine; "
+                                "use --bench-device cpu")
+    if config.getoption("--bench-l2-flush") and config.getoption("--bench-device") != "cuda":
+        raise pytest.UsageError("--bench-l2-flush flushes a GPU's L2 cache: use it with --bench-device cuda")
     settings = _settings(config)
     if settings.device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise pytest.UsageError("--bench-device cuda: CUDA is not available on this machine; "
-                                    "use --bench-device cpu")
         # float32 means IEEE float32 for every implementation (tests/test_ops.py does the same)
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -106,6 +116,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("flow", cases, ids=[case.name for case in cases])
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On CUDA, benchmarks timed by `measure` use the GPU's clock (pytest-benchmark's timer option)."""
+    settings = config.stash[SETTINGS]
+    if settings.device.type != "cuda":
+        return
+    for item in items:
+        if "measure" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.benchmark(timer=settings.timing.clock))
+
+
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     machine_info["vggbench"] = machine.collect(config.stash[SETTINGS].device)
 
@@ -114,6 +134,7 @@ def pytest_benchmark_update_json(config: pytest.Config, benchmarks: list, output
     settings = config.stash[SETTINGS]
     output_json["vggbench"] = {
         "mode": settings.mode, "device": str(settings.device), "compile": settings.compile,
+        "timer": settings.timing.name, "l2_flush": settings.l2_flush,
         "layer_policy": asdict(settings.layer_policy), "model_policy": asdict(settings.model_policy),
         "scaling_policy": asdict(settings.scaling_policy),
     }
@@ -159,13 +180,12 @@ def measure(benchmark, settings: Settings, group_rounds: dict[str, int]) -> Call
     def run(fn: Callable[[], object], *, group: str, policy: TimingPolicy,
             baseline: Callable[[], object] | None) -> None:
         benchmark.group = group
-        target, setup = synchronized(fn, settings.device)
+        setup, paired = settings.timing.setup, []
         if group not in group_rounds:
-            group_rounds[group] = policy.rounds_for(time_once(target, setup))
-        paired: list[float] = []
+            group_rounds[group] = policy.rounds_for(time_once(fn, settings.timing))
         if baseline is not None:
-            setup, paired = interleaved(baseline, settings.device, setup)
-        benchmark.pedantic(target, setup=setup, rounds=group_rounds[group], warmup_rounds=policy.warmup_rounds)
+            setup, paired = interleaved(baseline, settings.timing)
+        benchmark.pedantic(fn, setup=setup, rounds=group_rounds[group], warmup_rounds=policy.warmup_rounds)
         if not benchmark.stats:  # --benchmark-disable: ran once, nothing timed
             return
         median = benchmark.stats.stats.median

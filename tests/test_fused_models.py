@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from tests.helpers import option, set_option
+from tests.helpers import assert_fused_trains_like_native, option, set_option, twin_models
 from vggbench.config import ConfigError, TrainConfig
 from vggbench.memory import saved_bytes
 from vggbench.models import ConvNormAct, build_model, unit_for
@@ -20,63 +18,15 @@ from vggbench.train import main
 FusedConvNormAct = unit_for("fused")
 
 
-def twin_models(variant: str, **overrides) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """A native model and a fused one with the same weights."""
-    native = build_model("vgg38", variant, filters=8, **overrides)
-    fused = build_model("vgg38", variant, filters=8, impl="fused", **overrides)
-    fused.load_state_dict(native.state_dict())
-    return native, fused
-
-
-def train_steps(model: torch.nn.Module, dtype: torch.dtype, steps: int) -> list[float]:
-    """Losses of `steps` Adam steps on fixed random batches."""
-    model.to(dtype)
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(1)
-    losses = []
-    for _ in range(steps):
-        images = torch.randn(16, 3, 32, 32, generator=generator, dtype=torch.float64)
-        images = images.to(dtype, memory_format=torch.channels_last)  # the same images in every dtype
-        labels = torch.randint(0, 100, (16,), generator=generator)
-        loss = F.cross_entropy(model(images), labels)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
-    return losses
-
-
-def relative_errors(losses: list[float], truth: list[float]) -> list[float]:
-    return [abs(a - t) / abs(t) for a, t in zip(losses, truth)]
-
-
 def test_vgg38_bn_rc_trains_the_same_fused_and_native():
-    """Adam steps of VGG38 BN+RC from the same initialisation give matching losses and weights.
+    """Adam steps of VGG38 BN+RC from the same initialisation give matching losses and weights
+    (tests/helpers.py: assert_fused_trains_like_native says how they are compared).
 
-    float64 isolates the maths: the two differ only in summation order, so losses and
-    weights agree to ~1e-12. In float32 a 37-conv net amplifies rounding step by step, so
-    both float32 runs are compared with the float64 one (the truth), and the fused run may
-    drift from it at most 4x as far as native float32 does on this machine (by step i, the
-    largest native drift so far), plus a floor of 8 float32 roundings for the first steps
-    where native happens to round luckily. How far each drifts depends on the CPU's kernels
-    (AVX2 or AVX-512 oneDNN/ATen, Winograd): e.g. by step 4 native ~1e-3, fused 2e-7 (AVX2
-    EPYC) to 6e-5 (AVX-512 Xeon), so no fixed figure would hold on every machine.
+    How far each float32 run drifts from float64 depends on the CPU's kernels (AVX2 or
+    AVX-512 oneDNN/ATen, Winograd): e.g. by step 4 native ~1e-3, fused 2e-7 (AVX2 EPYC)
+    to 6e-5 (AVX-512 Xeon), so no fixed figure would hold on every machine.
     """
-    torch.manual_seed(0)
-    native, fused = twin_models("bn_rc", residual_reduction=True)
-    fused32, native32 = copy.deepcopy(fused), copy.deepcopy(native)
-    truth = train_steps(native, torch.float64, 4)
-    assert train_steps(fused, torch.float64, 4) == pytest.approx(truth, rel=1e-10)
-    # rtol 1e-6: a conv bias feeding BN has a true gradient of 0, and Adam rescales
-    # the rounding noise that replaces it to a full-size step
-    torch.testing.assert_close(fused.state_dict(), native.state_dict(), rtol=1e-6, atol=1e-8)
-    fused_drift = relative_errors(train_steps(fused32, torch.float32, 4), truth)
-    native_drift = relative_errors(train_steps(native32, torch.float32, 4), truth)
-    floor = 8 * torch.finfo(torch.float32).eps
-    for step, fused_error in enumerate(fused_drift):
-        allowed = 4 * max(native_drift[: step + 1]) + floor
-        assert fused_error <= allowed, f"step {step + 1}: fused {fused_drift}, native {native_drift}"
-    assert max(native_drift) < 1e-2  # the float64 truth is the same model: native float32 stays near it
+    assert_fused_trains_like_native()
 
 
 @pytest.mark.parametrize("variant", ["plain", "bn", "rc", "bn_rc"])

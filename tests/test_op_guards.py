@@ -168,7 +168,8 @@ def test_backward_checks_the_sums_it_is_given():
     ({"count": lambda t: t.double()}, "count must be a 0-d tensor of batch_mean's dtype Float, got Double"),
     ({"count": lambda t: None}, "give the number of values per channel"),
     ({"running_mean": lambda t: torch.zeros(8)[::2]}, "must be contiguous"),
-    ({"batch_mean": lambda t: t.half(), "batch_var": lambda t: t.half()}, "batch statistics must be float32 or float64"),
+    ({"batch_mean": lambda t: t.half(), "batch_var": lambda t: t.half()},
+     "batch statistics must be float32 or float64"),
     ({"running_mean": lambda t: t.to("meta")}, "running_mean is on meta but input is on cpu"),
 ])
 def test_update_running_stats_checks_every_tensor(change, message):

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tests.helpers import cudnn_flags
 from vggbench import ops
 from vggbench.tolerances import TOLERANCES, Tolerance
 
@@ -29,11 +30,17 @@ TENSOR_FIELDS = ("input", "weight", "bias", "bn_weight", "bn_bias", *BN_BUFFERS,
 
 @pytest.fixture(autouse=True)
 def ieee_float32():
-    """cuDNN may run float32 convs in TF32 (10-bit mantissa); the float32 tolerances assume IEEE float32."""
-    if not torch.cuda.is_available():
+    """cuDNN may run float32 convs in TF32 (10-bit mantissa); the float32 tolerances assume IEEE float32.
+    Its algorithms stay the default, possibly non-deterministic ones users get."""
+    with cudnn_flags(deterministic=False):
         yield
-        return
-    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+
+
+@pytest.fixture
+def deterministic_cudnn():
+    """For tests asserting bitwise equality of results that include cuDNN's backward: its default
+    algorithms may add with atomics, in another order on every call."""
+    with cudnn_flags(deterministic=True):
         yield
 
 
@@ -251,6 +258,7 @@ def test_update_running_stats(device, dtype, momentum, count_as):
 @pytest.mark.parametrize("label", ["train-residual-bias", "train-residual-channels_last",
                                    "train-residual-gamma0-gamma1e-9"])
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.usefixtures("deterministic_cudnn")
 def test_split_ops_compose_to_conv_bn_act(device, label):
     """The halves synchronised BN runs with cross-rank merges in between (_conv_stats -> _bn_act;
     _conv_bn_act_backward_sums -> _conv_bn_act_backward(local_sums, reduced_sums)) give exactly

@@ -30,6 +30,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from vggbench import nvidia_smi
+
 ROOT = Path(__file__).resolve().parents[1]
 NO_GPU_STATUS = 3
 BUDGET_S = 470  # the whole check, build included, fits in 8 minutes on one H100/H200
@@ -81,16 +83,15 @@ def gpu_facts(python: str) -> dict[str, object] | None:
         "p = torch.cuda.get_device_properties(0)\n"
         "print(json.dumps({'gpu': p.name, 'capability': f'{p.major}.{p.minor}', 'gpus': torch.cuda.device_count(),"
         " 'memory_gib': round(p.total_memory / 2**30, 1), 'torch': torch.__version__, 'cuda': torch.version.cuda,"
-        " 'cudnn': torch.backends.cudnn.version()}))\n"
+        " 'cudnn': torch.backends.cudnn.version(), 'uuid': str(getattr(p, 'uuid', '')) or None}))\n"
     )
     run = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=False)
     if run.returncode != 0:
         raise SystemExit(f"gpu_check: {python} cannot import torch:\n{run.stderr[-2000:]}")
     facts = json.loads(run.stdout.strip().splitlines()[-1])
     if facts is not None and shutil.which("nvidia-smi"):
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,clocks.max.mem",
-                              "--format=csv,noheader"], capture_output=True, text=True, check=False)
-        facts["driver_and_max_clocks"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 else "unknown"
+        smi = nvidia_smi.query(("driver_version", "clocks.max.sm", "clocks.max.mem"), facts["uuid"])
+        facts["driver_and_max_clocks"] = ", ".join(smi.values()) if smi else "unknown"
     return facts
 
 

@@ -12,7 +12,7 @@ from and what turns their JSON into a report:
   surface_cases.py  a loss surface (vggbench.landscape) on 1 vs 2 gloo ranks
   scaling.py      how cost grows: a training step against depth, batch size and threads
   op_counts.py    the ops a step dispatches that do work (torch.profiler), per unit and phase
-  timing.py       rounds, device synchronisation, baselines timed interleaved for the speedups
+  timing.py       rounds, the clock per device (CUDA events on a GPU), baselines timed interleaved
   machine.py      machine and software information
   results.py      the benchmark JSON read back as records
   markdown.py     report.md;  charts.py  the PNG charts;  __main__.py  the command

@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-k", dest="keyword", metavar="EXPR",
                         help="pytest -k expression selecting benchmarks by id, e.g. 'N100 and H32 and float32'")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile implementation")
+    parser.add_argument("--l2-flush", action="store_true",
+                        help="with --device cuda: flush the GPU's L2 cache before every timed round")
     return parser
 
 
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine (torch "
                      f"{torch.__version__}, built with CUDA {torch.version.cuda}); use --device cpu")
+    if args.l2_flush and args.device != "cuda":
+        parser.error("--l2-flush flushes a GPU's L2 cache between rounds: use it with --device cuda")
     if not (BENCHMARKS / "conftest.py").is_file():
         parser.error(f"the benchmark suite is not at {BENCHMARKS}: run from a source checkout of vggbench")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -48,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     pytest_args = [str(BENCHMARKS), "--benchmark-json", str(json_path), "--bench-device", args.device,
                    "--benchmark-sort", "name"]
     pytest_args += ["--bench-quick"] * args.quick + ["--bench-no-compile"] * args.no_compile
+    pytest_args += ["--bench-l2-flush"] * args.l2_flush
     if args.keyword:
         pytest_args += ["-k", args.keyword]
     print("pytest " + " ".join(pytest_args), flush=True)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from vggbench import nvidia_smi
+
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The CPU's model name (Linux /proc/cpuinfo), else what `platform` knows."""
@@ -45,7 +47,7 @@ def instruction_sets() -> dict[str, str]:
 
 def collect(device: torch.device) -> dict[str, object]:
     """CPU model, its instruction sets and cores, torch threads, Python/torch/torchvision versions,
-    and on CUDA the GPU name, its CUDA capability and torch's CUDA version."""
+    and on CUDA the GPU, its clocks and driver (`gpu`)."""
     import torchvision
 
     info: dict[str, object] = {
@@ -60,8 +62,26 @@ def collect(device: torch.device) -> dict[str, object]:
         "device": str(device),
     }
     if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info |= {"gpu": props.name, "gpu_capability": f"{props.major}.{props.minor}",
-                 "gpu_memory_gib": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda,
-                 "cudnn": torch.backends.cudnn.version()}
+        info |= gpu(device)
+    return info
+
+
+def gpu(device: torch.device) -> dict[str, object]:
+    """The GPU (name, capability, SMs, L2, memory, clocks as the CUDA runtime reports them), torch's
+    CUDA and cuDNN versions, and where nvidia-smi is present the driver and the current and
+    maximum clocks (MHz), power limit and performance state."""
+    props = torch.cuda.get_device_properties(device)
+    info: dict[str, object] = {
+        "gpu": props.name, "gpu_capability": f"{props.major}.{props.minor}", "gpu_sms": props.multi_processor_count,
+        "gpu_l2_mib": round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
+        "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+    }
+    for field in ("clock_rate", "memory_clock_rate"):  # kHz (the runtime's clockRate), where torch has them
+        if hasattr(props, field):
+            info[f"gpu_{field}_mhz"] = getattr(props, field) // 1000
+    smi = nvidia_smi.query(uuid=str(getattr(props, "uuid", "")) or None)
+    info |= {f"nvidia_smi_{field.replace('.', '_')}": value for field, value in (smi or {}).items()}
+    if smi is None:
+        info["nvidia_smi"] = "not available"
     return info

@@ -104,8 +104,31 @@ def machine_section(results: Results) -> list[str]:
     """Machine and software (the CPU's instruction sets first), and the run's settings."""
     rows = [(key, str(value)) for key, value in results.machine.items()]
     rows += [(f"suite {key}", str(value)) for key, value in results.settings.items()]
-    return ["## Machine and software", "", f"CPU: {_instruction_sets(results.machine)}.", "",
+    gpu = [f"GPU: {_gpu(results.machine)}.", "", _timing(results.settings), ""] if "gpu" in results.machine else []
+    return ["## Machine and software", "", f"CPU: {_instruction_sets(results.machine)}.", "", *gpu,
             *_table(("", ""), rows)]
+
+
+def _gpu(machine: dict) -> str:
+    """The GPU in one line: what it is, its clocks (nvidia-smi: current / max MHz) and driver, CUDA and cuDNN."""
+    def smi(field: str) -> str:
+        return str(machine.get(f"nvidia_smi_{field}", "–"))
+
+    clocks = (f"SM clock {smi('clocks_sm')} (max {smi('clocks_max_sm')}), memory clock {smi('clocks_mem')} "
+              f"(max {smi('clocks_max_mem')}), power limit {smi('power_limit')}, {smi('pstate')}; driver "
+              f"{smi('driver_version')}" if "nvidia_smi_driver_version" in machine else "nvidia-smi not available")
+    return (f"{machine['gpu']} (compute capability {machine.get('gpu_capability', '?')}, "
+            f"{machine.get('gpu_sms', '?')} SMs, {machine.get('gpu_l2_mib', '?')} MiB L2, "
+            f"{machine.get('gpu_memory_gib', '?')} GiB); {clocks}; CUDA {machine.get('cuda', '?')}, "
+            f"cuDNN {machine.get('cudnn', '?')}")
+
+
+def _timing(settings: dict) -> str:
+    """How the rounds were timed on the GPU."""
+    flush = ("the L2 cache flushed before every round (a cold cache)" if settings.get("l2_flush")
+             else "no L2 flush (inputs may be warm in L2 from the previous round)")
+    return (f"Rounds timed with {settings.get('timer', '?')}: each after a device synchronise and warm-up "
+            f"rounds, the GPU time between events recorded before and after the call; {flush}.")
 
 
 def targets_section(results: Results) -> list[str]:

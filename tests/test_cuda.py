@@ -1,0 +1,275 @@
+"""What only a GPU shows: the fused op's CUDA path inside models, compiled, captured in a
+CUDA graph, free of host syncs, on other devices and streams, at shapes that exercise the
+kernels' grid partitioning, and bit-for-bit repeatable.
+
+Every test is marked `cuda` (skipped without a GPU, tests/conftest.py; scripts/gpu_check.sh
+runs `pytest -m cuda`). Tolerances come from native PyTorch's own error against float64
+(tests/test_ops.py: assert_matches_native, tests/helpers.py: assert_fused_trains_like_native).
+cuDNN runs IEEE float32 (no TF32) and, as several tests assert bitwise equality of results
+that include its backward, its deterministic algorithms.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.helpers import assert_fused_trains_like_native, cudnn_flags
+from tests.test_ops import BAD_INPUTS, BN_BUFFERS, Sample, assert_matches_native, make_sample
+from vggbench import ops
+from vggbench.models import build_model, unit_for
+from vggbench.models.vgg import ProcessingBlock
+
+pytestmark = pytest.mark.cuda
+SMALL_GAMMAS = [0.0, 1e-9, 1e-3, 0.8, -1.3, 0.6, -0.9, 1.1]  # exactly and nearly 0: the recompute fallback
+
+
+@pytest.fixture(autouse=True)
+def deterministic_ieee_cudnn():
+    with cudnn_flags(deterministic=True):
+        yield
+
+
+@pytest.fixture(params=["all", "rule"])
+def recompute(request, monkeypatch) -> str:
+    """The backward policy: "all" (CUDA's default, no host read), "rule" (per-channel recovery)."""
+    monkeypatch.setattr(ops, "RECOMPUTE", request.param)
+    return request.param
+
+
+def gammas(k: int) -> list[float]:
+    return (SMALL_GAMMAS * (k // len(SMALL_GAMMAS) + 1))[:k]
+
+
+def study_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+               labels: torch.Tensor, autocast: torch.dtype | None = torch.bfloat16) -> torch.Tensor:
+    """One training step as the study runs it on a GPU (bf16 autocast unless told otherwise; no
+    autocast cache, which CUDA graph capture forbids); returns the loss without reading it."""
+    with torch.autocast("cuda", autocast, enabled=autocast is not None, cache_enabled=False):
+        loss = F.cross_entropy(model(images).float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def study_model(filters: int = 16) -> torch.nn.Module:
+    """Fused VGG08 BN+RC with a projection shortcut, channels_last on cuda."""
+    torch.manual_seed(0)
+    model = build_model("vgg08", "bn_rc", filters=filters, impl="fused", residual_reduction=True)
+    return model.cuda().to(memory_format=torch.channels_last)
+
+
+def batches(count: int, n: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(5)
+    return [(torch.randn(n, 3, 32, 32, generator=gen).cuda().contiguous(memory_format=torch.channels_last),
+             torch.randint(0, 100, (n,), generator=gen).cuda()) for _ in range(count)]
+
+
+# --- models ------------------------------------------------------------------------------
+@pytest.mark.parametrize(("layout", "autocast"), [
+    (torch.contiguous_format, None), (torch.channels_last, None), (torch.channels_last, torch.bfloat16),
+], ids=["float32-contiguous", "float32-channels_last", "bf16-autocast-channels_last"])
+def test_vgg38_bn_rc_trains_like_native(layout, autocast):
+    """Four Adam steps of fused VGG38 BN+RC stay as close to the float64 run as native does."""
+    assert_fused_trains_like_native("cuda", layout, autocast)
+
+
+def test_compile_fullgraph():
+    """A residual block of fused units compiles on CUDA with no graph break (channels_last, bf16
+    autocast) and trains like eager: the same kernels run, only the glue around them is compiled."""
+    torch.manual_seed(0)
+    unit = unit_for("fused")
+    eager = ProcessingBlock([unit(16, 16) for _ in range(2)], residual=True).cuda()
+    compiled_block = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_block, fullgraph=True)
+    x = torch.randn(8, 16, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
+    for _ in range(2):
+        with torch.autocast("cuda", torch.bfloat16):
+            outs = [m(x) for m in (eager, compiled)]
+        grads = [torch.autograd.grad(out.float().square().sum(), list(m.parameters()))
+                 for out, m in zip(outs, (eager, compiled_block))]
+        torch.testing.assert_close(outs[1], outs[0])
+        torch.testing.assert_close(grads[1], grads[0])
+    torch.testing.assert_close(compiled_block.state_dict(), eager.state_dict())
+    assert int(compiled_block.units[0].bn.num_batches_tracked) == 2
+
+
+def test_cuda_graph_replays_training_steps(monkeypatch):
+    """A whole training step (forward, backward, SGD step, BN buffers) captured in a CUDA graph
+    and replayed on new batches trains as the same steps run eagerly. Warm-up runs on the
+    capture stream: the reductions' per-stream counters must exist before capture. float32:
+    cuBLAS may pick other algorithms on another stream, which float32 tolerances absorb."""
+    monkeypatch.setattr(ops, "RECOMPUTE", "all")  # no host read in the backward
+    graphed = study_model()
+    eager = copy.deepcopy(graphed)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (graphed, eager)]
+    data = batches(6)
+    images, labels = (t.clone() for t in data[0])  # the graph's static inputs
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for batch in data[:3]:
+            images.copy_(batch[0]), labels.copy_(batch[1])
+            study_step(graphed, optimizers[0], images, labels, autocast=None)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        loss = study_step(graphed, optimizers[0], images, labels, autocast=None)
+    expected = [study_step(eager, optimizers[1], *batch, autocast=None).item() for batch in data]
+    replayed = []
+    for batch in data[3:]:
+        images.copy_(batch[0]), labels.copy_(batch[1])
+        graph.replay()
+        replayed.append(loss.item())
+    torch.testing.assert_close(torch.tensor(replayed), torch.tensor(expected[3:]))
+    torch.testing.assert_close(graphed.state_dict(), eager.state_dict())
+    tracked = [b for name, b in graphed.named_buffers() if name.endswith("num_batches_tracked")]
+    assert tracked and all(int(b) == 6 for b in tracked)
+
+
+def test_steady_state_step_does_not_sync(monkeypatch):
+    """With RECOMPUTE="all" a training step and an eval forward make no host sync
+    (torch.cuda.set_sync_debug_mode("error") raises on any)."""
+    monkeypatch.setattr(ops, "RECOMPUTE", "all")
+    model = study_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    (images, labels), = batches(1)
+    for _ in range(2):  # warm-up: lazy state, counters, cuDNN plans
+        study_step(model, optimizer, images, labels)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        study_step(model, optimizer, images, labels)
+        model.eval()
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+            model(images)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        model.train()
+
+
+# --- devices and streams --------------------------------------------------------------------
+def test_second_device():
+    """On cuda:1 while cuda:0 is current: the kernels run on the tensors' device and match native."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs two CUDA devices ({torch.cuda.device_count()} visible)")
+    sample = make_sample("cuda1", "cuda:1", torch.float32, True, n=4, c=16, k=32, size=12, bias=True,
+                         residual=True, layout="channels_last")
+    with torch.cuda.device(0):
+        assert_matches_native(sample, sample.cast(torch.float64))
+
+
+def run_op(sample: Sample) -> list[torch.Tensor]:
+    """Output, batch statistics and every gradient of one training call (grad_output = output)."""
+    out = ops.conv_bn_act(**sample.kwargs())
+    grads = torch.autograd.grad(out, list(sample.grad_inputs().values()), out.detach())
+    stats = torch.ops.vggbench.conv_bn_act(*sample.op_args())
+    return [out, *stats[1:], *grads, *(getattr(sample, b) for b in BN_BUFFERS)]
+
+
+def test_side_streams_run_concurrently():
+    """Two calls in flight at once on two side streams (separate reduction counters) give
+    bit for bit what each gives alone on the default stream."""
+    samples = [make_sample(f"stream{i}", "cuda", torch.float32, True, n=16, c=32, k=64, size=24, bias=True,
+                           residual=True, layout="channels_last") for i in range(2)]
+    expected = [run_op(s) for s in copy.deepcopy(samples)]
+    streams = [torch.cuda.Stream() for _ in samples]
+    got = []
+    for stream, sample in zip(streams, samples):
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            got.append(run_op(sample))
+    for stream in streams:
+        torch.cuda.current_stream().wait_stream(stream)
+    for g, e in zip(got, expected):
+        assert all(torch.equal(a, b) for a, b in zip(g, e))
+
+
+# --- shapes that exercise the grid partitioning ---------------------------------------------------
+SHAPES = {  # label: make_sample options
+    # channel reductions whose last chunk is shorter than the others (N*H*W = 9583, prime-ish)
+    "uneven-chunks": dict(n=7, c=16, k=48, size=37),
+    "uneven-chunks-channels_last": dict(n=7, c=16, k=48, size=37, layout="channels_last"),
+    # contiguous outputs beyond one elementwise grid stride, H*W not dividing it
+    "28x28-contiguous": dict(n=64, c=32, k=64, size=28),
+    "14x14-contiguous": dict(n=64, c=64, k=128, size=14),
+    "7x7-512-contiguous": dict(n=64, c=128, k=512, size=7),
+    "7x7-512-channels_last": dict(n=64, c=128, k=512, size=7, layout="channels_last"),
+}
+
+
+@pytest.mark.parametrize("label", list(SHAPES))
+def test_large_shapes_match_native(label):
+    """Training then eval calls (residual, conv bias) match native against float64 at shapes
+    with many blocks per channel, uneven last chunks, up to 512 channels, grid-stride loops."""
+    sample = make_sample(label, "cuda", torch.float32, True, bias=True, residual=True, **SHAPES[label])
+    ref = sample.cast(torch.float64)
+    assert_matches_native(sample, ref, seed=1)
+    sample.training = ref.training = False
+    assert_matches_native(sample, ref, seed=2)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_low_precision_recompute_matches_native(dtype, layout, recompute):
+    """bf16/fp16 training with BN weights at and near 0 (recomputed channels) matches native."""
+    sample = make_sample(f"lowp-{layout}", "cuda", dtype, True, n=8, c=24, k=40, size=13, bias=True,
+                         residual=True, gamma=gammas(40), layout=layout)
+    assert_matches_native(sample, sample.cast(torch.float64))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_reductions_repeat_bit_for_bit(dtype, layout, recompute):
+    """The same training call twice gives identical outputs, statistics, gradients and buffers:
+    the reductions combine their parts in a fixed order (cuDNN deterministic here)."""
+    sample = make_sample("repeat", "cuda", dtype, True, n=9, c=32, k=64, size=29, bias=True, residual=True,
+                         gamma=gammas(64), layout=layout)
+    first, second = (run_op(s) for s in (copy.deepcopy(sample), copy.deepcopy(sample)))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+# --- bad inputs --------------------------------------------------------------------------------
+@pytest.mark.parametrize("label", [label for label in BAD_INPUTS if label != "float16-on-cpu"])
+def test_bad_input_raises_on_cuda(label):
+    """The CPU's checks hold on CUDA: a clear message, and the BN buffers untouched."""
+    change, error, message = BAD_INPUTS[label]
+    args = make_sample("bad", "cuda", residual=True, bias=True).kwargs()
+    buffers = [args[name].clone() for name in BN_BUFFERS]
+    with pytest.raises(error, match=message):
+        ops.conv_bn_act(**{**args, **change(args)})
+    for name, before in zip(BN_BUFFERS, buffers):
+        assert torch.equal(args[name], before), name
+
+
+SPLIT_BAD_INPUTS = {  # label: (change to _bn_act's valid arguments, distinctive part of the message)
+    "bn_bias-on-cpu": (lambda a: {"bn_bias": a["bn_bias"].cpu()}, "bn_bias is on cpu but input is on cuda"),
+    "bias-on-cpu": (lambda a: {"bias": a["bias"].cpu()}, "bias is on cpu but input is on cuda"),
+    "residual-on-cpu": (lambda a: {"residual": a["residual"].cpu()}, "residual is on cpu but z is on cuda"),
+    "mean-length": (lambda a: {"mean": a["mean"][:3]}, r"mean must have shape \(4,\)"),
+}
+
+
+@pytest.mark.parametrize("label", list(SPLIT_BAD_INPUTS))
+def test_bad_input_to_split_ops_raises(label):
+    """CPU tensors among CUDA ones, or statistics of the wrong length, in the synchronised-BN
+    halves are named, not read as device memory."""
+    sample = make_sample("split", "cuda", bias=True, residual=True)
+    z, mean, var = torch.ops.vggbench._conv_stats(sample.input, sample.weight, sample.bias, 1, sample.padding)
+    args = {"z": z, "mean": mean, "var": var, "bn_weight": sample.bn_weight, "bn_bias": sample.bn_bias,
+            "bias": sample.bias, "residual": sample.residual, "eps": sample.eps, "slope": sample.negative_slope}
+    change, message = SPLIT_BAD_INPUTS[label]
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.vggbench._bn_act(*{**args, **change(args)}.values())
+
+
+def test_cpu_running_stats_with_cuda_batch_stats_raise():
+    sample = make_sample("split", "cuda")
+    _, mean, var = torch.ops.vggbench._conv_stats(sample.input, sample.weight, None, 1, sample.padding)
+    with pytest.raises(RuntimeError, match="running_mean is on cpu but batch_mean is on cuda"):
+        torch.ops.vggbench.update_running_stats_(sample.running_mean.cpu(), sample.running_var,
+                                                 sample.num_batches_tracked, mean, var, None, 0.1, 100)
