@@ -1,4 +1,5 @@
-"""Helpers shared by the test modules (test modules never import each other)."""
+"""Helpers shared by the test modules (the fused op's sample calls live in tests/test_ops.py,
+which the other op tests import)."""
 
 from __future__ import annotations
 
