@@ -1,7 +1,8 @@
 """The CPU's Winograd convs on every instruction-set path this CPU supports (AVX2+FMA,
-AVX-512): accuracy against float64 relative to native float32's, the same bits on every path
-and thread count, the forced-AVX2 switch (VGGBENCH_CPU_ISA) in a process of its own, and the
-errors for bad inputs."""
+AVX-512): accuracy against float64 relative to native's in float32 and bfloat16, the same
+bits on every path and thread count, the fused unit's convs on them (not ATen's), the
+forced-AVX2 switch (VGGBENCH_CPU_ISA) in a process of its own, and the errors for bad
+inputs."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vggbench import ops  # noqa: F401  (loads the extension: torch.ops.vggbench.*)
+from vggbench import ops
 
 ROOT = Path(__file__).resolve().parent.parent
 WIDEST = torch.ops.vggbench.winograd_isa()
@@ -108,11 +109,30 @@ def test_matches_float64_like_native(isa: str, conv: str, shape: tuple[int, int,
     assert relative_error(out, truth) <= 4 * native_error + FLOOR
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-C{}-K{}-H{}".format(*s))
 @pytest.mark.parametrize("conv", CONVS)
-def test_same_bits_on_every_path_and_thread_count(conv: str) -> None:
+@pytest.mark.parametrize("isa", ISAS)
+def test_bfloat16_matches_float64_like_native(isa: str, conv: str, shape: tuple[int, int, int, int]) -> None:
+    """bfloat16 operands: float32 transforms and products, the output rounded once, as native
+    bfloat16 rounds its float32 sums once; that rounding (2^-9 relative) dwarfs float32's
+    error, so the two round nearly every entry alike: the relative error against float64 (on
+    the same bfloat16 values) is within 1.25x native bfloat16's."""
+    x, w, b, gy = (t.to(torch.bfloat16) for t in operands(*shape))
+    fused, native = CONVS[conv](x, w, b, gy)
+    truth = native(torch.float64)
+    native_error = relative_error(native(torch.bfloat16), truth)
+    out = fused(isa)
+    assert out.dtype == torch.bfloat16 and out.shape == truth.shape
+    assert relative_error(out, truth) <= 1.25 * native_error
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("conv", CONVS)
+def test_same_bits_on_every_path_and_thread_count(conv: str, dtype: torch.dtype) -> None:
     """Each lane does the same operations in the same order on every path, and sums run over
-    fixed chunks in order: the results are bitwise the same for any path and thread count."""
-    fused, _ = CONVS[conv](*operands(16, 32, 32, 16))
+    fixed runs of tiles in order: the results are bitwise the same for any path and thread
+    count. (N=100 at 8x8: the study's smallest maps, 23 blocks of tiles.)"""
+    fused, _ = CONVS[conv](*(t.to(dtype) for t in operands(100, 32, 32, 8)))
     with threads(1):
         expected = fused("avx2")
     for isa in ISAS:
@@ -159,6 +179,36 @@ def test_forced_avx2_process_gives_the_same_unit_results(tmp_path: Path) -> None
         assert torch.equal(a, b)
 
 
+ATEN_CONVS = ("aten::convolution", "aten::convolution_backward")
+
+
+def aten_convs_in_unit_step(dtype: torch.dtype, memory_format: torch.memory_format) -> set[str]:
+    """The ATen convs a fused BN+residual unit's training step and eval forward call (3x3, 32
+    channels, 8x8 maps), under CPU autocast to `dtype` (float32: no autocast)."""
+    gen = torch.Generator().manual_seed(0)
+    act = lambda: torch.randn(4, 32, 8, 8, generator=gen).contiguous(memory_format=memory_format)  # noqa: E731
+    x, res, grad_out = act().requires_grad_(), act(), act()
+    w = (torch.randn(32, 32, 3, 3, generator=gen) / 17).requires_grad_()
+    gamma, beta = torch.rand(32, generator=gen).add(0.5).requires_grad_(), torch.randn(32, generator=gen)
+    mean, var = torch.zeros(32), torch.ones(32)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, \
+            torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        out = ops.conv_bn_act(x, w, None, gamma, beta, residual=res, padding=1, training=True)
+        torch.autograd.grad(out, [x, w, gamma], grad_out.to(out.dtype))
+        ops.conv_bn_act(x, w, None, gamma, beta, mean, var, residual=res, padding=1, training=False)
+    return {event.name for event in prof.events()} & set(ATEN_CONVS)
+
+
+@pytest.mark.skipif("avx2" not in ISAS, reason="this CPU has no AVX2+FMA: the kernels do not run")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_unit_convs_run_on_winograd(dtype: torch.dtype) -> None:
+    """channels_last, the fused unit's forward, input- and weight-gradient convs all run on
+    these kernels, in bfloat16 (autocast) as in float32; contiguous ones go through ATen
+    (which shows the profile would see an ATen conv)."""
+    assert aten_convs_in_unit_step(dtype, torch.channels_last) == set()
+    assert aten_convs_in_unit_step(dtype, torch.contiguous_format) == set(ATEN_CONVS)
+
+
 @pytest.mark.parametrize(("value", "message"), [
     ("sse2", "VGGBENCH_CPU_ISA must be avx2 or avx512 (or unset: the widest this CPU has), got 'sse2'"),
     *([("avx512", "VGGBENCH_CPU_ISA=avx512: this CPU lacks it")] if WIDEST == "avx2" else []),
@@ -172,11 +222,15 @@ def test_bad_isa_switch_is_a_clear_error(value: str, message: str) -> None:
 @pytest.mark.parametrize(("call", "message"), [
     (lambda x, w: torch.ops.vggbench.winograd_conv(x, w, None, False, "sse"), "isa must be avx2 or avx512, got 'sse'"),
     (lambda x, w: torch.ops.vggbench.winograd_conv(x.contiguous(), w, None, False, "avx2"),
-     "x must be a non-empty float32 CPU tensor (N, C, H, W), channels_last"),
+     "x must be a non-empty float32 or bfloat16 CPU tensor (N, C, H, W), channels_last"),
+    (lambda x, w: torch.ops.vggbench.winograd_conv(x.bfloat16(), w, None, False, "avx2"),
+     "weight must be of x's dtype"),
     (lambda x, w: torch.ops.vggbench.winograd_conv(x, w[:, :8], None, False, "avx2"), "with C = x's 16 channels"),
     (lambda x, w: torch.ops.vggbench.winograd_conv(x, w, torch.zeros(3), False, "avx2"),
-     "bias must be float32 of shape (8)"),
-    (lambda x, w: torch.ops.vggbench.winograd_weight_grad(x, x[:1], "avx2"), "must have the same N, H and W"),
+     "bias must be of x's dtype and shape (8)"),
+    (lambda x, w: torch.ops.vggbench.winograd_weight_grad(x, x[:1], "avx2"), "must have the same N, H, W and dtype"),
+    (lambda x, w: torch.ops.vggbench.winograd_weight_grad(x, x.bfloat16(), "avx2"),
+     "must have the same N, H, W and dtype"),
 ])
 def test_bad_inputs_are_clear_errors(call: Callable[[Tensor, Tensor], Tensor], message: str) -> None:
     x, w = channels_last(2, 16, 5, 5, seed=0), torch.randn(8, 16, 3, 3)
