@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vggbench import ops
+from vggbench import ops  # noqa: F401  (loads the extension: torch.ops.vggbench.*)
 
 ROOT = Path(__file__).resolve().parent.parent
 WIDEST = torch.ops.vggbench.winograd_isa()
@@ -29,6 +29,7 @@ ISAS = {"none": [], "avx2": ["avx2"], "avx512": ["avx2", "avx512"]}[WIDEST]
 # (N, C, K, H): partial edge tiles (5, 9, 13), channel counts that fill 8-float registers
 # but not 16-float ones (8, 24: AVX-512 falls back to its AVX2 kernels), the study's 32
 SHAPES = [(3, 8, 16, 9), (2, 16, 24, 5), (4, 32, 32, 16), (8, 32, 32, 8), (2, 48, 32, 13)]
+CPU_FLAGS = set(Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else [])
 # Floor of the relative error: the transforms round each of the 36 points a few times with
 # coefficients up to 8, a few float32 ulps whatever the sum's length, while native's error
 # shrinks on short sums.
@@ -83,17 +84,16 @@ def threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def cpu_widest() -> str:
+    """The widest path the CPU's flags allow."""
+    if {"avx512f", "avx512bw", "avx512vl", "avx2", "fma"} <= CPU_FLAGS:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= CPU_FLAGS else "none"
+
+
 def test_widest_path_is_the_cpus() -> None:
     """Unforced, the kernels use the widest instruction set the CPU has."""
-    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
-    if os.environ.get("VGGBENCH_CPU_ISA"):
-        assert WIDEST == os.environ["VGGBENCH_CPU_ISA"]
-    elif {"avx512f", "avx512bw", "avx512vl", "avx2", "fma"} <= set(flags):
-        assert WIDEST == "avx512"
-    elif {"avx2", "fma"} <= set(flags):
-        assert WIDEST == "avx2"
-    else:
-        assert WIDEST == "none"
+    assert WIDEST == (os.environ.get("VGGBENCH_CPU_ISA") or cpu_widest())
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-C{}-K{}-H{}".format(*s))
@@ -150,7 +150,7 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
 # output and gradients to $RESULT and prints the paths in use.
 UNIT_STEP = """
 import json, os, torch, vggbench
-from vggbench import ops
+from vggbench import ops  # noqa: F401  (loads the extension: torch.ops.vggbench.*)
 gen = torch.Generator().manual_seed(0)
 cl = lambda *s: torch.randn(*s, generator=gen).contiguous(memory_format=torch.channels_last)
 x, res = cl(8, 32, 12, 12).requires_grad_(), cl(8, 32, 12, 12)
@@ -174,44 +174,58 @@ def test_forced_avx2_process_gives_the_same_unit_results(tmp_path: Path) -> None
     assert json.loads(forced.stdout.splitlines()[-1]) == {"winograd": "avx2", "aten": "AVX2"}
     default = run_python(UNIT_STEP, RESULT=str(tmp_path / "default.pt"), VGGBENCH_CPU_ISA="")
     assert default.returncode == 0, default.stderr
-    assert json.loads(default.stdout.splitlines()[-1])["winograd"] == WIDEST
+    assert json.loads(default.stdout.splitlines()[-1])["winograd"] == cpu_widest()
     for a, b in zip(torch.load(tmp_path / "avx2.pt"), torch.load(tmp_path / "default.pt"), strict=True):
         assert torch.equal(a, b)
 
 
-ATEN_CONVS = ("aten::convolution", "aten::convolution_backward")
-
-
-def aten_convs_in_unit_step(dtype: torch.dtype, memory_format: torch.memory_format) -> set[str]:
-    """The ATen convs a fused BN+residual unit's training step and eval forward call (3x3, 32
-    channels, 8x8 maps), under CPU autocast to `dtype` (float32: no autocast)."""
-    gen = torch.Generator().manual_seed(0)
-    act = lambda: torch.randn(4, 32, 8, 8, generator=gen).contiguous(memory_format=memory_format)  # noqa: E731
-    x, res, grad_out = act().requires_grad_(), act(), act()
-    w = (torch.randn(32, 32, 3, 3, generator=gen) / 17).requires_grad_()
-    gamma, beta = torch.rand(32, generator=gen).add(0.5).requires_grad_(), torch.randn(32, generator=gen)
-    mean, var = torch.zeros(32), torch.ones(32)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, \
-            torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-        out = ops.conv_bn_act(x, w, None, gamma, beta, residual=res, padding=1, training=True)
-        torch.autograd.grad(out, [x, w, gamma], grad_out.to(out.dtype))
-        ops.conv_bn_act(x, w, None, gamma, beta, mean, var, residual=res, padding=1, training=False)
-    return {event.name for event in prof.events()} & set(ATEN_CONVS)
+# The ATen convs a fused BN+residual unit's training step and eval forward call (3x3, 32
+# channels, 8x8 maps) in $LAYOUT, under CPU autocast to $DTYPE (float32: no autocast), printed
+# as a JSON list.
+UNIT_CONVS = """
+import json, os, torch
+from vggbench import ops  # noqa: F401  (loads the extension: torch.ops.vggbench.*)
+dtype, fmt = getattr(torch, os.environ["DTYPE"]), getattr(torch, os.environ["LAYOUT"])
+gen = torch.Generator().manual_seed(0)
+act = lambda: torch.randn(4, 32, 8, 8, generator=gen).contiguous(memory_format=fmt)
+x, res, grad_out = act().requires_grad_(), act(), act()
+w = (torch.randn(32, 32, 3, 3, generator=gen) / 17).requires_grad_()
+gamma, beta = torch.rand(32, generator=gen).add(0.5).requires_grad_(), torch.randn(32, generator=gen)
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, \\
+        torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+    out = ops.conv_bn_act(x, w, None, gamma, beta, residual=res, padding=1, training=True)
+    torch.autograd.grad(out, [x, w, gamma], grad_out.to(out.dtype))
+    ops.conv_bn_act(x, w, None, gamma, beta, torch.zeros(32), torch.ones(32), residual=res, padding=1,
+                    training=False)
+convs = {"aten::convolution", "aten::convolution_backward"}
+print(json.dumps(sorted({event.name for event in prof.events()} & convs)))
+"""
+ATEN_CONVS = ["aten::convolution", "aten::convolution_backward"]
+AVX2_CPU = {"VGGBENCH_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 @pytest.mark.skipif("avx2" not in ISAS, reason="this CPU has no AVX2+FMA: the kernels do not run")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_fused_unit_convs_run_on_winograd(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(("dtype", "env", "on_winograd"), [
+    ("float32", {}, True),
+    # bfloat16: these kernels, unless ATen's bfloat16 convs run on AMX tiles (several times faster)
+    ("bfloat16", {"ONEDNN_MAX_CPU_ISA": ""}, "amx_bf16" not in CPU_FLAGS),
+    ("bfloat16", AVX2_CPU, True),  # as on an AVX2-only CPU
+    ("bfloat16", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, True),  # oneDNN without AMX
+], ids=["float32", "bfloat16", "bfloat16-avx2", "bfloat16-no-amx"])
+def test_fused_unit_convs_run_on_winograd(dtype: str, env: dict[str, str], on_winograd: bool) -> None:
     """channels_last, the fused unit's forward, input- and weight-gradient convs all run on
-    these kernels, in bfloat16 (autocast) as in float32; contiguous ones go through ATen
-    (which shows the profile would see an ATen conv)."""
-    assert aten_convs_in_unit_step(dtype, torch.channels_last) == set()
-    assert aten_convs_in_unit_step(dtype, torch.contiguous_format) == set(ATEN_CONVS)
+    these kernels where they apply; contiguous ones go through ATen (which shows the profile
+    would see an ATen conv)."""
+    for layout, expected in (("channels_last", [] if on_winograd else ATEN_CONVS),
+                             ("contiguous_format", ATEN_CONVS)):
+        result = run_python(UNIT_CONVS, DTYPE=dtype, LAYOUT=layout, **env)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout.splitlines()[-1]) == expected, layout
 
 
 @pytest.mark.parametrize(("value", "message"), [
     ("sse2", "VGGBENCH_CPU_ISA must be avx2 or avx512 (or unset: the widest this CPU has), got 'sse2'"),
-    *([("avx512", "VGGBENCH_CPU_ISA=avx512: this CPU lacks it")] if WIDEST == "avx2" else []),
+    *([("avx512", "VGGBENCH_CPU_ISA=avx512: this CPU lacks it")] if cpu_widest() == "avx2" else []),
 ])
 def test_bad_isa_switch_is_a_clear_error(value: str, message: str) -> None:
     result = run_python("import torch, vggbench.ops; torch.ops.vggbench.winograd_isa()", VGGBENCH_CPU_ISA=value)

@@ -1,9 +1,10 @@
 // Winograd F(4x4, 3x3) convolutions for the CPU: the 3x3, stride-1, padding-1 convs of
 // the study in channels_last, forward and weight gradient (the input gradient is the forward
 // conv of the flipped, transposed weights), for float32 and bfloat16 activations (bfloat16:
-// widened to float32 on load, float32 transforms and products, outputs rounded once). Kernels for AVX2+FMA and for
-// AVX-512 F/BW/VL, chosen at run time by what the CPU has (VGGBENCH_CPU_ISA=avx2 forces
-// AVX2); callers fall back to ATen when `winograd_applies` says no.
+// widened to float32 on load, float32 transforms and products, outputs rounded once).
+// Kernels for AVX2+FMA and for AVX-512 F/BW/VL, chosen at run time by what the CPU has
+// (VGGBENCH_CPU_ISA=avx2 forces AVX2); callers fall back to ATen when `winograd_applies`
+// says no.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -24,9 +25,11 @@ const char* isa_name(Isa isa);
 Isa winograd_isa();
 
 // True when x (N, C, H, W) and weight (K, C, kH, kW) form a conv these kernels compute:
-// float32 or bfloat16 (both the same), x channels_last-contiguous and not empty, 3x3 kernel, stride 1, padding 1, C
-// and K multiples of 8, and an AVX2+FMA CPU. (The 3-channel entry conv stays with ATen:
-// zero-padded to 8 channels, Winograd took 2.5-5x ATen's direct conv.)
+// float32, or bfloat16 unless ATen's bfloat16 convs run on AMX (several times faster there
+// than these kernels' float32 arithmetic); x and weight of one dtype, x channels_last-
+// contiguous and not empty, 3x3 kernel, stride 1, padding 1, C and K multiples of 8, and an
+// AVX2+FMA CPU. (The 3-channel entry conv stays with ATen: zero-padded to 8 channels,
+// Winograd took 2.5-5x ATen's direct conv; a direct im2col kernel, 1.2-1.9x.)
 bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
                       int64_t padding);
 
