@@ -193,10 +193,10 @@ bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, int64_t str
   static const bool bf16 = !native_bf16_on_amx();
   const auto dtype = x.scalar_type();
   return winograd_isa() != Isa::kNone && x.device().is_cpu() &&
-         (dtype == at::kFloat || (dtype == at::kBFloat16 && bf16)) && weight.scalar_type() == dtype && x.dim() == 4 && weight.dim() == 4 &&
-         weight.size(2) == 3 && weight.size(3) == 3 && stride == 1 && padding == 1 &&
-         x.size(1) % 8 == 0 && weight.size(0) % 8 == 0 && x.numel() > 0 &&
-         x.is_contiguous(at::MemoryFormat::ChannelsLast);
+         (dtype == at::kFloat || (dtype == at::kBFloat16 && bf16)) && weight.scalar_type() == dtype &&
+         x.dim() == 4 && weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3 &&
+         stride == 1 && padding == 1 && x.size(1) % 8 == 0 && weight.size(0) % 8 == 0 &&
+         x.numel() > 0 && x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 at::Tensor winograd_conv(const at::Tensor& x, const at::Tensor& weight,
@@ -224,6 +224,8 @@ at::Tensor winograd_conv(const at::Tensor& x, const at::Tensor& weight,
   return y;
 }
 
+namespace {
+
 // The weight gradient's partial sums: `count` runs of consecutive blocks, run i from
 // blocks * i / count, so they differ by at most one block. The split depends on the shape
 // only, never on the threads, which keeps the sums (and so the result) the same for any
@@ -241,6 +243,8 @@ Runs runs_of(int64_t blocks, int64_t partial_floats) {
   const int64_t affordable = std::max<int64_t>(1, kBudgetFloats / partial_floats);
   return {blocks, std::max<int64_t>(1, std::min({wanted, affordable, blocks}))};
 }
+
+}  // namespace
 
 at::Tensor winograd_weight_grad(const at::Tensor& x, const at::Tensor& grad, Isa isa) {
   const int64_t C = x.size(1), K = grad.size(1);
