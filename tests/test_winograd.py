@@ -150,7 +150,7 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
 # output and gradients to $RESULT and prints the paths in use.
 UNIT_STEP = """
 import json, os, torch, vggbench
-from vggbench import ops  # noqa: F401  (loads the extension: torch.ops.vggbench.*)
+from vggbench import ops
 gen = torch.Generator().manual_seed(0)
 cl = lambda *s: torch.randn(*s, generator=gen).contiguous(memory_format=torch.channels_last)
 x, res = cl(8, 32, 12, 12).requires_grad_(), cl(8, 32, 12, 12)
@@ -184,7 +184,7 @@ def test_forced_avx2_process_gives_the_same_unit_results(tmp_path: Path) -> None
 # as a JSON list.
 UNIT_CONVS = """
 import json, os, torch
-from vggbench import ops  # noqa: F401  (loads the extension: torch.ops.vggbench.*)
+from vggbench import ops
 dtype, fmt = getattr(torch, os.environ["DTYPE"]), getattr(torch, os.environ["LAYOUT"])
 gen = torch.Generator().manual_seed(0)
 act = lambda: torch.randn(4, 32, 8, 8, generator=gen).contiguous(memory_format=fmt)
