@@ -1,7 +1,8 @@
 """The CPU's Winograd convs on every instruction-set path this CPU supports (AVX2+FMA,
-AVX-512): accuracy against float64 relative to native float32's, the same bits on every path
-and thread count, the forced-AVX2 switch (VGGBENCH_CPU_ISA) in a process of its own, and the
-errors for bad inputs."""
+AVX-512): accuracy against float64 relative to native's in float32 and bfloat16, the same
+bits on every path and thread count, the fused unit's convs on them (not ATen's), the
+forced-AVX2 switch (VGGBENCH_CPU_ISA) in a process of its own, and the errors for bad
+inputs."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ ISAS = {"none": [], "avx2": ["avx2"], "avx512": ["avx2", "avx512"]}[WIDEST]
 # (N, C, K, H): partial edge tiles (5, 9, 13), channel counts that fill 8-float registers
 # but not 16-float ones (8, 24: AVX-512 falls back to its AVX2 kernels), the study's 32
 SHAPES = [(3, 8, 16, 9), (2, 16, 24, 5), (4, 32, 32, 16), (8, 32, 32, 8), (2, 48, 32, 13)]
+CPU_FLAGS = set(Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else [])
 # Floor of the relative error: the transforms round each of the 36 points a few times with
 # coefficients up to 8, a few float32 ulps whatever the sum's length, while native's error
 # shrinks on short sums.
@@ -82,17 +84,16 @@ def threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def cpu_widest() -> str:
+    """The widest path the CPU's flags allow."""
+    if {"avx512f", "avx512bw", "avx512vl", "avx2", "fma"} <= CPU_FLAGS:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= CPU_FLAGS else "none"
+
+
 def test_widest_path_is_the_cpus() -> None:
     """Unforced, the kernels use the widest instruction set the CPU has."""
-    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
-    if os.environ.get("VGGBENCH_CPU_ISA"):
-        assert WIDEST == os.environ["VGGBENCH_CPU_ISA"]
-    elif {"avx512f", "avx512bw", "avx512vl", "avx2", "fma"} <= set(flags):
-        assert WIDEST == "avx512"
-    elif {"avx2", "fma"} <= set(flags):
-        assert WIDEST == "avx2"
-    else:
-        assert WIDEST == "none"
+    assert WIDEST == (os.environ.get("VGGBENCH_CPU_ISA") or cpu_widest())
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-C{}-K{}-H{}".format(*s))
@@ -108,11 +109,30 @@ def test_matches_float64_like_native(isa: str, conv: str, shape: tuple[int, int,
     assert relative_error(out, truth) <= 4 * native_error + FLOOR
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-C{}-K{}-H{}".format(*s))
 @pytest.mark.parametrize("conv", CONVS)
-def test_same_bits_on_every_path_and_thread_count(conv: str) -> None:
+@pytest.mark.parametrize("isa", ISAS)
+def test_bfloat16_matches_float64_like_native(isa: str, conv: str, shape: tuple[int, int, int, int]) -> None:
+    """bfloat16 operands: float32 transforms and products, the output rounded once, as native
+    bfloat16 rounds its float32 sums once; that rounding (2^-9 relative) dwarfs float32's
+    error, so the two round nearly every entry alike: the relative error against float64 (on
+    the same bfloat16 values) is within 1.25x native bfloat16's."""
+    x, w, b, gy = (t.to(torch.bfloat16) for t in operands(*shape))
+    fused, native = CONVS[conv](x, w, b, gy)
+    truth = native(torch.float64)
+    native_error = relative_error(native(torch.bfloat16), truth)
+    out = fused(isa)
+    assert out.dtype == torch.bfloat16 and out.shape == truth.shape
+    assert relative_error(out, truth) <= 1.25 * native_error
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("conv", CONVS)
+def test_same_bits_on_every_path_and_thread_count(conv: str, dtype: torch.dtype) -> None:
     """Each lane does the same operations in the same order on every path, and sums run over
-    fixed chunks in order: the results are bitwise the same for any path and thread count."""
-    fused, _ = CONVS[conv](*operands(16, 32, 32, 16))
+    fixed runs of tiles in order: the results are bitwise the same for any path and thread
+    count. (N=100 at 8x8: the study's smallest maps, 23 blocks of tiles.)"""
+    fused, _ = CONVS[conv](*(t.to(dtype) for t in operands(100, 32, 32, 8)))
     with threads(1):
         expected = fused("avx2")
     for isa in ISAS:
@@ -154,14 +174,58 @@ def test_forced_avx2_process_gives_the_same_unit_results(tmp_path: Path) -> None
     assert json.loads(forced.stdout.splitlines()[-1]) == {"winograd": "avx2", "aten": "AVX2"}
     default = run_python(UNIT_STEP, RESULT=str(tmp_path / "default.pt"), VGGBENCH_CPU_ISA="")
     assert default.returncode == 0, default.stderr
-    assert json.loads(default.stdout.splitlines()[-1])["winograd"] == WIDEST
+    assert json.loads(default.stdout.splitlines()[-1])["winograd"] == cpu_widest()
     for a, b in zip(torch.load(tmp_path / "avx2.pt"), torch.load(tmp_path / "default.pt"), strict=True):
         assert torch.equal(a, b)
 
 
+# The ATen convs a fused BN+residual unit's training step and eval forward call (3x3, 32
+# channels, 8x8 maps) in $LAYOUT, under CPU autocast to $DTYPE (float32: no autocast), printed
+# as a JSON list.
+UNIT_CONVS = """
+import json, os, torch
+from vggbench import ops
+dtype, fmt = getattr(torch, os.environ["DTYPE"]), getattr(torch, os.environ["LAYOUT"])
+gen = torch.Generator().manual_seed(0)
+act = lambda: torch.randn(4, 32, 8, 8, generator=gen).contiguous(memory_format=fmt)
+x, res, grad_out = act().requires_grad_(), act(), act()
+w = (torch.randn(32, 32, 3, 3, generator=gen) / 17).requires_grad_()
+gamma, beta = torch.rand(32, generator=gen).add(0.5).requires_grad_(), torch.randn(32, generator=gen)
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, \\
+        torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+    out = ops.conv_bn_act(x, w, None, gamma, beta, residual=res, padding=1, training=True)
+    torch.autograd.grad(out, [x, w, gamma], grad_out.to(out.dtype))
+    ops.conv_bn_act(x, w, None, gamma, beta, torch.zeros(32), torch.ones(32), residual=res, padding=1,
+                    training=False)
+convs = {"aten::convolution", "aten::convolution_backward"}
+print(json.dumps(sorted({event.name for event in prof.events()} & convs)))
+"""
+ATEN_CONVS = ["aten::convolution", "aten::convolution_backward"]
+AVX2_CPU = {"VGGBENCH_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+@pytest.mark.skipif("avx2" not in ISAS, reason="this CPU has no AVX2+FMA: the kernels do not run")
+@pytest.mark.parametrize(("dtype", "env", "on_winograd"), [
+    ("float32", {}, True),
+    # bfloat16: these kernels, unless ATen's bfloat16 convs run on AMX tiles (several times faster)
+    ("bfloat16", {"ONEDNN_MAX_CPU_ISA": ""}, "amx_bf16" not in CPU_FLAGS),
+    ("bfloat16", AVX2_CPU, True),  # as on an AVX2-only CPU
+    ("bfloat16", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, True),  # oneDNN without AMX
+], ids=["float32", "bfloat16", "bfloat16-avx2", "bfloat16-no-amx"])
+def test_fused_unit_convs_run_on_winograd(dtype: str, env: dict[str, str], on_winograd: bool) -> None:
+    """channels_last, the fused unit's forward, input- and weight-gradient convs all run on
+    these kernels where they apply; contiguous ones go through ATen (which shows the profile
+    would see an ATen conv)."""
+    for layout, expected in (("channels_last", [] if on_winograd else ATEN_CONVS),
+                             ("contiguous_format", ATEN_CONVS)):
+        result = run_python(UNIT_CONVS, DTYPE=dtype, LAYOUT=layout, **env)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout.splitlines()[-1]) == expected, layout
+
+
 @pytest.mark.parametrize(("value", "message"), [
     ("sse2", "VGGBENCH_CPU_ISA must be avx2 or avx512 (or unset: the widest this CPU has), got 'sse2'"),
-    *([("avx512", "VGGBENCH_CPU_ISA=avx512: this CPU lacks it")] if WIDEST == "avx2" else []),
+    *([("avx512", "VGGBENCH_CPU_ISA=avx512: this CPU lacks it")] if cpu_widest() == "avx2" else []),
 ])
 def test_bad_isa_switch_is_a_clear_error(value: str, message: str) -> None:
     result = run_python("import torch, vggbench.ops; torch.ops.vggbench.winograd_isa()", VGGBENCH_CPU_ISA=value)
@@ -172,11 +236,15 @@ def test_bad_isa_switch_is_a_clear_error(value: str, message: str) -> None:
 @pytest.mark.parametrize(("call", "message"), [
     (lambda x, w: torch.ops.vggbench.winograd_conv(x, w, None, False, "sse"), "isa must be avx2 or avx512, got 'sse'"),
     (lambda x, w: torch.ops.vggbench.winograd_conv(x.contiguous(), w, None, False, "avx2"),
-     "x must be a non-empty float32 CPU tensor (N, C, H, W), channels_last"),
+     "x must be a non-empty float32 or bfloat16 CPU tensor (N, C, H, W), channels_last"),
+    (lambda x, w: torch.ops.vggbench.winograd_conv(x.bfloat16(), w, None, False, "avx2"),
+     "weight must be of x's dtype"),
     (lambda x, w: torch.ops.vggbench.winograd_conv(x, w[:, :8], None, False, "avx2"), "with C = x's 16 channels"),
     (lambda x, w: torch.ops.vggbench.winograd_conv(x, w, torch.zeros(3), False, "avx2"),
-     "bias must be float32 of shape (8)"),
-    (lambda x, w: torch.ops.vggbench.winograd_weight_grad(x, x[:1], "avx2"), "must have the same N, H and W"),
+     "bias must be of x's dtype and shape (8)"),
+    (lambda x, w: torch.ops.vggbench.winograd_weight_grad(x, x[:1], "avx2"), "must have the same N, H, W and dtype"),
+    (lambda x, w: torch.ops.vggbench.winograd_weight_grad(x, x.bfloat16(), "avx2"),
+     "must have the same N, H, W and dtype"),
 ])
 def test_bad_inputs_are_clear_errors(call: Callable[[Tensor, Tensor], Tensor], message: str) -> None:
     x, w = channels_last(2, 16, 5, 5, seed=0), torch.randn(8, 16, 3, 3)

@@ -19,10 +19,12 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <memory>
 #include <string>
 #include <vector>
 
 #if defined(__GNUC__) && defined(__x86_64__)
+#include <cpuid.h>
 #define VGGBENCH_WINOGRAD 1
 #else
 #define VGGBENCH_WINOGRAD 0
@@ -31,7 +33,7 @@
 namespace vggbench::cpu {
 namespace {
 
-using winograd::kBlockTiles, winograd::kChunkBlocks, winograd::kPoints, winograd::kTile,
+using winograd::kBlockTiles, winograd::kPoints, winograd::kTile,
     winograd::kWindow, winograd::Kernels, winograd::Tiles;
 
 constexpr double kThird = 1.0 / 3, kFifteenth = 1.0 / 15;
@@ -49,36 +51,58 @@ Tiles tiles_of(const at::Tensor& t) {
   return {t.size(0), h, w, (h + kTile - 1) / kTile, (w + kTile - 1) / kTile};
 }
 
+// Filters per step of the transforms between 3x3 filters and their 6x6 Winograd points:
+// their buffers (~14 KB of doubles) stay in L1, and the loops over filters vectorise.
+constexpr int64_t kFilterStep = 64;
+
 // U[a*6+b][c][k] = (G w G^T)[a][b] for each 3x3 filter w from channel c to k (double, one
-// side at a time). Serial: ~30 us for 32x32 filters, less
-// than starting the threads costs on a busy machine.
+// side at a time, filters innermost so that the compiler vectorises across them). Serial
+// below ~16K filters: for the study's 32x32 it takes a few microseconds, less than
+// starting the threads costs on a busy machine.
 std::vector<float> transform_weight(const at::Tensor& weight, bool transposed) {
-  const at::Tensor w = weight.contiguous();
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
   const float* data = w.const_data_ptr<float>();
-  const int64_t K = w.size(0), C = w.size(1);
+  const int64_t K = w.size(0), C = w.size(1), filters = K * C;
   // the conv's output and input channels: swapped for the transposed (input-gradient) conv
-  const int64_t out_ch = transposed ? C : K, in_ch = transposed ? K : C;
-  std::vector<float> u(kPoints * in_ch * out_ch);
-  for (int64_t k = 0; k < K; ++k) {
-    for (int64_t c = 0; c < C; ++c) {
-      const float* f = data + (k * C + c) * 9;
-      double g[3][3];
-      for (int i = 0; i < 3; ++i)
-        for (int j = 0; j < 3; ++j) g[i][j] = transposed ? f[(2 - i) * 3 + 2 - j] : f[i * 3 + j];
-      double half[kWindow][3];  // G g
-      for (int a = 0; a < kWindow; ++a)
-        for (int j = 0; j < 3; ++j) half[a][j] = kG[a][0] * g[0][j] + kG[a][1] * g[1][j] + kG[a][2] * g[2][j];
-      const int64_t row = transposed ? k : c, col = transposed ? c : k;
-      for (int a = 0; a < kWindow; ++a) {
-        for (int b = 0; b < kWindow; ++b) {
-          const double s = half[a][0] * kG[b][0] + half[a][1] * kG[b][1] + half[a][2] * kG[b][2];
-          u[((a * kWindow + b) * in_ch + row) * out_ch + col] = static_cast<float>(s);
-        }
+  const int64_t out_ch = transposed ? C : K;
+  std::vector<float> u(kPoints * filters);
+  const int64_t steps = (filters + kFilterStep - 1) / kFilterStep;
+  at::parallel_for(0, steps, 256, [&](int64_t begin, int64_t end) {
+    double g[9][kFilterStep], half[kWindow][3][kFilterStep];  // g, then G g
+    for (int64_t step = begin; step < end; ++step) {
+      // filter f of U's [in][out] order: (row, col) = (c, k), transposed (k, c)
+      const int64_t first = step * kFilterStep, count = std::min(kFilterStep, filters - first);
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t row = (first + i) / out_ch, col = (first + i) % out_ch;
+        const float* f = data + (transposed ? row * C + col : col * C + row) * 9;
+        for (int t = 0; t < 9; ++t) g[t][i] = transposed ? f[8 - t] : f[t];  // flipped: tap 8 - t
       }
+      for (int a = 0; a < kWindow; ++a)
+        for (int j = 0; j < 3; ++j)
+          for (int64_t i = 0; i < count; ++i)
+            half[a][j][i] = kG[a][0] * g[j][i] + kG[a][1] * g[3 + j][i] + kG[a][2] * g[6 + j][i];
+      for (int a = 0; a < kWindow; ++a)
+        for (int b = 0; b < kWindow; ++b) {
+          float* out = u.data() + (a * kWindow + b) * filters + first;
+          for (int64_t i = 0; i < count; ++i)
+            out[i] = static_cast<float>(half[a][0][i] * kG[b][0] + half[a][1][i] * kG[b][1] +
+                                        half[a][2][i] * kG[b][2]);
+        }
     }
-  }
+  });
   return u;
 }
+
+// A bfloat16 tensor's data as the kernels take it: its bits.
+const uint16_t* bits_of(const at::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>());
+}
+uint16_t* mutable_bits_of(const at::Tensor& t) {
+  return reinterpret_cast<uint16_t*>(t.mutable_data_ptr<at::BFloat16>());
+}
+
+// Uninitialised scratch for the kernels (zeroing it would cost a pass over memory).
+std::unique_ptr<float[]> scratch(int64_t floats) { return std::unique_ptr<float[]>(new float[floats]); }
 
 bool cpu_has_avx2_fma() {
 #if VGGBENCH_WINOGRAD
@@ -92,6 +116,28 @@ bool cpu_has_avx512() {
 #if VGGBENCH_WINOGRAD
   return cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
+// Whether oneDNN runs ATen's bfloat16 convs on AMX tiles: the CPU has AMX-BF16 (CPUID leaf 7
+// EDX bit 22), the OS saves the tile state (XCR0 bits 17-18), and ONEDNN_MAX_CPU_ISA (read
+// by oneDNN; the forced-AVX2 runs set it) does not cap oneDNN below AMX. There native
+// bfloat16 took 0.3-0.45x the time of these kernels' float32 arithmetic at the study's shapes
+// (N=100, 32 channels, 32x32 to 8x8 maps, one thread); without AMX (ONEDNN_MAX_CPU_ISA=
+// AVX512_CORE_BF16 or AVX2) native bfloat16 took 2.5x to over 10x their time.
+bool native_bf16_on_amx() {
+#if VGGBENCH_WINOGRAD
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 22))) return false;
+  unsigned xcr0_low = 0, xcr0_high = 0;
+  asm volatile("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
+  if ((xcr0_low & (3u << 17)) != (3u << 17)) return false;
+  const char* cap = std::getenv("ONEDNN_MAX_CPU_ISA");
+  if (cap == nullptr || *cap == '\0') return true;
+  const std::string name(cap);
+  return name == "ALL" || name == "DEFAULT" || name.find("AMX") != std::string::npos;
 #else
   return false;
 #endif
@@ -144,11 +190,13 @@ Isa winograd_isa() {
 
 bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
                       int64_t padding) {
-  return winograd_isa() != Isa::kNone && x.device().is_cpu() && x.scalar_type() == at::kFloat &&
-         weight.scalar_type() == at::kFloat && x.dim() == 4 && weight.dim() == 4 &&
-         weight.size(2) == 3 && weight.size(3) == 3 && stride == 1 && padding == 1 &&
-         x.size(1) % 8 == 0 && weight.size(0) % 8 == 0 && x.numel() > 0 &&
-         x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  static const bool bf16 = !native_bf16_on_amx();
+  const auto dtype = x.scalar_type();
+  return winograd_isa() != Isa::kNone && x.device().is_cpu() &&
+         (dtype == at::kFloat || (dtype == at::kBFloat16 && bf16)) && weight.scalar_type() == dtype &&
+         x.dim() == 4 && weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3 &&
+         stride == 1 && padding == 1 && x.size(1) % 8 == 0 && weight.size(0) % 8 == 0 &&
+         x.numel() > 0 && x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 at::Tensor winograd_conv(const at::Tensor& x, const at::Tensor& weight,
@@ -159,67 +207,104 @@ at::Tensor winograd_conv(const at::Tensor& x, const at::Tensor& weight,
   const Tiles tl = tiles_of(x);
   at::Tensor y = at::empty({tl.n, K, tl.h, tl.w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const std::vector<float> u = transform_weight(weight, transposed_weight);
-  const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+  const at::Tensor b = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bias_data = bias ? b.const_data_ptr<float>() : nullptr;
-  const float* in = x.const_data_ptr<float>();
-  float* out = y.mutable_data_ptr<float>();
   const int64_t blocks = (tl.count() + kBlockTiles - 1) / kBlockTiles;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> v(kPoints * kBlockTiles * C), m(kPoints * kBlockTiles * K);
-    kernels.conv_blocks(in, u.data(), bias_data, C, K, tl, begin, end, out, v.data(), m.data());
-  });
+  const auto run = [&](const auto& typed, const auto* in, auto* out) {
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      const auto v = scratch(kPoints * kBlockTiles * C), m = scratch(kPoints * kBlockTiles * K);
+      typed.conv_blocks(in, u.data(), bias_data, C, K, tl, begin, end, out, v.get(), m.get());
+    });
+  };
+  if (x.scalar_type() == at::kBFloat16) {
+    run(kernels.bf16, bits_of(x), mutable_bits_of(y));
+  } else {
+    run(kernels.f32, x.const_data_ptr<float>(), y.mutable_data_ptr<float>());
+  }
   return y;
 }
+
+namespace {
+
+// The weight gradient's partial sums: `count` runs of consecutive blocks, run i from
+// blocks * i / count, so they differ by at most one block. The split depends on the shape
+// only, never on the threads, which keeps the sums (and so the result) the same for any
+// thread count. ~16 blocks per run, an even number of runs (so that two threads get equal
+// shares: the 8x8 maps of a batch of 100 have only 23 blocks), while the runs' partial sums
+// stay within ~64 MB. (Runs cost a pass over their partial sums each: no more than needed.)
+struct Runs {
+  int64_t blocks, count;
+  int64_t first(int64_t run) const { return blocks * run / count; }
+};
+
+Runs runs_of(int64_t blocks, int64_t partial_floats) {
+  constexpr int64_t kRunBlocks = 16, kBudgetFloats = int64_t{16} << 20;
+  const int64_t wanted = ((blocks + kRunBlocks - 1) / kRunBlocks + 1) / 2 * 2;
+  const int64_t affordable = std::max<int64_t>(1, kBudgetFloats / partial_floats);
+  return {blocks, std::max<int64_t>(1, std::min({wanted, affordable, blocks}))};
+}
+
+}  // namespace
 
 at::Tensor winograd_weight_grad(const at::Tensor& x, const at::Tensor& grad, Isa isa) {
   const int64_t C = x.size(1), K = grad.size(1);
   const Kernels& kernels = kernels_for(isa, C, K);
   const Tiles tl = tiles_of(grad);
-  const int64_t blocks = (tl.count() + kBlockTiles - 1) / kBlockTiles;
-  const int64_t chunks = (blocks + kChunkBlocks - 1) / kChunkBlocks;
-  // one float partial per chunk, summed in chunk order in double: the same result for
-  // any number of threads
   const int64_t size = kPoints * C * K;
-  std::vector<float> partial(chunks * size, 0.f);
-  const float* in = x.const_data_ptr<float>();
-  const float* g = grad.const_data_ptr<float>();
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> v(kPoints * kBlockTiles * C), e(kPoints * kBlockTiles * K);
-    for (int64_t chunk = begin; chunk < end; ++chunk)
-      kernels.weight_grad_chunk(in, g, C, K, tl, chunk, partial.data() + chunk * size, v.data(), e.data());
-  });
-  at::Tensor w = at::empty({K, C, 3, 3}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const Runs runs = runs_of((tl.count() + kBlockTiles - 1) / kBlockTiles, size);
+  // one float partial per run, summed in run order in double: the same result for any
+  // number of threads
+  const auto partial = scratch(runs.count * size);
+  const auto sum_runs = [&](const auto& typed, const auto* in, const auto* g) {
+    at::parallel_for(0, runs.count, 1, [&](int64_t begin, int64_t end) {
+      const auto v = scratch(kPoints * kBlockTiles * C), e = scratch(kPoints * kBlockTiles * K);
+      for (int64_t run = begin; run < end; ++run)
+        typed.weight_grad_blocks(in, g, C, K, tl, runs.first(run), runs.first(run + 1),
+                                 partial.get() + run * size, v.get(), e.get());
+    });
+  };
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  if (bf16) {
+    sum_runs(kernels.bf16, bits_of(x), bits_of(grad));
+  } else {
+    sum_runs(kernels.f32, x.const_data_ptr<float>(), grad.const_data_ptr<float>());
+  }
+  at::Tensor w = at::empty({K, C, 3, 3}, x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
   float* out = w.mutable_data_ptr<float>();
-  // per input channel: the chunks' sums (each entry in chunk order), then dW = G^T M G
+  // per input channel: the runs' sums (each entry in run order), then dW = G^T M G, output
+  // channels innermost so that the compiler vectorises across them
   at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> total(kPoints * K);  // [p][k] of channel c
+    std::vector<double> total(kPoints * K), half(kWindow * 3 * K), dw(9 * K);
     for (int64_t c = begin; c < end; ++c) {
       std::fill(total.begin(), total.end(), 0.0);
-      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      for (int64_t run = 0; run < runs.count; ++run) {
         for (int p = 0; p < kPoints; ++p) {
-          const float* row = partial.data() + chunk * size + (p * C + c) * K;
-          for (int64_t k = 0; k < K; ++k) total[p * K + k] += row[k];
+          const float* row = partial.get() + run * size + (p * C + c) * K;
+          double* sum = total.data() + p * K;
+          for (int64_t k = 0; k < K; ++k) sum[k] += row[k];
         }
       }
-      for (int64_t k = 0; k < K; ++k) {
-        double m[kWindow][kWindow];
-        for (int p = 0; p < kPoints; ++p) m[p / kWindow][p % kWindow] = total[p * K + k];
-        double half[kWindow][3];  // dW = G^T M G, one side at a time
-        for (int a = 0; a < kWindow; ++a)
-          for (int j = 0; j < 3; ++j) {
-            half[a][j] = 0;
-            for (int b = 0; b < kWindow; ++b) half[a][j] += m[a][b] * kG[b][j];
+      std::fill(half.begin(), half.end(), 0.0);  // half[a][j] = sum_b M[a][b] G[b][j]
+      for (int a = 0; a < kWindow; ++a)
+        for (int j = 0; j < 3; ++j)
+          for (int b = 0; b < kWindow; ++b) {
+            const double* m = total.data() + (a * kWindow + b) * K;
+            double* h = half.data() + (a * 3 + j) * K;
+            for (int64_t k = 0; k < K; ++k) h[k] += m[k] * kG[b][j];
           }
-        for (int i = 0; i < 3; ++i)
-          for (int j = 0; j < 3; ++j) {
-            double v = 0;
-            for (int a = 0; a < kWindow; ++a) v += kG[a][i] * half[a][j];
-            out[((k * C + c) * 3 + i) * 3 + j] = static_cast<float>(v);
+      std::fill(dw.begin(), dw.end(), 0.0);  // dW[i][j] = sum_a G[a][i] half[a][j]
+      for (int i = 0; i < 3; ++i)
+        for (int j = 0; j < 3; ++j)
+          for (int a = 0; a < kWindow; ++a) {
+            const double* h = half.data() + (a * 3 + j) * K;
+            double* d = dw.data() + (i * 3 + j) * K;
+            for (int64_t k = 0; k < K; ++k) d[k] += kG[a][i] * h[k];
           }
-      }
+      for (int64_t k = 0; k < K; ++k)
+        for (int t = 0; t < 9; ++t) out[(k * C + c) * 9 + t] = static_cast<float>(dw[t * K + k]);
     }
   });
-  return w;
+  return bf16 ? w.to(at::kBFloat16) : w;  // rounded once, from the float32 sums
 }
 
 }  // namespace vggbench::cpu

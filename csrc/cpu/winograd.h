@@ -1,8 +1,10 @@
 // Winograd F(4x4, 3x3) convolutions for the CPU: the 3x3, stride-1, padding-1 convs of
-// the study in float32 channels_last, forward and weight gradient (the input gradient is
-// the forward conv of the flipped, transposed weights). Kernels for AVX2+FMA and for
-// AVX-512 F/BW/VL, chosen at run time by what the CPU has (VGGBENCH_CPU_ISA=avx2 forces
-// AVX2); callers fall back to ATen when `winograd_applies` says no.
+// the study in channels_last, forward and weight gradient (the input gradient is the forward
+// conv of the flipped, transposed weights), for float32 and bfloat16 activations (bfloat16:
+// widened to float32 on load, float32 transforms and products, outputs rounded once).
+// Kernels for AVX2+FMA and for AVX-512 F/BW/VL, chosen at run time by what the CPU has
+// (VGGBENCH_CPU_ISA=avx2 forces AVX2); callers fall back to ATen when `winograd_applies`
+// says no.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -23,22 +25,26 @@ const char* isa_name(Isa isa);
 Isa winograd_isa();
 
 // True when x (N, C, H, W) and weight (K, C, kH, kW) form a conv these kernels compute:
-// float32, x channels_last-contiguous and not empty, 3x3 kernel, stride 1, padding 1, C
-// and K multiples of 8, and an AVX2+FMA CPU. (The 3-channel entry conv stays with ATen:
-// zero-padded to 8 channels, Winograd took 2.5-5x ATen's direct conv.)
+// float32, or bfloat16 unless ATen's bfloat16 convs run on AMX (several times faster there
+// than these kernels' float32 arithmetic); x and weight of one dtype, x channels_last-
+// contiguous and not empty, 3x3 kernel, stride 1, padding 1, C and K multiples of 8, and an
+// AVX2+FMA CPU. (The 3-channel entry conv stays with ATen: zero-padded to 8 channels,
+// Winograd took 2.5-5x ATen's direct conv; a direct im2col kernel, 1.2-1.9x.)
 bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
                       int64_t padding);
 
 // conv2d(x, weight, bias, stride=1, padding=1), channels_last. `transposed_weight`: use
 // weight (C, K, 3, 3) flipped and transposed, i.e. compute the input gradient of a conv
 // whose weight is `weight` from its output gradient x. `isa`: the kernels to use (at most
-// winograd_isa(); narrower where the channel counts do not fit its registers).
+// winograd_isa(); narrower where the channel counts do not fit its registers). The output
+// has x's dtype; a bias is converted to float32.
 at::Tensor winograd_conv(const at::Tensor& x, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias, bool transposed_weight,
                          Isa isa = winograd_isa());
 
 // The weight gradient of conv2d(x, W, stride=1, padding=1) given its output gradient
-// grad (N, K, H, W), both channels_last: shape (K, C, 3, 3), contiguous. Deterministic.
+// grad (N, K, H, W), both channels_last and of one dtype: shape (K, C, 3, 3), contiguous,
+// in that dtype (summed in float32, rounded once). Deterministic.
 at::Tensor winograd_weight_grad(const at::Tensor& x, const at::Tensor& grad,
                                 Isa isa = winograd_isa());
 

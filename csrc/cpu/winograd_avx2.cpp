@@ -15,6 +15,21 @@ struct V {
   static constexpr int kWidth = 8, kRows = 6;
   static type load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, type v) { _mm256_storeu_ps(p, v); }
+  // bfloat16: its bits are a float's upper half
+  static type load(const uint16_t* p) {
+    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+  }
+  // rounded to nearest even, NaN to 0x7fc0: c10::BFloat16's rounding, bit for bit
+  static void store(uint16_t* p, type v) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(nan));
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+  }
   static type set1(float a) { return _mm256_set1_ps(a); }
   static type zero() { return _mm256_setzero_ps(); }
   static type add(type x, type y) { return _mm256_add_ps(x, y); }
@@ -30,7 +45,8 @@ struct V {
 
 }  // namespace
 
-const Kernels kAvx2Kernels{V::kWidth, &conv_blocks, &weight_grad_chunk};
+const Kernels kAvx2Kernels{V::kWidth, {&conv_blocks<float>, &weight_grad_blocks<float>},
+                            {&conv_blocks<uint16_t>, &weight_grad_blocks<uint16_t>}};
 
 }  // namespace vggbench::cpu::winograd
 #endif

@@ -7,6 +7,9 @@
 #include <immintrin.h>
 
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
+// GCC 12 flags the deliberately undefined pass-through operand of unmasked AVX-512 integer
+// intrinsics (_mm512_undefined_epi32) as "may be used uninitialized": a false positive
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 namespace vggbench::cpu::winograd {
 namespace {
@@ -16,6 +19,19 @@ struct V {
   static constexpr int kWidth = 16, kRows = 9;
   static type load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, type v) { _mm512_storeu_ps(p, v); }
+  // bfloat16: its bits are a float's upper half
+  static type load(const uint16_t* p) {
+    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+  }
+  // rounded to nearest even, NaN to 0x7fc0: c10::BFloat16's rounding, bit for bit
+  static void store(uint16_t* p, type v) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
+  }
   static type set1(float a) { return _mm512_set1_ps(a); }
   static type zero() { return _mm512_setzero_ps(); }
   static type add(type x, type y) { return _mm512_add_ps(x, y); }
@@ -31,7 +47,8 @@ struct V {
 
 }  // namespace
 
-const Kernels kAvx512Kernels{V::kWidth, &conv_blocks, &weight_grad_chunk};
+const Kernels kAvx512Kernels{V::kWidth, {&conv_blocks<float>, &weight_grad_blocks<float>},
+                             {&conv_blocks<uint16_t>, &weight_grad_blocks<uint16_t>}};
 
 }  // namespace vggbench::cpu::winograd
 #endif

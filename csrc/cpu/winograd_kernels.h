@@ -9,8 +9,7 @@
 namespace vggbench::cpu::winograd {
 
 constexpr int kTile = 4, kWindow = 6, kPoints = kWindow * kWindow;
-constexpr int64_t kBlockTiles = 18;   // tiles per block: transforms + products ~300 KB for C=K=32
-constexpr int64_t kChunkBlocks = 16;  // blocks per weight-gradient partial sum
+constexpr int64_t kBlockTiles = 18;  // tiles per block: transforms + products ~300 KB for C=K=32
 
 // The tiles of an (N, H, W) output: tile t covers rows 4*ty.. and columns 4*tx.. of image n.
 struct Tiles {
@@ -23,17 +22,25 @@ struct Tiles {
   }
 };
 
-// The kernels of one instruction set. Channel counts are multiples of `width`.
-struct Kernels {
-  int width;  // floats per vector register
+// The kernels of one instruction set, for activations of type T: float, or bfloat16 as its
+// bits (uint16_t; float arithmetic, outputs rounded to nearest even).
+template <typename T>
+struct Typed {
   // y for the tiles of blocks [begin, end): U holds the transformed weights
   // [point][in][out]; v, m: scratch of kPoints * kBlockTiles * C (resp. K) floats.
-  void (*conv_blocks)(const float* x, const float* u, const float* bias, int64_t C, int64_t K,
-                      const Tiles& tl, int64_t begin, int64_t end, float* y, float* v, float* m);
-  // partial[p] (C x K) += V[p]^T E[p] over the tiles of chunk `chunk` (kChunkBlocks
-  // blocks); v, e: scratch as above.
-  void (*weight_grad_chunk)(const float* x, const float* g, int64_t C, int64_t K,
-                            const Tiles& tl, int64_t chunk, float* partial, float* v, float* e);
+  void (*conv_blocks)(const T* x, const float* u, const float* bias, int64_t C, int64_t K,
+                      const Tiles& tl, int64_t begin, int64_t end, T* y, float* v, float* m);
+  // partial[p] (C x K) = sum of V[p]^T E[p] over the tiles of blocks [begin, end) (begin <
+  // end); v, e: scratch as above.
+  void (*weight_grad_blocks)(const T* x, const T* g, int64_t C, int64_t K, const Tiles& tl,
+                             int64_t begin, int64_t end, float* partial, float* v, float* e);
+};
+
+// Channel counts are multiples of `width` (floats per vector register).
+struct Kernels {
+  int width;
+  Typed<float> f32;
+  Typed<uint16_t> bf16;
 };
 
 extern const Kernels kAvx2Kernels;    // AVX2 + FMA, 8 floats

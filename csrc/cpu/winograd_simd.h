@@ -72,11 +72,14 @@ inline void store_points(const vec (&out)[kWindow][kWindow], float* tile, int64_
     for (int j = 0; j < kWindow; ++j) V::store(tile + (i * kWindow + j) * channels, out[i][j]);
 }
 
+// Activations are T: float, or bfloat16 as its bits (uint16_t), widened to float on load
+// and rounded to nearest even on store (V::load, V::store); everything between is float.
+
 // V[t][p][c] for one tile: B^T d B of its 6x6 input window (zero outside the image: the
 // conv's padding). Inside: the window lies in the image; otherwise positions outside read
 // a clamped (valid) address and are masked to zero, which keeps the loads branch-free.
-template <bool Inside>
-inline void transform_input_tile(const float* x, int64_t C, const Tiles& tl, int64_t n, int64_t top,
+template <bool Inside, typename T>
+inline void transform_input_tile(const T* x, int64_t C, const Tiles& tl, int64_t n, int64_t top,
                                  int64_t left, float* tile) {
   int64_t rows[kWindow], cols[kWindow];
   bool row_in[kWindow], col_in[kWindow];
@@ -102,7 +105,8 @@ inline void transform_input_tile(const float* x, int64_t C, const Tiles& tl, int
 }
 
 // V for the tiles [first, first + count).
-inline void transform_inputs(const float* x, int64_t C, const Tiles& tl, int64_t first, int64_t count,
+template <typename T>
+inline void transform_inputs(const T* x, int64_t C, const Tiles& tl, int64_t first, int64_t count,
                              float* v) {
   for (int64_t t = 0; t < count; ++t) {
     int64_t n, top, left;
@@ -117,7 +121,8 @@ inline void transform_inputs(const float* x, int64_t C, const Tiles& tl, int64_t
 }
 
 // E[t][p][k] = A g A^T of each tile's 4x4 block of output gradients (zero outside).
-inline void transform_grads(const float* g, int64_t K, const Tiles& tl, int64_t first, int64_t count,
+template <typename T>
+inline void transform_grads(const T* g, int64_t K, const Tiles& tl, int64_t first, int64_t count,
                             float* e) {
   for (int64_t t = 0; t < count; ++t) {
     int64_t n, top, left;
@@ -138,8 +143,9 @@ inline void transform_grads(const float* g, int64_t K, const Tiles& tl, int64_t 
 }
 
 // y = A^T m A (+ bias) for each tile's 36 products, written where the tile is in the image.
+template <typename T>
 inline void transform_outputs(const float* m, int64_t K, const float* bias, const Tiles& tl,
-                              int64_t first, int64_t count, float* y) {
+                              int64_t first, int64_t count, T* y) {
   for (int64_t t = 0; t < count; ++t) {
     int64_t n, top, left;
     tl.locate(first + t, n, top, left);
@@ -206,8 +212,9 @@ inline void gemm(int64_t rows, int64_t cols, int64_t depth, const float* a, int6
   }
 }
 
-void conv_blocks(const float* x, const float* u, const float* bias, int64_t C, int64_t K,
-                 const Tiles& tl, int64_t begin, int64_t end, float* y, float* v, float* m) {
+template <typename T>
+void conv_blocks(const T* x, const float* u, const float* bias, int64_t C, int64_t K,
+                 const Tiles& tl, int64_t begin, int64_t end, T* y, float* v, float* m) {
   for (int64_t block = begin; block < end; ++block) {
     const int64_t first = block * kBlockTiles;
     const int64_t count = lesser(kBlockTiles, tl.count() - first);
@@ -218,16 +225,21 @@ void conv_blocks(const float* x, const float* u, const float* bias, int64_t C, i
   }
 }
 
-void weight_grad_chunk(const float* x, const float* g, int64_t C, int64_t K, const Tiles& tl,
-                       int64_t chunk, float* partial, float* v, float* e) {
-  const int64_t blocks = (tl.count() + kBlockTiles - 1) / kBlockTiles;
-  const int64_t end = lesser(blocks, (chunk + 1) * kChunkBlocks);
-  for (int64_t block = chunk * kChunkBlocks; block < end; ++block) {
+template <typename T>
+void weight_grad_blocks(const T* x, const T* g, int64_t C, int64_t K, const Tiles& tl,
+                        int64_t begin, int64_t end, float* partial, float* v, float* e) {
+  for (int64_t block = begin; block < end; ++block) {
     const int64_t first = block * kBlockTiles;
     const int64_t count = lesser(kBlockTiles, tl.count() - first);
     transform_inputs(x, C, tl, first, count, v);
     transform_grads(g, K, tl, first, count, e);
-    for (int p = 0; p < kPoints; ++p)
-      gemm<true>(C, K, count, v + p * C, 1, kPoints * C, e + p * K, kPoints * K, partial + p * C * K, K);
+    for (int p = 0; p < kPoints; ++p) {
+      float* out = partial + p * C * K;
+      if (block == begin) {  // the first block sets the sums: no zeroing pass
+        gemm<false>(C, K, count, v + p * C, 1, kPoints * C, e + p * K, kPoints * K, out, K);
+      } else {
+        gemm<true>(C, K, count, v + p * C, 1, kPoints * C, e + p * K, kPoints * K, out, K);
+      }
+    }
   }
 }
