@@ -29,11 +29,14 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/rsqrt.h>
+#include <ATen/ops/index_select.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/tensor.h>
 #include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <array>
+#include <vector>
 
 namespace vggbench {
 
@@ -167,16 +170,18 @@ std::tuple<Tensor, Tensor, Tensor> forward(
   return {z, no_stats(z), no_stats(z)};
 }
 
-// Whether any entry of a per-channel flag vector is set: read from host memory (no op
-// dispatched, nothing waited for on the CPU); a device tensor is copied first.
-bool any_flag(const Tensor& flags) {
+// The entries set in a per-channel flag vector: read from host memory (no op dispatched,
+// nothing waited for on the CPU); a device tensor is copied first.
+std::vector<int64_t> set_flags(const Tensor& flags) {
   const Tensor host = flags.is_cpu() ? flags : flags.to(at::kCPU);
-  bool any = false;
-  AT_DISPATCH_FLOATING_TYPES(host.scalar_type(), "vggbench_any_flag", [&] {
+  std::vector<int64_t> set;
+  AT_DISPATCH_FLOATING_TYPES(host.scalar_type(), "vggbench_set_flags", [&] {
     const scalar_t* data = host.const_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < host.numel(); ++c) any = any || data[c] != scalar_t(0);
+    for (int64_t c = 0; c < host.numel(); ++c) {
+      if (data[c] != scalar_t(0)) set.push_back(c);
+    }
   });
-  return any;
+  return set;
 }
 
 Tensor empty_grad(const Tensor& like) { return at::empty({0}, like.options()); }
@@ -199,8 +204,9 @@ BackwardInputs backward_inputs(const Tensor& grad_out, const Tensor& out, const 
           bn_weight ? as_stats(mean, stats) : Tensor(), bn_weight ? as_stats(var, stats) : Tensor(), eps, slope};
 }
 
-// Training-mode BN backward's recompute of xhat = (conv(x) + bias - mean) / sqrt(var + eps)
-// for every channel: the conv, then the normalise pass with slope 1 (the identity), in place.
+// Training-mode BN backward's recompute of xhat = (conv(x) + bias - mean) / sqrt(var + eps):
+// the conv, then the normalise pass with slope 1 (the identity), in place; for every
+// channel, or (some) only for those the rule flagged, the others recovered.
 struct Recompute {
   const Kernels& k;
   const Tensor& x;
@@ -216,30 +222,78 @@ struct Recompute {
     k.normalize_act(z, xhat, std::nullopt, 1.0, z);
     in.xhat = z;
   }
+
+  // The channels to recompute when the rule flags `flagged`: those, and where the conv has a
+  // multiple of 8 channels, the next unflagged ones up to a multiple of 8, so that their conv
+  // takes the forward's path (the CPU's Winograd kernels need it) and gives its bits.
+  std::vector<int64_t> channels_for(const std::vector<int64_t>& flagged) const {
+    const int64_t all = weight.size(0);
+    std::vector<bool> chosen(all, false);
+    for (const int64_t c : flagged) chosen[c] = true;
+    auto count = static_cast<int64_t>(flagged.size());
+    for (int64_t c = 0; all % 8 == 0 && count % 8 != 0 && c < all; ++c) {
+      if (!chosen[c]) chosen[c] = true, ++count;
+    }
+    std::vector<int64_t> channels;
+    for (int64_t c = 0; c < all; ++c) {
+      if (chosen[c]) channels.push_back(c);
+    }
+    return channels;
+  }
+
+  // Whether recomputing only `channels` pays and keeps the numerics: the backend recovers
+  // xhat into a tensor, which holds exactly the value the passes recover in registers only
+  // when it is of the compute type (float and double activations, not bfloat16), and a
+  // conv over a quarter of the channels or more costs about the whole one.
+  bool pays(const BackwardInputs& in, size_t channels) const {
+    const auto dtype = in.out.scalar_type();
+    return k.recover_xhat != nullptr && (dtype == at::kFloat || dtype == at::kDouble) &&
+           4 * static_cast<int64_t>(channels) <= weight.size(0);
+  }
+
+  void some(BackwardInputs& in, const std::vector<int64_t>& channels) const {
+    RECORD_FUNCTION("vggbench::recompute_xhat", {});
+    Tensor xhat = at::empty_like(in.out);
+    k.recover_xhat(in, xhat);
+    const Tensor index = at::tensor(channels, at::TensorOptions().dtype(at::kLong)).to(x.device());
+    const Tensor z = conv(k, x, weight.index_select(0, index), stride, padding, fmt);
+    const OptTensor b = bias ? OptTensor(bias->index_select(0, index)) : std::nullopt;
+    const ChannelAffine affine{true, {}, {}, in.mean.index_select(0, index), in.var.index_select(0, index), b,
+                               in.eps};
+    k.normalize_act(z, affine, std::nullopt, 1.0, z);
+    xhat.index_copy_(1, index, z);
+    in.xhat = xhat;
+  }
 };
 
 // sum(g) and sum(g * xhat) over this call's batch, and whether xhat was recomputed (then
 // set in in.xhat). One reduction pass when xhat is recovered; with recompute_all (or
 // slope 0, which loses the negative branch) the conv runs first; otherwise when the rule
-// flags a channel, the conv and a second reduction follow.
+// flags a channel, the conv (over the flagged channels only, when `partial` and it pays)
+// and a second reduction follow.
 std::tuple<Tensor, Tensor, bool> bn_backward_sums(const Kernels& k, const Recompute& recompute,
-                                                  BackwardInputs& in, bool recompute_all) {
+                                                  BackwardInputs& in, bool recompute_all, bool partial) {
   Tensor sum_g, sum_gx, flags;
-  bool recomputed = recompute_all || in.slope == 0;
-  if (!recomputed) {
+  if (!recompute_all && in.slope != 0) {
     std::tie(sum_g, sum_gx, flags) = k.backward_reduce(in);
-    recomputed = any_flag(flags);
-  }
-  if (recomputed) {
+    const std::vector<int64_t> flagged = set_flags(flags);
+    if (flagged.empty()) return {sum_g, sum_gx, false};
+    const std::vector<int64_t> channels = recompute.channels_for(flagged);
+    if (partial && recompute.pays(in, channels.size())) {
+      recompute.some(in, channels);
+    } else {
+      recompute(in);
+    }
+  } else {
     recompute(in);
-    std::tie(sum_g, sum_gx, flags) = k.backward_reduce(in);
   }
-  return {sum_g, sum_gx, recomputed};
+  std::tie(sum_g, sum_gx, flags) = k.backward_reduce(in);
+  return {sum_g, sum_gx, true};
 }
 
 // Host read of the `recomputed` entry of _conv_bn_act_backward_sums (free on the CPU).
 bool recomputed_in(const Tensor& local_sums) {
-  return any_flag(local_sums.narrow(0, local_sums.size(0) - 1, 1));
+  return !set_flags(local_sums.narrow(0, local_sums.size(0) - 1, 1)).empty();
 }
 
 Grads backward(const Kernels& k, const Tensor& grad_out, const Tensor& out, const Tensor& input,
@@ -275,7 +329,8 @@ Grads backward(const Kernels& k, const Tensor& grad_out, const Tensor& out, cons
       sum_gx = reduced_sums->narrow(0, channels, channels);
       count = reduced_sums->select(0, 2 * channels);
     } else {
-      std::tie(grad_beta, grad_gamma, std::ignore) = bn_backward_sums(k, recompute, in, recompute_all);
+      std::tie(grad_beta, grad_gamma, std::ignore) =
+          bn_backward_sums(k, recompute, in, recompute_all, /*partial=*/true);
       sum_g = grad_beta, sum_gx = grad_gamma;
     }
     k.backward_apply(in, sum_g, sum_gx, count, grad_z, grad_residual);
@@ -330,7 +385,8 @@ Tensor backward_sums(const Kernels& k, const Tensor& grad_out, const Tensor& out
   const Tensor x = input.contiguous(fmt);
   BackwardInputs in = backward_inputs(grad_out, out, residual, fmt, bn_weight, bn_bias, mean, var, eps, slope);
   const Recompute recompute{k, x, weight, bias, stride, padding, fmt};
-  auto [sum_g, sum_gx, recomputed] = bn_backward_sums(k, recompute, in, recompute_all);
+  // every channel recomputed, as _conv_bn_act_backward then does with these sums
+  auto [sum_g, sum_gx, recomputed] = bn_backward_sums(k, recompute, in, recompute_all, /*partial=*/false);
   Tensor tail = at::full({2}, static_cast<double>(geometry_of(in.out).count()), mean.options());
   tail.narrow(0, 1, 1).fill_(recomputed ? 1.0 : 0.0);  // fills: no host-to-device copy
   return at::cat({sum_g, sum_gx, tail});

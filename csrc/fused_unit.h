@@ -118,6 +118,10 @@ struct Kernels {
   void (*backward_apply)(const BackwardInputs& in, const OptTensor& sum_g, const OptTensor& sum_gx,
                          const OptTensor& count, const Tensor& grad_z,
                          const OptTensor& grad_residual);
+  // xhat recovered (as backward_reduce recovers it) for every channel into `out` (out's
+  // shape, layout and dtype), for a recompute of the flagged channels only; null where the
+  // backend recomputes whole units (CUDA, whose default policy recomputes every unit).
+  void (*recover_xhat)(const BackwardInputs& in, const Tensor& out);
 };
 
 // Registers the vggbench ops for the backend whose TORCH_LIBRARY_IMPL block calls it.

@@ -79,3 +79,16 @@ def tiny_args(cifar_dir: Path, tmp_path: Path) -> list[str]:
         "--workers", "0", "--device", "cpu", "--deterministic", "--seed", "3", "--no-progress",
         "--out-dir", str(tmp_path / "run"),
     ]
+
+
+@pytest.fixture(autouse=True)
+def numerics_left_as_found() -> Iterator[None]:
+    """Restore torch's global numerics switches after each test: a run started in-process
+    (train.main) sets them for itself (--deterministic), and a later test would otherwise see
+    them (deterministic mode fills every new tensor, an extra op in profiles)."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    yield
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.backends.cudnn.benchmark = benchmark

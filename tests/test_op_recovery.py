@@ -82,6 +82,33 @@ def test_every_gradient_within_4x_native(dtype, layout, gammas, slope, residual)
                 f"N={n}: grad of {name}: fused error {fused:.3g} > 4 x max(native {native:.3g}, floor {floor:.3g})")
 
 
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_recompute_of_the_flagged_channels_only(dtype, layout, residual):
+    """Two of 32 channels flagged (tiny BN weights, a BN bias 1e5 times larger): only 8
+    channels (those and the next ones: the conv's register blocks) are recomputed, by one conv
+    over their weights, the others recovered into a tensor (the recover_xhat pass); every
+    gradient stays within 4x native's error."""
+    gamma = [1e-6, -1e-5] + [(-1) ** c * (0.6 + 0.05 * c) for c in range(30)]
+    sample = make_sample(f"partial-{dtype}-{layout}-{residual}", "cpu", dtype, True, n=4, c=8, k=32, size=8,
+                         residual=residual, slope=0.01, layout=layout, gamma=gamma)
+    with torch.no_grad():  # so that the rule flags the tiny BN weights only
+        sample.bn_bias.fill_(0.1)
+        if residual:
+            sample.residual.mul_(0.1)
+    out = ops.conv_bn_act(**sample.kwargs())
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        torch.autograd.grad(out, [sample.input], torch.ones_like(out))
+    names = [e.name for e in prof.events()]
+    assert names.count("vggbench::recompute_xhat") == 1 and names.count("vggbench::cpu::recover_xhat") == 1
+    convs = [e.input_shapes[1] for e in prof.events() if e.name == "aten::convolution"]
+    assert convs in ([], [[8, 8, 3, 3]]), convs  # Winograd's (no ATen op) or ATen's, over 8 channels
+    for name, (fused, native, floor) in gradient_errors(sample, 1e-4).items():
+        assert fused <= 4 * max(native, floor), (
+            f"grad of {name}: fused error {fused:.3g} > 4 x max(native {native:.3g}, floor {floor:.3g})")
+
+
 @pytest.mark.parametrize("policy", ["rule", "all"])
 def test_policies_agree_with_native(policy, monkeypatch):
     """Both backward policies (recover where the rule allows / always recompute: the

@@ -1,6 +1,7 @@
 // CPU backend of the fused unit (see ../fused_unit.h): the passes over activations
-// (fused_unit_passes.h, in their AVX2 build where the CPU has AVX2), and the convs: 3x3
-// stride-1 float32 channels_last ones as Winograd F(4x4, 3x3) (winograd.h), others through ATen.
+// (fused_unit_passes.h, in the widest build the CPU has), and the convs: 3x3 stride-1
+// channels_last ones in float32, and in bfloat16 where ATen's bfloat16 convs do not run on AMX,
+// as Winograd F(4x4, 3x3) (winograd.h), others through ATen.
 #include "fused_unit_passes.h"
 #include "winograd.h"
 

@@ -372,10 +372,32 @@ void backward_apply(const BackwardInputs& in, const OptTensor& sum_g, const OptT
   });
 }
 
+void recover_xhat(const BackwardInputs& in, const Tensor& out) {
+  RECORD_FUNCTION("vggbench::cpu::recover_xhat", {});  // the pass, in profiles
+  const Geometry g = geometry_of(in.out);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, in.out.scalar_type(), "vggbench_recover_xhat", [&] {
+    const BackwardView<scalar_t> e(in);
+    const ChannelTable<scalar_t> table(e, g.channels);
+    const auto ch = table.pointers();
+    scalar_t* xhat = out.mutable_data_ptr<scalar_t>();
+    with_flags([&](auto has_res) {
+      for_each_element(g, [=](int64_t i, int64_t c) {
+        xhat[i] = static_cast<scalar_t>(e.template recovered_xhat<has_res>(i, ch[c]));
+      });
+    }, in.residual.has_value());
+  });
+}
+
 // The backend's kernels with these passes.
 Kernels with_passes(decltype(Kernels::conv) conv, decltype(Kernels::conv_backward) conv_backward) {
-  return {conv, conv_backward, &batch_stats, &normalize_act, &update_running_stats, &backward_reduce,
-          &backward_apply};
+  return {.conv = conv,
+          .conv_backward = conv_backward,
+          .batch_stats = &batch_stats,
+          .normalize_act = &normalize_act,
+          .update_running_stats = &update_running_stats,
+          .backward_reduce = &backward_reduce,
+          .backward_apply = &backward_apply,
+          .recover_xhat = &recover_xhat};
 }
 
 }  // namespace

@@ -516,6 +516,7 @@ const Kernels kCudaKernels{
     .update_running_stats = &update_running_stats,
     .backward_reduce = &backward_reduce,
     .backward_apply = &backward_apply,
+    .recover_xhat = nullptr,  // a flagged unit recomputes every channel
 };
 
 }  // namespace

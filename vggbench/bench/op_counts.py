@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 from torch.autograd.profiler_util import FunctionEvent
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from vggbench.bench.layer_cases import LayerBench, LayerCase
 from vggbench.tolerances import TOLERANCES
@@ -69,16 +69,20 @@ def _count(event: FunctionEvent, counts: collections.Counter[str]) -> int:
     return 1
 
 
+_STEP = "vggbench.bench.op_counts.step"  # the scope around the counted step
+
+
 def dispatch_counts(step: Callable[[], None]) -> collections.Counter[str]:
     """The ops that do work `step()` (run once, profiled) dispatches, by name, as the module doc counts them."""
     from vggbench import ops  # noqa: F401  (registers torch.ops.vggbench.*, which the rules look up)
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
+        with record_function(_STEP):  # what this thread runs; other threads' ops are not the step's
+            step()
     counts: collections.Counter[str] = collections.Counter()
-    for event in prof.events():
-        if event.cpu_parent is None:
-            _count(event, counts)
+    scope = next(event for event in prof.events() if event.name == _STEP)
+    for event in scope.cpu_children:
+        _count(event, counts)
     return counts
 
 
