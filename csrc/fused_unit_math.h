@@ -3,13 +3,9 @@
 // (float/double).
 #pragma once
 
-#include <math.h>
+#include "host_device.h"
 
-#if defined(__CUDACC__)
-#define VGGBENCH_HD __host__ __device__ __forceinline__
-#else
-#define VGGBENCH_HD inline
-#endif
+#include <math.h>
 
 namespace vggbench::math {
 

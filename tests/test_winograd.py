@@ -11,8 +11,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vggbench import ops  # noqa: F401  (loads the extension: torch.ops.vggbench.*)
+from vggbench.bench.scaling import torch_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 WIDEST = torch.ops.vggbench.winograd_isa()
@@ -74,16 +74,6 @@ def relative_error(value: Tensor, truth: Tensor) -> float:
     return ((value.double() - truth).norm() / truth.norm()).item()
 
 
-@contextmanager
-def threads(count: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def cpu_widest() -> str:
     """The widest path the CPU's flags allow."""
     if {"avx512f", "avx512bw", "avx512vl", "avx2", "fma"} <= CPU_FLAGS:
@@ -133,11 +123,11 @@ def test_same_bits_on_every_path_and_thread_count(conv: str, dtype: torch.dtype)
     fixed runs of tiles in order: the results are bitwise the same for any path and thread
     count. (N=100 at 8x8: the study's smallest maps, 23 blocks of tiles.)"""
     fused, _ = CONVS[conv](*(t.to(dtype) for t in operands(100, 32, 32, 8)))
-    with threads(1):
+    with torch_threads(1):
         expected = fused("avx2")
     for isa in ISAS:
         for count in (1, 2, 3):
-            with threads(count):
+            with torch_threads(count):
                 assert torch.equal(fused(isa), expected), (isa, count)
 
 

@@ -17,6 +17,7 @@
 // slice run side by side (c is the fastest grid index), so neighbouring channels share
 // those cache lines in L2.
 #include "../backward_view.h"
+#include "grid_index.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -33,7 +34,6 @@
 #include <climits>
 #include <map>
 #include <mutex>
-#include <numeric>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -45,30 +45,17 @@
 namespace vggbench {
 namespace {
 
-constexpr int kThreads = 256;                       // threads per block, every kernel
-constexpr int kMaxParts = 128;                      // blocks per channel in a reduction
-constexpr int64_t kMinPartElements = 4 * kThreads;  // so each thread loads a few values
-constexpr int64_t kMaxBlocks = 4096;                // elementwise grid; grid-stride beyond
+// The grid partitioning (which block and thread covers which elements) is grid_index.h's,
+// checked on the CPU by tests/test_grid_index.py.
+using grid::kThreads;
+using grid::Split;
 // The last block of a channel stages its parts in the block's tree-sum buffer.
-static_assert(kMaxParts <= kThreads, "a channel's parts must fit the shared buffer");
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+static_assert(grid::kMaxParts <= kThreads, "a channel's parts must fit the shared buffer");
 
 // ---- Reductions: block (c, p) -> partials[w][c][p] -> channel c's last block ------------
 
-// How a reduction splits each channel's `count` elements (j = o * inner + i, at offset
-// (o * channels + c) * inner + i): block (c, p) takes [p * chunk, min((p + 1) * chunk, count)).
-struct Split {
-  int64_t channels, inner, count, chunk;
-  int parts;
-};
-
-Split split_of(const Geometry& g) {
-  const int64_t count = g.count();
-  const int parts =
-      static_cast<int>(std::clamp<int64_t>(ceil_div(count, kMinPartElements), 1, kMaxParts));
-  return {g.channels, g.inner, count, ceil_div(count, parts), parts};
-}
+// Scalar loads: a visit of one element.
+Split split_of(const Geometry& g) { return grid::split_of(g.outer, g.channels, g.inner); }
 
 // Channels on x (up to 2^31 - 1 blocks), parts on y (at most kMaxParts of 65535).
 dim3 reduction_grid(const Split& s) {
@@ -115,19 +102,11 @@ int* arrival_counters(int64_t channels) {
   return b.current.mutable_data_ptr<int>();
 }
 
-// Calls body(offset) for this thread's elements of block (c, p)'s slice, thread t taking
-// j = begin + t, begin + t + kThreads, ...; (o, i) follow j without a division per step.
+// Calls body(offset) for this thread's elements of block (c, p)'s slice (grid::SliceCursor).
 template <typename Body>
 __device__ void for_each_in_slice(const Split& s, int64_t c, int64_t p, Body body) {
-  const int64_t end = (p + 1) * s.chunk < s.count ? (p + 1) * s.chunk : s.count;
-  int64_t j = p * s.chunk + threadIdx.x;
-  if (j >= end) return;
-  int64_t o = j / s.inner, i = j - o * s.inner;
-  const int64_t step_o = kThreads / s.inner, step_i = kThreads % s.inner;
-  for (; j < end; j += kThreads) {
-    body((o * s.channels + c) * s.inner + i);
-    i += step_i, o += step_o;
-    if (i >= s.inner) i -= s.inner, ++o;
+  for (grid::SliceCursor cur(s, c, p, threadIdx.x, kThreads); cur.valid(); cur.advance()) {
+    body(cur.offset());
   }
 }
 
@@ -153,7 +132,7 @@ __device__ bool reduce_channel(const acc_t (&v)[W], const Split& s, acc_t* parti
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    for (int w = 0; w < W; ++w) partials[(w * s.channels + c) * s.parts + blockIdx.y] = smem[w][0];
+    for (int w = 0; w < W; ++w) partials[grid::partial_slot(s, w, c, blockIdx.y)] = smem[w][0];
     __threadfence();  // release: the partials reach the whole device before the count does
     last = atomicAdd(arrivals + c, 1) == s.parts - 1;
   }
@@ -164,7 +143,7 @@ __device__ bool reduce_channel(const acc_t (&v)[W], const Split& s, acc_t* parti
   // of other blocks' partials), then W threads add them in order.
   for (int k = threadIdx.x; k < W * s.parts; k += kThreads) {
     const int w = k / s.parts, p = k - w * s.parts;
-    smem[w][p] = __ldcg(partials + (w * s.channels + c) * s.parts + p);
+    smem[w][p] = __ldcg(partials + grid::partial_slot(s, w, c, p));
   }
   __syncthreads();
   if (threadIdx.x < W) {
@@ -293,51 +272,25 @@ std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
 
 // ---- Elementwise passes ----------------------------------------------------------------
 
-// Grid of the elementwise passes, grid-stride beyond kMaxBlocks. A flat index's channel
-// repeats with period C * inner; where it fits, the stride is a multiple of that period,
-// so a thread stays on one channel and computes its per-channel coefficients once.
+// Grid of the elementwise passes (grid::elementwise_blocks), scalar loads.
 unsigned elementwise_blocks(const Geometry& g) {
-  const int64_t blocks = ceil_div(g.outer * g.channels * g.inner, kThreads);
-  if (blocks <= kMaxBlocks) return static_cast<unsigned>(blocks);  // an element per thread
-  const int64_t period = g.channels * g.inner;
-  // the fewest blocks whose threads span whole periods
-  const int64_t unit = period / std::gcd(period, int64_t{kThreads});
-  return static_cast<unsigned>(unit <= kMaxBlocks ? kMaxBlocks / unit * unit : kMaxBlocks);
+  return static_cast<unsigned>(grid::elementwise_blocks(g.outer, g.channels, g.inner));
 }
 
-// The channel (idx / inner) % channels of a grid-stride index, kept up to date as idx
-// advances by `stride`: two divisions per thread rather than per element.
-struct ChannelCursor {
-  int64_t inner, channels, i, c, step_i, step_c;
-
-  __device__ ChannelCursor(int64_t idx, int64_t stride, int64_t inner, int64_t channels)
-      : inner(inner), channels(channels), i(idx % inner), c((idx / inner) % channels),
-        step_i(stride % inner), step_c((stride / inner) % channels) {}
-
-  __device__ void advance() {
-    i += step_i;
-    const int64_t carry = i >= inner;
-    if (carry) i -= inner;
-    c += step_c + carry;
-    if (c >= channels) c -= channels;
-  }
-};
-
-// Grid-stride loop over a (outer, channels, inner) tensor: body(idx, coefficients) for every
-// flat index, with coefficients = per_channel(c) recomputed only when the thread's channel
-// changes.
+// Grid-stride loop over a (outer, channels, inner) tensor (grid::ElementCursor):
+// body(idx, coefficients) for every flat index, with coefficients = per_channel(c)
+// recomputed only when the thread's channel changes.
 template <typename PerChannel, typename Body>
 __device__ void for_each_element(int64_t numel, int64_t channels, int64_t inner,
                                  PerChannel per_channel, Body body) {
-  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= numel) return;
-  ChannelCursor cur(idx, stride, inner, channels);
-  int64_t channel = cur.c;
+  grid::ElementCursor cur(numel, channels, inner, blockIdx.x, threadIdx.x, gridDim.x,
+                          blockDim.x);
+  if (!cur.valid()) return;
+  int64_t channel = cur.channel.c;
   auto coefficients = per_channel(channel);
-  for (; idx < numel; idx += stride, cur.advance()) {
-    if (cur.c != channel) channel = cur.c, coefficients = per_channel(channel);
-    body(idx, coefficients);
+  for (; cur.valid(); cur.advance()) {
+    if (cur.channel.c != channel) channel = cur.channel.c, coefficients = per_channel(channel);
+    body(cur.index, coefficients);
   }
 }
 
