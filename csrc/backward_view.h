@@ -106,13 +106,13 @@ struct BackwardView {
   VGGBENCH_HD void recovery_terms(int64_t i, const Channel& ch,
                                   acc_t (&terms)[math::kRecoveryTerms]) const {
     const acc_t r = HasResidual ? static_cast<acc_t>(res[i]) : acc_t(0);
-    math::recovery_terms(g(i), recovered_xhat<HasResidual>(i, ch), pre(i), r, ch.centre,
+    math::recovery_terms(g(i), recovered_xhat<HasResidual>(i, ch), pre(i), r, ch.beta, ch.centre,
                          rho_recover, rho_cast, rho_inverse, terms);
   }
   // A channel's verdict from its summed terms: 1 to recompute xhat, 0 to recover it.
   VGGBENCH_HD acc_t recompute_flag(const acc_t (&sums)[math::kRecoveryTerms], acc_t count,
                                    const Channel& ch) const {
-    return math::recovery_accurate(sums, count, ch.gamma, ch.beta, rho_recover + rho_cast)
+    return math::recovery_accurate(sums, count, ch.gamma, ch.beta, rho_recover)
                ? acc_t(0)
                : acc_t(1);
   }

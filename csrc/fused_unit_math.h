@@ -110,26 +110,25 @@ VGGBENCH_HD void running_update(T batch_mean, T batch_var, T count, T factor, T&
 // code uses where rho_r is small, i.e. for float and bfloat16 activations), the
 // subtraction, the product with 1 / gamma, its rounding and the shift add
 // rho_r (3 |pre - residual| + |beta|); casting the result to the compute type (float
-// activations: double -> float) adds rho_c |gamma xhat| <= rho_c (|pre - residual| + |beta|).
-// All divided by |gamma|:
-//   e = (p + (rho_r + rho_c) |beta|) / |gamma|,
-//   p = |pre| (1 + d rho_r) + (3 rho_r + rho_c) |pre - residual|.
+// activations: double -> float) adds rho_c |gamma xhat| = rho_c |pre - residual - beta| (to
+// first order: xhat' is exact to rho_r). All divided by |gamma|:
+//   e = (p + rho_r |beta|) / |gamma|,
+//   p = |pre| (1 + d rho_r) + 3 rho_r |pre - residual| + rho_c |pre - residual - beta|.
 // (Both share the conv's own rounding and the forward's, which the recovery cannot worsen.)
 // With g = dL/dpre, M values per channel:
 //   dgamma = sum(g xhat): recovery adds at most sum(|g| e); native's error is at most
-//       sum(|g| n). Needing sum(|g| p) + rho' |beta| sum(|g|) <= K |gamma| sum(|g| n), with
-//       rho' = rho_r + rho_c, keeps
-//       the added error within K times native's (bound against bound; both are sums of
+//       sum(|g| n). Needing sum(|g| p) + rho_r |beta| sum(|g|) <= K |gamma| sum(|g| n)
+//       keeps the added error within K times native's (bound against bound; both are sums of
 //       independent roundings over the same g, so their typical sizes scale alike).
 //   dz = gamma r (g - sum(g)/M - xhat sum(g xhat)/M) (and dx, dW from it): recovery adds
 //       gamma r [(xhat' - xhat) sum(g xhat)/M + xhat sum(g (xhat' - xhat))/M]. The second
 //       term is gamma r xhat times the dgamma error / M: covered above, against the same
-//       term of native's. The first, r (p + rho' |beta|) |sum(g xhat)| / M per element, has
-//       a root mean square over the channel of at most r (rms(p) + rho' |beta|)
+//       term of native's. The first, r (p + rho_r |beta|) |sum(g xhat)| / M per element, has
+//       a root mean square over the channel of at most r (rms(p) + rho_r |beta|)
 //       |sum(g xhat)| / M. Native's dz carries u |gamma| r (|g| + n |sum(g xhat)| / M)
 //       (its rounding, and its xhat's error through the same product), of root mean square
 //       at least |gamma| r max(rms(g), rms(n) |sum(g xhat)| / M): needing
-//       (rms(p) + rho' |beta|) |sum(g xhat)| / M <= K |gamma| max(rms(g), rms(n) |sum(g xhat)| / M)
+//       (rms(p) + rho_r |beta|) |sum(g xhat)| / M <= K |gamma| max(rms(g), rms(n) |sum(g xhat)| / M)
 //       keeps it within K times.
 //   dbeta = sum(g) and the residual's gradient g do not involve xhat: exact either way.
 // Channels failing either condition (or with NaN or Inf in the sums: gamma = 0 gives
@@ -153,17 +152,18 @@ VGGBENCH_HD T abs_of(T v) {
 // compute type's, for native's n, is 1 with float arithmetic and rho_r + rho_c in general;
 // rho_inverse = d rho_r, the inverse activation's.
 template <typename T>
-VGGBENCH_HD void recovery_terms(T g, T xhat, T pre, T residual, T centre, T rho_r, T rho_c, T rho_inverse,
-                                T (&terms)[kRecoveryTerms]) {
+VGGBENCH_HD void recovery_terms(T g, T xhat, T pre, T residual, T beta, T centre, T rho_r, T rho_c,
+                                T rho_inverse, T (&terms)[kRecoveryTerms]) {
   const T abs_g = abs_of(g);
   const T n = abs_of(xhat + centre) + T(2) * (rho_r + rho_c) * abs_of(xhat);
-  const T p = abs_of(pre) * (T(1) + rho_inverse) + (T(3) * rho_r + rho_c) * abs_of(pre - residual);
+  const T p = abs_of(pre) * (T(1) + rho_inverse) + T(3) * rho_r * abs_of(pre - residual) +
+              rho_c * abs_of(pre - residual - beta);
   terms[0] = g, terms[1] = g * xhat, terms[2] = abs_g, terms[3] = abs_g * n;
   terms[4] = abs_g * p, terms[5] = g * g, terms[6] = p * p, terms[7] = n * n;
 }
 
 // Whether recovered xhat keeps every gradient within kRecoveryFactor of native's error
-// (the derivation above), from a channel's summed terms over `count` values; rho = rho'.
+// (the derivation above), from a channel's summed terms over `count` values; rho = rho_r.
 template <typename T>
 VGGBENCH_HD bool recovery_accurate(const T (&sums)[kRecoveryTerms], T count, T gamma, T beta,
                                    T rho) {
