@@ -1,6 +1,6 @@
 // The vggbench ops: what they compute, as registered with PyTorch (torch.ops.vggbench.*).
 // Read this first. Then: checks.cpp (every argument check), fused_unit.cpp (the shared
-// orchestration: folding, running statistics, the backward's control flow), and the
+// orchestration: which backend passes run around the conv, the backward's control flow), and the
 // backends (cpu/fused_unit_kernel.cpp, cuda/fused_unit_kernel.cu) whose per-element and
 // per-channel maths live in fused_unit_math.h. vggbench/ops.py adds the fake (meta)
 // implementations and the autograd formula.
