@@ -15,6 +15,7 @@
 // inner loop is branch-free and the compiler vectorises it.
 #pragma once
 
+#include "../affine_view.h"
 #include "../backward_view.h"
 
 #include <ATen/Dispatch.h>
@@ -164,17 +165,6 @@ Tensor channel_tensor(const std::vector<double>& values, int64_t offset, int64_t
   return t;
 }
 
-// The per-channel data of an optional statistics-dtype tensor, or nullptr.
-template <typename acc_t>
-const acc_t* channel_ptr(const OptTensor& t) {
-  return data_or_null<acc_t>(t);
-}
-
-template <typename acc_t>
-acc_t entry_or(const acc_t* values, int64_t c, acc_t otherwise) {
-  return values ? values[c] : otherwise;
-}
-
 std::tuple<Tensor, Tensor> batch_stats(const Tensor& z, const OptTensor& bias) {
   RECORD_FUNCTION("vggbench::cpu::batch_stats", {});  // the pass, in profiles
   const Geometry g = geometry_of(z);
@@ -208,15 +198,11 @@ void normalize_act(const Tensor& z, const ChannelAffine& a, const OptTensor& res
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "vggbench_normalize_act", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t C = g.channels;
+    const AffineOperands<scalar_t> operands(a);
     std::vector<acc_t> scale(C), shift(C);
-    const acc_t *gamma = channel_ptr<acc_t>(a.gamma), *beta = channel_ptr<acc_t>(a.beta),
-                *mean = channel_ptr<acc_t>(a.mean), *var = channel_ptr<acc_t>(a.var);
-    const scalar_t* bias = data_or_null<scalar_t>(a.bias);
     for (int64_t c = 0; c < C; ++c) {
-      math::channel_affine(a.normalize, entry_or(gamma, c, acc_t(1)), entry_or(beta, c, acc_t(0)),
-                           entry_or(mean, c, acc_t(0)), entry_or(var, c, acc_t(0)),
-                           bias ? static_cast<acc_t>(bias[c]) : acc_t(0), static_cast<acc_t>(a.eps), scale[c],
-                           shift[c]);
+      const auto k = operands.of(c);
+      scale[c] = k.scale, shift[c] = k.shift;
     }
     const scalar_t* in = z.const_data_ptr<scalar_t>();
     const scalar_t* res = data_or_null<scalar_t>(residual);
@@ -230,7 +216,7 @@ void normalize_act(const Tensor& z, const ChannelAffine& a, const OptTensor& res
         if constexpr (add_residual) v += static_cast<acc_t>(res[i]);
         y[i] = static_cast<scalar_t>(math::leaky_relu(v, s));
       });
-    }, a.normalize || bias != nullptr, res != nullptr);
+    }, a.normalize || operands.bias != nullptr, res != nullptr);
   });
 }
 

@@ -16,6 +16,7 @@
 // With inner == 1 (NHWC) a reduction block's loads are strided by C; the blocks of one
 // slice run side by side (c is the fastest grid index), so neighbouring channels share
 // those cache lines in L2.
+#include "../affine_view.h"
 #include "../backward_view.h"
 #include "grid_index.h"
 
@@ -295,39 +296,6 @@ __device__ void for_each_element(int64_t numel, int64_t channels, int64_t inner,
 }
 
 // ---- normalize_act ------------------------------------------------------------------------
-
-// ChannelAffine as a kernel sees it: absent operands are null (gamma 1, beta 0, bias 0).
-template <typename scalar_t>
-struct AffineOperands {
-  using acc_t = at::opmath_type<scalar_t>;
-  bool normalize;
-  const acc_t *gamma, *beta, *mean, *var;
-  const scalar_t* bias;  // the conv's, in the activation dtype
-  acc_t eps;
-
-  struct Coefficients {
-    acc_t scale, shift;
-  };
-
-  explicit AffineOperands(const ChannelAffine& a)
-      : normalize(a.normalize),
-        gamma(data_or_null<acc_t>(a.gamma)),
-        beta(data_or_null<acc_t>(a.beta)),
-        mean(data_or_null<acc_t>(a.mean)),
-        var(data_or_null<acc_t>(a.var)),
-        bias(data_or_null<scalar_t>(a.bias)),
-        eps(static_cast<acc_t>(a.eps)) {
-    TORCH_INTERNAL_ASSERT(!normalize || (mean && var), "normalize_act: BN without statistics");
-  }
-
-  __device__ Coefficients of(int64_t c) const {
-    Coefficients k;
-    math::channel_affine(normalize, gamma ? gamma[c] : acc_t(1), beta ? beta[c] : acc_t(0),
-                         normalize ? mean[c] : acc_t(0), normalize ? var[c] : acc_t(0),
-                         bias ? static_cast<acc_t>(bias[c]) : acc_t(0), eps, k.scale, k.shift);
-    return k;
-  }
-};
 
 // `y` may be `z`: each element is read before it is written.
 template <typename scalar_t, typename acc_t>
