@@ -34,8 +34,9 @@ CHOSEN_AT_START = ("channels_last",)
 # impl is runtime too: both implementations compute the same model from the same
 # state_dict, so a run may continue on the other one. sync_bn is NOT: BatchNorm statistics
 # over the global batch instead of each rank's share change what is trained.
+# cuda_graphs too: it replays the same step (vggbench.graphs), as impl computes the same model.
 RUNTIME_OPTIONS = ("device", "impl", "workers", "progress", "out_dir", "data_dir", "download", "resume",
-                   "dist_timeout", "landscape_every")
+                   "dist_timeout", "landscape_every", "cuda_graphs")
 
 
 # Bounds of the integer options. Counts beyond 2**31 - 1 are typos (and overflow C ints in
@@ -125,6 +126,10 @@ class TrainConfig:
                          "with gradient scaling)", PRECISIONS, group="execution")
     workers: int = opt(2, "DataLoader worker processes (0 loads in the main process)", group="execution")
     deterministic: bool = opt(False, "deterministic algorithms only (exact resume on CPU)", group="execution")
+    cuda_graphs: bool = opt(False, "capture the training step (forward, backward, optimiser step, gradient-flow "
+                            "recording) and the evaluation forward in CUDA graphs and replay them per batch: "
+                            "no launch overhead, no host sync per step (one CUDA process, fp32 or bf16)",
+                            group="execution")
     gradflow_every: int = opt(0, "also record gradient flow averaged over windows of N steps "
                               "(0: per epoch only)", group="output")
     landscape_every: int = opt(0, "every N epochs, probe the loss landscape along the gradient on a fixed batch "

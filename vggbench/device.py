@@ -98,7 +98,8 @@ def memory_format(cfg: TrainConfig) -> torch.memory_format:
     return torch.channels_last if cfg.channels_last else torch.contiguous_format
 
 
-def autocast(cfg: TrainConfig, device: torch.device):
-    """The autocast context of --precision (a no-op for fp32)."""
+def autocast(cfg: TrainConfig, device: torch.device, cache_enabled: bool = True):
+    """The autocast context of --precision (a no-op for fp32); a CUDA graph's capture needs
+    `cache_enabled=False` (no cast weights kept across calls)."""
     dtype = AUTOCAST_DTYPES.get(cfg.precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=cache_enabled)

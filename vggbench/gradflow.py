@@ -84,27 +84,43 @@ class GradientFlowRecorder:
         self._window_steps = 0
         self._step = 0
 
-    @torch.no_grad()
     def record(self) -> None:
         """Add the current gradients' statistics to the running sums (call after backward)."""
+        self.accumulate()
+        self.count_step()
+
+    @torch.no_grad()
+    def accumulate(self) -> None:
+        """The device half of `record()`: add the gradients' statistics into the sums, in place.
+
+        Tensor ops only, into buffers allocated at the first call: a CUDA graph can capture it
+        (vggbench.graphs), with `count_step()` run on the host after each replay.
+        """
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         if self._numel is None:
             self._numel = torch.tensor([g.numel() for g in grads], dtype=torch.float32, device=grads[0].device)
+            self._epoch_sum = self._numel.new_zeros((len(STATISTICS), len(grads)))
+            self._window_sum = torch.zeros_like(self._epoch_sum)
         stats = torch.stack([
             torch.stack(torch._foreach_norm(grads, ord)).float()
             for ord in (1, math.inf, 2)
         ])
         stats[0] /= self._numel  # L1 norm / numel = mean |grad|
-        self._epoch_sum = stats if self._epoch_sum is None else self._epoch_sum + stats
+        self._epoch_sum += stats
+        if self.window:
+            self._window_sum += stats
+
+    def count_step(self) -> None:
+        """The host half of `record()`: count the step; close a window when it is full (one host read)."""
         self._epoch_steps += 1
         self._step += 1
         if self.window:
-            self._window_sum = stats if self._window_sum is None else self._window_sum + stats
             self._window_steps += 1
             if self._window_steps == self.window:
                 self.windows.append({"step_start": self._step - self.window + 1, "step_end": self._step,
                                      **self._averages(self._window_sum, self._window_steps)})
-                self._window_sum, self._window_steps = None, 0
+                self._window_sum.zero_()
+                self._window_steps = 0
 
     def _averages(self, total: torch.Tensor, steps: int) -> dict:
         values = (total / steps).tolist()  # the one host sync
@@ -112,14 +128,16 @@ class GradientFlowRecorder:
 
     def end_epoch(self, epoch: int) -> dict:
         """Close the epoch: average its steps, diagnose, append to `epochs` and return the record."""
-        if self._epoch_sum is None:
+        if not self._epoch_steps:
             raise RuntimeError("end_epoch() called before any record()")
         record = {"epoch": epoch, "steps": self._epoch_steps, **self._averages(self._epoch_sum, self._epoch_steps)}
         record["diagnosis"] = diagnose(self.layers, record["mean_abs"], record["max_abs"])
         self.epochs.append(record)
-        # Windows do not straddle epochs, so a resume at an epoch boundary loses nothing.
-        self._epoch_sum, self._epoch_steps = None, 0
-        self._window_sum, self._window_steps = None, 0
+        # Windows do not straddle epochs, so a resume at an epoch boundary loses nothing. The sums
+        # are zeroed in place: a captured step keeps adding into the same buffers.
+        self._epoch_sum.zero_()
+        self._window_sum.zero_()
+        self._epoch_steps = self._window_steps = 0
         return record
 
     def state_dict(self) -> dict:

@@ -5,6 +5,9 @@ README, "Outputs"). `--resume` continues a run exactly (vggbench.resume). Option
 directory, device and memory are checked before data and model are built (vggbench.config,
 vggbench.run_dir, vggbench.device, vggbench.capacity).
 
+--cuda-graphs: the training step and the evaluation forward are captured in CUDA graphs and
+replayed per batch (vggbench.graphs); both modes run the same step functions.
+
 Distributed: started by `python -m vggbench.launch`, torchrun or srun (see
 vggbench.distributed), every rank trains under DistributedDataParallel on its share of
 each global batch (--batch-size images per rank); rank 0 alone writes the files and
@@ -47,9 +50,10 @@ from vggbench.data import (
 from vggbench.device import autocast, choose_channels_last, choose_impl, memory_format, setup_device
 from vggbench.distributed import DistEnv, main_rank_first, process_group
 from vggbench.gradflow import GradientFlowRecorder
+from vggbench.graphs import GraphedStep, Totals, check_capturable
 from vggbench.landscape.probe import LandscapeProbe
 from vggbench.models import VGG, build_model, convert_sync_batchnorm
-from vggbench.optim import make_optimizer, make_scheduler
+from vggbench.optim import load_optimizer_state, make_optimizer, make_scheduler
 from vggbench.resume import resume_state
 from vggbench.run_dir import METRIC_COLUMNS, RUN_FACTS, RunDir, newest_epoch
 
@@ -104,11 +108,14 @@ class Trainer:
             raise ConfigError(f"data: {err}") from None
         check_batches(cfg, len(self.splits.train), self.env.world_size)  # before the model is built
         self.model, self.train_model = prepare_model(cfg, device, self.env)
-        self.optimizer = make_optimizer(cfg, self.model)
+        self.optimizer = make_optimizer(cfg, self.model, capturable=cfg.cuda_graphs and device.type == "cuda")
         self.scheduler = make_scheduler(cfg, self.optimizer)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         self.recorder = GradientFlowRecorder(self.model, window=cfg.gradflow_every)
         self.landscape = LandscapeProbe.for_trainer(self)
+        self.train_totals, self.eval_totals = Totals(device), Totals(device)
+        self.train_step = self._graphed(self._train_step, key=self._learning_rates)
+        self.eval_step = self._graphed(self._eval_step)
         self.metrics: list[dict] = []
         self.best = {"epoch": 0, "val_acc": -1.0}
         self.best_model: dict[str, torch.Tensor] = {}  # the best epoch's weights (on the CPU)
@@ -134,7 +141,7 @@ class Trainer:
             raise CheckpointError(f"the checkpoint's weights do not fit its configuration's model "
                                   f"({str(err).splitlines()[0]})") from None
         self.best_model = dict(state["best_model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.recorder.load_state_dict(state["history"]["gradflow"])
@@ -179,6 +186,40 @@ class Trainer:
             for buffer in self.model.buffers():
                 dist.broadcast(buffer, src=0)
 
+    # --- steps: device work only, so that --cuda-graphs can capture them ------------------------
+    def _graphed(self, step, key=None):
+        """`step` as --cuda-graphs runs it (vggbench.graphs.GraphedStep), or `step` itself."""
+        if not self.cfg.cuda_graphs:
+            return step
+        return GraphedStep(step, self.cfg.batch_size, capture=self.device.type == "cuda", key=key)
+
+    def _learning_rates(self) -> list[float]:
+        """What a captured training step bakes in (captured again when it changes)."""
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def _autocast(self):
+        return autocast(self.cfg, self.device, cache_enabled=not self.cfg.cuda_graphs)
+
+    def _train_step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """One optimisation step on a batch, its loss and accuracy added to train_totals; returns the loss."""
+        with self._autocast():
+            logits = self.train_model(images)
+            loss = F.cross_entropy(logits.float(), targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()  # DDP: gradients averaged over the ranks when it returns
+        self.scaler.unscale_(self.optimizer)  # gradient flow sees true gradients
+        self.recorder.accumulate()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.train_totals.add(loss.detach() * len(targets), logits, targets)
+        return loss.detach()
+
+    def _eval_step(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        """The eval-mode model's summed loss and correct predictions on a batch, added to eval_totals."""
+        with self._autocast():
+            logits = self.model(images).float()
+        self.eval_totals.add(F.cross_entropy(logits, targets, reduction="sum"), logits, targets)
+
     # --- loops -----------------------------------------------------------------------
     def _batches(self, loader, desc: str):
         """Yield (progress bar or loader, images, targets) on the device; tqdm (rank 0) unless --no-progress."""
@@ -208,25 +249,16 @@ class Trainer:
         """One pass over the training split (this rank's share); returns global loss/accuracy/throughput."""
         loader = self._train_loader(epoch)
         self.train_model.train()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        self.train_totals.zero_()
         seen, start = 0, time.perf_counter()
         for step, (bar, images, targets) in enumerate(self._batches(loader, f"epoch {epoch}/{self.cfg.epochs}")):
-            with autocast(self.cfg, self.device):
-                logits = self.train_model(images)
-                loss = F.cross_entropy(logits.float(), targets)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()  # DDP: gradients averaged over the ranks when it returns
-            self.scaler.unscale_(self.optimizer)  # gradient flow sees true gradients
-            self.recorder.record()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            loss_sum += loss.detach() * len(targets)
-            correct += (logits.argmax(1) == targets).sum()
+            loss = self.train_step(images, targets)
+            self.recorder.count_step()
             seen += len(targets)
             if hasattr(bar, "set_postfix") and step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")  # a host sync, every 20 steps only
-        loss_total, correct_total, seen_total = self._sum_over_ranks(loss_sum, correct, seen)
+        totals = self.train_totals
+        loss_total, correct_total, seen_total = self._sum_over_ranks(totals.loss, totals.correct, seen)
         elapsed = time.perf_counter() - start
         return {"train_loss": loss_total / seen_total, "train_acc": 100.0 * correct_total / seen_total,
                 "epoch_time_s": elapsed, "images_per_s": seen_total / elapsed}
@@ -237,14 +269,10 @@ class Trainer:
         shard = rank_shard(dataset, self.env.rank, self.env.world_size)
         loader = build_loader(shard, self.cfg.batch_size, train=False, workers=self.cfg.workers, device=self.device)
         self.model.eval()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        self.eval_totals.zero_()
         for _, images, targets in self._batches(loader, desc):
-            with autocast(self.cfg, self.device):
-                logits = self.model(images).float()
-            loss_sum += F.cross_entropy(logits, targets, reduction="sum")
-            correct += (logits.argmax(1) == targets).sum()
-        loss_total, correct_total = self._sum_over_ranks(loss_sum, correct)
+            self.eval_step(images, targets)
+        loss_total, correct_total = self._sum_over_ranks(self.eval_totals.loss, self.eval_totals.correct)
         return loss_total / len(dataset), 100.0 * correct_total / len(dataset)
 
     def _print(self, message: str) -> None:
@@ -331,6 +359,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None, env: DistEnv | Non
     cfg, state = resume_state(cfg.validate(), explicit, env.world_size)
     cfg.validate()  # runtime options taken from the checkpoint meet the saved configuration
     device = setup_device(cfg, env)
+    check_capturable(cfg, device, env.world_size)
     if cfg.channels_last is None:
         channels_last, why = choose_channels_last(device)
         cfg = replace(cfg, channels_last=channels_last)

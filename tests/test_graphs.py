@@ -1,0 +1,74 @@
+"""--cuda-graphs on the CPU: its refusals, and the static-buffer step logic a graph records,
+run without capture, training exactly as the eager step (tests/test_cuda.py captures it on a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import set_option, without_timing
+from vggbench.config import ConfigError, TrainConfig
+from vggbench.graphs import WARMUP_STEPS, GraphedStep, check_capturable
+from vggbench.optim import load_optimizer_state, make_optimizer
+from vggbench.train import Trainer, build_parser, main, make_model
+
+
+def config(args: list[str]) -> TrainConfig:
+    return TrainConfig(**vars(build_parser().parse_args(args)))
+
+
+def test_cuda_graphs_on_the_cpu_is_a_clear_error(tiny_args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*tiny_args, "--cuda-graphs"])
+    assert exit_info.value.code == 2
+    assert "--cuda-graphs captures CUDA work and needs a CUDA device, not cpu" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("change", "world_size", "message"), [
+    ({"precision": "fp16"}, 1, "cannot capture fp16's gradient scaling"),
+    ({}, 2, "not DDP's across 2 ranks"),
+], ids=["fp16", "two-ranks"])
+def test_impossible_captures_are_refused(change, world_size, message):
+    cfg = TrainConfig(cuda_graphs=True, **change)
+    with pytest.raises(ConfigError, match=message):
+        check_capturable(cfg, torch.device("cuda"), world_size)
+    check_capturable(TrainConfig(**change), torch.device("cuda"), world_size)  # without --cuda-graphs: fine
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_static_buffer_steps_train_exactly_as_eager(tiny_args, tmp_path, precision):
+    """The Trainer under --cuda-graphs without capture (the CPU): batches copied into static buffers,
+    the same step functions, the smaller last batch (500 = 10 x 48 + 20) eager; every metric,
+    gradient-flow record and weight is bit for bit the eager run's."""
+    args = [*set_option(tiny_args, "--batch-size", "48"), "--precision", precision, "--gradflow-every", "4"]
+    trainers = [Trainer(config(set_option(args, "--out-dir", str(tmp_path / name)) + graphs), torch.device("cpu"))
+                for name, graphs in (("eager", []), ("graphs", ["--cuda-graphs"]))]
+    results = []
+    for trainer in trainers:
+        rows, flows = zip(*(trainer.run_epoch(epoch) for epoch in (1, 2)))
+        test = trainer.evaluate(trainer.splits.test, "test")  # 200 images: 4 x 48 + 8
+        results.append((without_timing(list(rows)), list(flows), trainer.recorder.windows, test))
+    assert results[1] == results[0]
+    torch.testing.assert_close(trainers[1].model.state_dict(), trainers[0].model.state_dict(), rtol=0, atol=0)
+    torch.testing.assert_close(trainers[1].optimizer.state_dict(), trainers[0].optimizer.state_dict(), rtol=0, atol=0)
+    graphed = trainers[1].train_step
+    assert isinstance(graphed, GraphedStep) and graphed.images.shape == (48, 3, 32, 32)
+    assert graphed.warmup_left == WARMUP_STEPS and graphed.graph is None  # nothing captured on the CPU
+    assert [w["step_end"] for w in trainers[1].recorder.windows] == [4, 8, 15, 19]  # 11 steps an epoch
+
+
+def test_optimizer_state_loads_with_its_own_capturable_setting():
+    """A checkpoint of an eager run resumes under --cuda-graphs and back: the optimiser keeps its own
+    `capturable` (a run resumed with a CUDA graph needs the step counts on the device)."""
+    cfg = TrainConfig(model="vgg08", filters=4)
+    model = make_model(cfg)
+    eager = make_optimizer(cfg, model)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    eager.step()
+    capturable = make_optimizer(cfg, model, capturable=True)
+    load_optimizer_state(capturable, eager.state_dict())
+    assert capturable.param_groups[0]["capturable"] and not eager.param_groups[0]["capturable"]
+    step = capturable.state[next(model.parameters())]["step"]
+    assert step.dtype == torch.float32 and int(step) == 1
+    load_optimizer_state(eager, capturable.state_dict())
+    assert not eager.param_groups[0]["capturable"]
