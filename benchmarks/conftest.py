@@ -102,11 +102,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     rounds. Flow cases: one per model."""
     settings = metafunc.config.stash[SETTINGS]
     if "layer" in metafunc.fixturenames:
-        params = [(case, pass_, impl) for case in layer_cases(settings.quick, settings.compile)
-                  for pass_ in PASSES for impl in case.impls]
+        graphs = settings.device.type == "cuda"  # the CUDA-graph variants
+        params = [(case, pass_, impl) for case in layer_cases(settings.quick, settings.compile, graphs)
+                  for pass_ in PASSES for impl in case.impls(pass_)]
         metafunc.parametrize("layer", params, ids=[f"{case.group(pass_)}-{impl}" for case, pass_, impl in params])
     if "step" in metafunc.fixturenames:
-        params = [(case, impl) for case in model_cases(settings.quick) for impl in case.impls]
+        params = [(case, impl) for case in model_cases(settings.quick, settings.device.type == "cuda")
+                  for impl in case.impls]
         metafunc.parametrize("step", params, ids=[f"{case.group}-{impl}" for case, impl in params])
     if "scale" in metafunc.fixturenames:
         params = [(case, impl) for case in scaling_cases(settings.quick) for impl in SCALING_IMPLS]

@@ -12,16 +12,20 @@ that include its backward, its deterministic algorithms.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import assert_fused_trains_like_native, cudnn_flags
+from tests.helpers import assert_fused_trains_like_native, cudnn_flags, without_timing
 from tests.test_ops import BAD_INPUTS, BN_BUFFERS, Sample, assert_matches_native, make_sample
 from vggbench import ops
+from vggbench.config import TrainConfig
+from vggbench.device import configure_determinism
 from vggbench.models import build_model, unit_for
 from vggbench.models.vgg import ProcessingBlock
+from vggbench.train import Trainer, build_parser
 
 pytestmark = pytest.mark.cuda
 SMALL_GAMMAS = [0.0, 1e-9, 1e-3, 0.8, -1.3, 0.6, -0.9, 1.1]  # exactly and nearly 0: the recompute fallback
@@ -273,3 +277,109 @@ def test_cpu_running_stats_with_cuda_batch_stats_raise():
     with pytest.raises(RuntimeError, match="running_mean is on cpu but batch_mean is on cuda"):
         torch.ops.vggbench.update_running_stats_(sample.running_mean.cpu(), sample.running_var,
                                                  sample.num_batches_tracked, mean, var, None, 0.1, 100)
+
+
+# --- CUDA graphs in training: vggbench.train --cuda-graphs (vggbench/graphs.py) -------------------
+GRAPH_RUN = ["--model", "vgg38", "--variant", "bn_rc", "--impl", "fused", "--channels-last", "--dataset", "synthetic",
+             "--synthetic-train-size", "540", "--synthetic-test-size", "100", "--val-size", "100", "--batch-size", "48",
+             "--epochs", "2", "--workers", "0", "--device", "cuda", "--no-progress", "--seed", "3",
+             "--gradflow-every", "4"]  # 440 training images: 9 batches of 48 and one of 8 per epoch
+
+
+def study_trainer(tmp_path, name: str, *options: str) -> Trainer:
+    """A Trainer of fused VGG38 BN+RC, channels_last, on a small synthetic set (GRAPH_RUN plus `options`)."""
+    args = [*GRAPH_RUN, "--out-dir", str(tmp_path / name), *options]
+    cfg = TrainConfig(**vars(build_parser().parse_args(args)))
+    configure_determinism(cfg.deterministic, torch.device("cuda"))
+    return Trainer(cfg, torch.device("cuda"))
+
+
+def train_rows(trainer: Trainer, epochs: Iterable[int]) -> list[dict]:
+    """The metric rows of `epochs` without timings and the dataset's name: numbers only."""
+    return [{k: v for k, v in row.items() if k != "dataset"}
+            for row in without_timing([trainer.run_epoch(epoch)[0] for epoch in epochs])]
+
+
+def test_cuda_graph_training_matches_eager(tmp_path):
+    """Two epochs of bf16 autocast training replayed from CUDA graphs (re-captured for epoch 2's learning
+    rate; the last batch of 8 eager) stay as close to the eager run as fp32 training is to bf16's (the
+    error the precision itself makes, on this GPU), and every replay really steps: Adam's step counts
+    and BatchNorm's batch counts reach the 20 batches."""
+    graphed = study_trainer(tmp_path, "graphs", "--precision", "bf16", "--cuda-graphs")
+    rows = {"graphs": train_rows(graphed, (1, 2))}
+    for name, precision in (("eager", "bf16"), ("fp32", "fp32")):
+        rows[name] = train_rows(study_trainer(tmp_path, name, "--precision", precision), (1, 2))
+    for key in ("train_loss", "val_loss"):
+        for epoch in range(2):
+            got, eager, fp32 = (rows[name][epoch][key] for name in ("graphs", "eager", "fp32"))
+            assert abs(got - eager) <= abs(fp32 - eager) + 4 * 2**-8 * abs(eager), (key, epoch + 1, rows)
+    step = graphed.train_step
+    assert step.graph is not None and step.warmup_left == 0
+    assert step.captured_key == [rows["graphs"][1]["lr"]] != [rows["graphs"][0]["lr"]]  # captured again
+    assert graphed.eval_step.graph is not None
+    assert all(int(state["step"]) == 20 for state in graphed.optimizer.state.values())
+    tracked = [b for name, b in graphed.model.named_buffers() if name.endswith("num_batches_tracked")]
+    assert tracked and all(int(b) == 20 for b in tracked)
+    assert [e["steps"] for e in graphed.recorder.epochs] == [10, 10]
+
+
+def test_cuda_graph_training_resumes_like_uninterrupted(tmp_path):
+    """float32, deterministic: a --cuda-graphs run resumed after epoch 1 from its checkpoint state (through
+    torch.save and a CPU load, as vggbench.checkpoint does) trains epoch 2 as the uninterrupted run does,
+    although it warms up and captures afresh; an eager checkpoint resumes under graphs too."""
+    options = ("--precision", "fp32", "--deterministic")
+    uninterrupted = study_trainer(tmp_path, "full", *options, "--cuda-graphs")
+    train_rows(uninterrupted, (1,))
+    path = tmp_path / "state.pt"
+    torch.save(uninterrupted.state_dict(), path)
+    expected = train_rows(uninterrupted, (2,))
+    resumed = study_trainer(tmp_path, "resumed", *options, "--cuda-graphs")
+    resumed.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    assert resumed.optimizer.param_groups[0]["capturable"]
+    got = train_rows(resumed, (2,))
+    assert got[0] == pytest.approx(expected[0], rel=1e-5)
+    eager_start = study_trainer(tmp_path, "eager", *options)
+    train_rows(eager_start, (1,))
+    continued = study_trainer(tmp_path, "continued", *options, "--cuda-graphs")
+    continued.load_state_dict(eager_start.state_dict())
+    assert continued.train_epoch(2)["train_loss"] > 0  # a capturable optimiser continues an eager run's state
+
+
+def test_cuda_graph_evaluation_matches_eager(tmp_path):
+    """The captured eval forward gives the eager evaluation's loss and accuracy for the same weights (two
+    evaluations of 100 images: 3 batches of 48 warm up, the fourth is captured and replayed, 4 images eager)."""
+    graphed = study_trainer(tmp_path, "graphs", "--precision", "bf16", "--cuda-graphs")
+    eager = study_trainer(tmp_path, "eager", "--precision", "bf16")
+    eager.model.load_state_dict(graphed.model.state_dict())
+    for _ in range(2):  # the second evaluation replays the graph for every full batch
+        got = graphed.evaluate(graphed.splits.val, "validation")
+    assert graphed.eval_step.graph is not None
+    expected = eager.evaluate(eager.splits.val, "validation")
+    assert got == (pytest.approx(expected[0], rel=1e-6), expected[1])
+
+
+def test_cuda_graph_replays_make_no_host_sync(tmp_path):
+    """Once captured, a training step and an eval forward replay with no host sync at all
+    (torch.cuda.set_sync_debug_mode("error") raises on any)."""
+    trainer = study_trainer(tmp_path, "graphs", "--precision", "bf16", "--cuda-graphs")
+    trainer.run_epoch(1)  # training warmed up and captured, evaluation warmed up twice
+    images = torch.randn(48, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    targets = torch.randint(0, 100, (48,), device="cuda")
+    trainer.train_model.train()
+    trainer.train_step(images, targets)  # captured again: epoch 2's learning rate (a capture synchronises)
+    trainer.model.eval()
+    with torch.no_grad():
+        for _ in range(2):  # the last warm-up, then the capture
+            trainer.eval_step(images, targets)
+    trainer.train_model.train()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            trainer.train_step(images, targets)
+        trainer.model.eval()
+        with torch.no_grad():
+            trainer.eval_step(images, targets)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert trainer.train_step.graph is not None and trainer.eval_step.graph is not None

@@ -9,11 +9,13 @@ then runs, each under its share of an overall time budget:
   cuda-tests  the tests marked `cuda` (pytest -m cuda)
   memcheck    compute-sanitizer --tool memcheck on a small fused training step (if the tool exists)
   racecheck   compute-sanitizer --tool racecheck on the same step
-  bench       the GPU benchmark slice (python -m vggbench.bench --device cuda -k ...)
+  bench       the GPU benchmark slice (python -m vggbench.bench --device cuda -k ...): the 32->32
+              units and the model steps at batch 100, eager, fused and replayed from CUDA graphs
   launch      python -m vggbench.launch --gpus 1 (NCCL), 1 epoch of VGG08 BN+RC on synthetic data
 
 and writes OUT_DIR/gpu-check.json and gpu-check.md (every step's command, status, time and
-the tail of its log; the logs themselves in OUT_DIR/logs/). Exit status 0 only when every
+the tail of its log; the logs themselves in OUT_DIR/logs/; the GPU targets against the
+benchmark slice's figures). Exit status 0 only when every
 step passed; without a visible GPU it says so, writes the two files, and exits with 3.
 """
 
@@ -31,6 +33,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vggbench import nvidia_smi
+from vggbench.bench import results
+from vggbench.bench.markdown import GPU_TARGETS, target_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_GPU_STATUS = 3
@@ -157,9 +161,12 @@ def render_markdown(report: dict) -> str:
     for step in report["steps"]:
         if step["status"] not in ("passed", "skipped") and step["tail"]:
             lines += ["", f"## {step['name']}: {step['status']}", "", "```", step["tail"], "```"]
-    bench = Path(report["out_dir"]) / "bench" / "report.md"
-    if bench.is_file():
-        lines += ["", f"The benchmark slice's report: {bench}"]
+    bench = Path(report["out_dir"]) / "bench"
+    if (bench / "benchmark.json").is_file():
+        lines += ["", "## GPU targets", "", "Against the benchmark slice's figures (batch 100, channels_last, bf16):",
+                  "", *target_lines(results.load(bench / "benchmark.json"), GPU_TARGETS)]
+    if (bench / "report.md").is_file():
+        lines += ["", f"The benchmark slice's report: {bench / 'report.md'}"]
     return "\n".join(lines) + "\n"
 
 

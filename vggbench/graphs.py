@@ -32,6 +32,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -69,6 +71,39 @@ def recompute_all() -> Iterator[None]:
         yield
     finally:
         ops.RECOMPUTE = saved
+
+
+def on_stream(fn: Callable[[], Any], stream: torch.cuda.Stream) -> Any:
+    """fn() run eagerly on `stream`, ordered after the current stream's work and before its next."""
+    current = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        output = fn()
+    current.wait_stream(stream)
+    return output
+
+
+def capture(fn: Callable[[], Any], stream: torch.cuda.Stream) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """fn() recorded on `stream` into a new CUDA graph (run nothing: replay it), and its output.
+
+    `fn` must have run on `stream` before (the fused op's reduction counters of a stream are
+    created at its first call there, which a capture cannot do)."""
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: DataLoader's pin-memory thread may call CUDA while this thread captures
+    with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+        output = fn()
+    return graph, output
+
+
+def replayable(fn: Callable[[], Any], device: torch.device) -> Callable[[], None]:
+    """The replay of `fn` captured after WARMUP_STEPS calls on the capture stream (RECOMPUTE "all"
+    in all of them): a CUDA-graph variant of a benchmark's function. The warm-up calls run."""
+    stream = torch.cuda.Stream(device)
+    with recompute_all():
+        for _ in range(WARMUP_STEPS):
+            on_stream(fn, stream)
+        graph, _ = capture(fn, stream)
+    return graph.replay
 
 
 class Totals:
@@ -121,35 +156,16 @@ class GraphedStep:
             self.targets.copy_(targets)
             if not self.capture:
                 return self.step(self.images, self.targets)
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(self.images.device)
+            static_step = partial(self.step, self.images, self.targets)
             if self.warmup_left:
                 self.warmup_left -= 1
-                return self._on_side_stream()
+                return on_stream(static_step, self.stream)
             key = self.key() if self.key is not None else None
             if self.graph is None or key != self.captured_key:
-                self._capture()
+                self.graph = self.output = None  # the previous graph's memory goes back first
+                self.graph, self.output = capture(static_step, self.stream)
                 self.captured_key = key
             self.graph.replay()
             return self.output
-
-    def _side_stream(self) -> torch.cuda.Stream:
-        if self.stream is None:
-            self.stream = torch.cuda.Stream(self.images.device)
-        return self.stream
-
-    def _on_side_stream(self) -> Tensor | None:
-        """One eager step on the capture stream, ordered after and before the current stream's work."""
-        stream, current = self._side_stream(), torch.cuda.current_stream(self.images.device)
-        stream.wait_stream(current)
-        with torch.cuda.stream(stream):
-            output = self.step(self.images, self.targets)
-        current.wait_stream(stream)
-        return output
-
-    def _capture(self) -> None:
-        """Record the step into a new graph (which runs nothing: the caller replays it)."""
-        self.graph = self.output = None  # the previous graph's memory goes back first
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: DataLoader's pin-memory thread may call CUDA while this thread captures
-        with torch.cuda.graph(graph, stream=self._side_stream(), capture_error_mode="thread_local"):
-            self.output = self.step(self.images, self.targets)
-        self.graph = graph

@@ -16,6 +16,10 @@ from vggbench.bench.layer_cases import PASSES
 from vggbench.bench.model_cases import MODEL_IMPLS
 from vggbench.bench.results import Record, Results
 
+# layer implementations drawn against eager: (impl, legend)
+SPEEDUP_SERIES = (("compile", "torch.compile"), ("fused", "fused"), ("eager+graph", "eager, CUDA graph"),
+                  ("fused+graph", "fused, CUDA graph"))
+
 
 def _bars(ax, labels: list[str], series: dict[str, list[float | None]], base: float = 0.0) -> None:
     """Grouped bars from `base`: one group per label, one bar per series (None values and
@@ -30,7 +34,8 @@ def _bars(ax, labels: list[str], series: dict[str, list[float | None]], base: fl
 
 
 def speedup_chart(results: Results, path: Path) -> bool:
-    """Speedup over native eager (timed interleaved) of compile and fused, per case, one panel per pass."""
+    """Speedup over native eager (timed interleaved) of compile, fused and the CUDA-graph variants, per case,
+    one panel per pass."""
     cases = results.cases()
     panels = [p for p in PASSES if any(r.info["pass"] == p for r in results.layers)]
     if not panels:
@@ -39,7 +44,7 @@ def speedup_chart(results: Results, path: Path) -> bool:
                              squeeze=False)
     for ax, pass_ in zip(axes[:, 0], panels):
         series = {name: [r.info["speedup"] if (r := results.find(f"{case}-{pass_}", impl)) else None for case in cases]
-                  for impl, name in (("compile", "torch.compile"), ("fused", "fused"))}
+                  for impl, name in SPEEDUP_SERIES}
         ax.set_yscale("log")
         _bars(ax, cases, series, base=1.0)  # bars from 1: up is faster than eager, down slower
         ax.axhline(1.0, color="black", linewidth=0.8)
@@ -79,7 +84,7 @@ def memory_chart(results: Results, path: Path) -> bool:
 def throughput_chart(results: Results, path: Path) -> bool:
     """Training images/s per model, per implementation."""
     return _model_chart(results, path, "training images/s", lambda r: r.info["n"] / r.median_s,
-                        impls=("native", "fused", "gradflow"))  # a landscape probe is not a training step
+                        impls=("native", "fused", "gradflow", "native+graph", "fused+graph"))  # a probe is no step
 
 
 def flow_chart(results: Results, path: Path) -> bool:

@@ -10,6 +10,10 @@ builds its inputs once and, from one initial state, each implementation:
   fused    the fused op, vggbench.ops.conv_bn_act (FusedConvNormAct)
   float64  the native unit in float64 on the same (rounded) values: the numerical
            reference, not timed
+  eager+graph, fused+graph
+           CUDA only, forward+backward only: eager's or fused's forward+backward captured
+           in a CUDA graph (vggbench.graphs.replayable), timed by replaying it: what is left
+           without the launches and the host
 
 Conv weights are in the case's dtype; BatchNorm parameters and buffers stay float32 (what
 the fused op requires for bfloat16, and what native BatchNorm2d accepts).
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from vggbench.graphs import replayable
 from vggbench.memory import SavedBytes, saved_bytes
 from vggbench.models import ConvNormAct, unit_for
 
@@ -41,6 +46,9 @@ LAYOUTS: dict[str, torch.memory_format] = {"channels_last": torch.channels_last,
 PASSES: dict[str, str] = {"trainfwd": "training forward", "fwdbwd": "training forward+backward",
                           "evalfwd": "eval forward"}
 IMPLS: tuple[str, ...] = ("eager", "compile", "fused")  # timed in this order: eager is the baseline
+GRAPH_SUFFIX = "+graph"
+GRAPH_IMPLS: tuple[str, ...] = ("eager+graph", "fused+graph")  # CUDA: after IMPLS, forward+backward only
+GRAPH_PASSES: tuple[str, ...] = ("fwdbwd",)
 GRADIENTS = ("grad_input", "grad_weight", "grad_bn_weight", "grad_bn_bias", "grad_residual")
 # What each pass's errors are taken over (those present for the unit).
 PASS_TENSORS: dict[str, tuple[str, ...]] = {"trainfwd": ("out",), "fwdbwd": ("out", *GRADIENTS),
@@ -50,7 +58,8 @@ PASS_TENSORS: dict[str, tuple[str, ...]] = {"trainfwd": ("out",), "fwdbwd": ("ou
 @dataclass(frozen=True)
 class LayerCase:
     """One unit (`UNITS` id) at batch `n`, `size` x `size`, a dtype and a layout (names in
-    DTYPES, LAYOUTS); `compile`: whether the torch.compile implementation is benchmarked."""
+    DTYPES, LAYOUTS); `compile`: whether the torch.compile implementation is benchmarked;
+    `graphs`: whether the CUDA-graph variants are (CUDA only)."""
 
     unit: str
     n: int
@@ -58,6 +67,7 @@ class LayerCase:
     dtype: str
     layout: str
     compile: bool = True
+    graphs: bool = False
 
     @property
     def name(self) -> str:
@@ -68,28 +78,35 @@ class LayerCase:
         """The pytest-benchmark group of this case and pass: its implementations side by side."""
         return f"{self.name}-{pass_}"
 
-    @property
-    def impls(self) -> tuple[str, ...]:
-        """The implementations benchmarked for this case."""
-        return tuple(impl for impl in IMPLS if impl != "compile" or self.compile)
+    def impls(self, pass_: str) -> tuple[str, ...]:
+        """The implementations benchmarked for this case and pass."""
+        graphs = GRAPH_IMPLS if self.graphs and pass_ in GRAPH_PASSES else ()
+        return (*(impl for impl in IMPLS if impl != "compile" or self.compile), *graphs)
 
 
-def layer_cases(quick: bool, compile: bool = True) -> list[LayerCase]:
+def base_impl(impl: str) -> str:
+    """The implementation a CUDA-graph variant replays ("fused+graph": "fused"), or `impl`."""
+    return impl.removesuffix(GRAPH_SUFFIX)
+
+
+def layer_cases(quick: bool, compile: bool = True, graphs: bool = False) -> list[LayerCase]:
     """The cases of a run. Full: N 100 and 256, H 32/16/8, the entry and 32->32 units in
     float32 and bfloat16, channels_last and contiguous, and the 32->32 unit with a residual
-    in float32 channels_last (the study's training layout). Quick (CI): N=8, two shapes, one
-    dtype per layout, torch.compile for one case only (`compile=False`: for none)."""
+    in channels_last (the study's training layout; bfloat16 with `graphs`, the GPU's target).
+    Quick (CI): N=8, two shapes, one dtype per layout, torch.compile for one case only
+    (`compile=False`: for none). `graphs` (CUDA): with the CUDA-graph variants."""
     if quick:
         return [
-            LayerCase("res", 8, 8, "float32", "channels_last", compile=compile),
+            LayerCase("res", 8, 8, "float32", "channels_last", compile=compile, graphs=graphs),
             LayerCase("entry", 8, 16, "float32", "channels_last", compile=False),
             LayerCase("res", 8, 8, "bfloat16", "contiguous", compile=False),
             LayerCase("entry", 8, 16, "bfloat16", "contiguous", compile=False),
         ]
+    res_dtypes = ("float32", "bfloat16") if graphs else ("float32",)
     return [
-        LayerCase(unit, n, size, dtype, layout, compile=compile)
+        LayerCase(unit, n, size, dtype, layout, compile=compile, graphs=graphs)
         for n in (100, 256) for size in (32, 16, 8) for unit in UNITS for dtype in DTYPES for layout in LAYOUTS
-        if unit != "res" or (dtype, layout) == ("float32", "channels_last")
+        if unit != "res" or (dtype in res_dtypes and layout == "channels_last")
     ]
 
 
@@ -222,7 +239,9 @@ class LayerBench:
 
     # --- what the benchmarks record and time ---------------------------------------------
     def errors(self, impl: str, pass_: str) -> dict[str, dict[str, dict[str, float]]]:
-        """{"vs_eager" | "vs_float64": {tensor: error_stats}} over the tensors of `pass_`."""
+        """{"vs_eager" | "vs_float64": {tensor: error_stats}} over the tensors of `pass_` (a CUDA-graph
+        variant: its base implementation's, whose kernels it replays)."""
+        impl = base_impl(impl)
         self.module(impl)
         return {ref: {name: stats for name, stats in by_name.items() if name in PASS_TENSORS[pass_]}
                 for ref, by_name in self._errors[impl].items()}
@@ -230,7 +249,7 @@ class LayerBench:
     def saved_bytes(self, impl: str) -> SavedBytes:
         """Bytes autograd keeps for backward after a training forward; the input, residual and
         parameters are the `excluded` part."""
-        module = self.module(impl)
+        module = self.module(base_impl(impl))
         module.train()
         exclude = [t for t in (self.input, self.residual, *module.parameters()) if t is not None]
         return saved_bytes(lambda: module(self.input, residual=self.residual), exclude=exclude)
@@ -245,7 +264,10 @@ class LayerBench:
         return lambda: torch.autograd.grad(out, tensors, self.grad_out)
 
     def pass_fn(self, impl: str, pass_: str) -> Callable[[], object]:
-        """The function one round of `pass_` times (the module put in train or eval mode first)."""
+        """The function one round of `pass_` times (the module put in train or eval mode first); a
+        CUDA-graph variant: the replay of its base implementation's function, captured now."""
+        if impl != base_impl(impl):
+            return replayable(self.pass_fn(base_impl(impl), pass_), self.device)
         module = self.module(impl)
         x, residual = self._inputs()
         if pass_ == "evalfwd":

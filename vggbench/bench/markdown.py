@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from vggbench.bench.flow_cases import STAT_LABELS
-from vggbench.bench.layer_cases import PASSES, UNITS
+from vggbench.bench.layer_cases import GRAPH_IMPLS, PASSES, UNITS
 from vggbench.bench.model_cases import STEPS_PER_EPOCH
 from vggbench.bench.op_counts import PHASES
 from vggbench.bench.results import Record, Results
@@ -20,17 +20,20 @@ from vggbench.bench.surface_cases import SURFACE_GROUP
 
 KEY_CASE = "conv-N100-H32-float32-channels_last"  # the study's 32->32 unit as it trains on the CPU
 KEY_MODEL = "step-vgg38bnrc-N100-H32"
+KEY_GPU_CASE = "res-N100-H32-bfloat16-channels_last"  # the 32->32 BN+residual unit as it trains on a GPU
+KEY_GPU_MODEL = f"{KEY_MODEL}-bf16"
 
 
 @dataclass(frozen=True)
 class Target:
     """`impl` / `reference` of `metric` ("time", "median": medians of separately timed runs, or an
-    extra_info key) in `group`, divided by `per`, must be <= `limit`."""
+    extra_info key) in `group`, divided by `per`, must be <= `limit`; without a `reference`,
+    `impl`'s extra_info value of `metric` itself (a count)."""
 
     what: str
     group: str
     impl: str
-    reference: str
+    reference: str | None
     limit: float
     metric: str = "time"
     per: float = 1.0
@@ -47,6 +50,21 @@ TARGETS = (
            KEY_MODEL, "probe", "native", 0.05, per=STEPS_PER_EPOCH),
     Target("VGG38 BN+RC loss surface, 2 gloo ranks (1 thread each) vs 1 rank (1 thread)", SURFACE_GROUP,
            "2ranks", "1rank", 0.6, metric="median"),
+)
+
+
+# On one H100/H200 (`--device cuda`): batch 100, channels_last, bf16
+GPU_TARGETS = (
+    Target("VGG38 BN+RC training step (batch 100, bf16 autocast), fused vs native eager: >= 1.3x the images/s",
+           KEY_GPU_MODEL, "fused", "native", round(1 / 1.3, 3)),
+    Target("VGG38 BN+RC training step (batch 100, bf16 autocast), fused replayed from a CUDA graph vs native eager: "
+           ">= 2x the images/s", KEY_GPU_MODEL, "fused+graph", "native", 0.5),
+    Target("32->32 BN+residual unit (N=100, 32x32, bfloat16, channels_last), training forward+backward, fused vs "
+           "native eager", f"{KEY_GPU_CASE}-fwdbwd", "fused", "eager", 0.8),
+    Target("host syncs per VGG38 BN+RC training step (bf16 autocast), fused eager", KEY_GPU_MODEL, "fused", None, 0,
+           metric="host_syncs_per_step"),
+    Target("host syncs per VGG38 BN+RC training step (bf16 autocast), fused replayed from a CUDA graph",
+           KEY_GPU_MODEL, "fused+graph", None, 0, metric="host_syncs_per_step"),
 )
 
 
@@ -131,6 +149,39 @@ def _timing(settings: dict) -> str:
             f"rounds, the GPU time between events recorded before and after the call; {flush}.")
 
 
+def target_lines(results: Results, targets: Iterable[Target]) -> list[str]:
+    """One checklist line per target: PASS or FAIL with the figure of this run, or NOT MEASURED."""
+    lines = []
+    for t in targets:
+        record = results.find(t.group, t.impl)
+        if t.reference is None:
+            value = record.info.get(t.metric) if record else None
+            unit, needs = "", t.impl
+        else:
+            value = ratio(record, results.find(t.group, t.reference), t.metric)
+            unit, needs = "x", f"{t.impl} and {t.reference} in one run"
+        value = value / t.per if value is not None else None
+        if value is None:
+            lines.append(f"- [ ] NOT MEASURED: {t.what} <= {t.limit}{unit} (needs `{t.group}` {needs}: the full "
+                         "suite)")
+            continue
+        passed = value <= t.limit
+        lines.append(f"- [{'x' if passed else ' '}] {'PASS' if passed else 'FAIL'}: {t.what}: {value:.3g}{unit} "
+                     f"{'<=' if passed else '>'} {t.limit}{unit} (`{t.group}`, {t.metric.replace('_', ' ')})")
+    return lines
+
+
+def gpu_targets_section(results: Results) -> list[str]:
+    """The GPU's targets as a checklist with the figures of this run (a CUDA run only)."""
+    if results.settings.get("device", "cpu") == "cpu":
+        return []
+    return ["## GPU targets", "",
+            ("What the CUDA path promises on one H100/H200 (batch 100, channels_last, bf16), each checked against "
+             "figures of this run: a ratio of times that must not exceed the limit (a speedup of at least x is a "
+             "time ratio of at most 1/x), or a count of host syncs in one steady-state step "
+             "(torch.cuda.set_sync_debug_mode)."), "", *target_lines(results, GPU_TARGETS), ""]
+
+
 def targets_section(results: Results) -> list[str]:
     """The suite's CPU targets as a checklist with the ratios measured in this run."""
     device = results.settings.get("device", "cpu")
@@ -140,17 +191,7 @@ def targets_section(results: Results) -> list[str]:
               "that must not exceed the limit."), ""]
     if device != "cpu":
         lines += [f"Measured on {device}: the targets are the CPU's, shown for comparison.", ""]
-    for t in TARGETS:
-        value = ratio(results.find(t.group, t.impl), results.find(t.group, t.reference), t.metric)
-        value = value / t.per if value is not None else None
-        if value is None:
-            lines.append(f"- [ ] NOT MEASURED: {t.what} <= {t.limit}x (needs `{t.group}` {t.impl} and "
-                         f"{t.reference} in one run: the full suite)")
-            continue
-        passed = value <= t.limit
-        lines.append(f"- [{'x' if passed else ' '}] {'PASS' if passed else 'FAIL'}: {t.what}: {value:.3g}x "
-                     f"{'<=' if passed else '>'} {t.limit}x (`{t.group}`, {t.metric.replace('_', ' ')})")
-    return [*lines, ""]
+    return [*lines, *target_lines(results, TARGETS), ""]
 
 
 def layer_time_sections(results: Results) -> list[str]:
@@ -159,18 +200,23 @@ def layer_time_sections(results: Results) -> list[str]:
              ("Median over each benchmark's rounds, ms; in parentheses the median of the eager calls timed "
               "interleaved with those rounds, which the ratios use (time ratios, < 1: faster than the reference; "
               "on a loaded machine the two eager figures differ). compile is native under "
-              "torch.compile(dynamic=False)."), ""]
+              "torch.compile(dynamic=False); +graph (CUDA): eager's or fused's forward+backward captured in a CUDA "
+              "graph and replayed."), ""]
     for pass_, label in PASSES.items():
         rows = []
+        graphs = any(r.impl in GRAPH_IMPLS and r.info["pass"] == pass_ for r in results.layers)
         for case in results.cases():
             group = f"{case}-{pass_}"
             eager, compiled, fused = (results.find(group, impl) for impl in ("eager", "compile", "fused"))
             if eager or compiled or fused:
-                rows.append((_case_label(results, case), _timed(eager), _timed(compiled, True), _timed(fused, True),
-                             _fmt(_vs_baseline(fused)), _fmt(ratio(fused, compiled)), _fmt(_vs_baseline(compiled))))
+                row = (_case_label(results, case), _timed(eager), _timed(compiled, True), _timed(fused, True),
+                       _fmt(_vs_baseline(fused)), _fmt(ratio(fused, compiled)), _fmt(_vs_baseline(compiled)))
+                graphed = [results.find(group, impl) for impl in GRAPH_IMPLS]
+                rows.append(row + (*(_timed(r, True) for r in graphed), _fmt(_vs_baseline(graphed[-1]))) * graphs)
         if rows:
-            lines += [f"### {label}", "", *_table(
-                ("case", "eager ms", "compile ms", "fused ms", "fused/eager", "fused/compile", "compile/eager"), rows)]
+            header = ("case", "eager ms", "compile ms", "fused ms", "fused/eager", "fused/compile", "compile/eager")
+            header += ("eager+graph ms", "fused+graph ms", "fused+graph/eager") * graphs
+            lines += [f"### {label}", "", *_table(header, rows)]
     return lines
 
 
@@ -255,10 +301,12 @@ def models_section(results: Results) -> list[str]:
     rows, lines = [], []
     for group in results.model_groups():
         for r in (r for r in results.models if r.group == group):
-            impl = {"gradflow": "native + gradient-flow recording",
-                    "probe": "landscape probe (not a step)"}.get(r.impl, r.impl)
+            impl = {"gradflow": "native + gradient-flow recording", "probe": "landscape probe (not a step)",
+                    "native+graph": "native, CUDA graph replay",
+                    "fused+graph": "fused, CUDA graph replay"}.get(r.impl, r.impl)
             rows.append((f"{r.info['label']}, batch {r.info['n']}", impl, _timed(r, r.impl != "native"),
-                         f"{r.info['n'] / r.median_s:.0f}" if r.impl != "probe" else "–", _fmt(_vs_baseline(r))))
+                         f"{r.info['n'] / r.median_s:.0f}" if r.impl != "probe" else "–", _fmt(_vs_baseline(r)),
+                         str(r.info.get("host_syncs_per_step", "–"))))
             if r.impl == "gradflow":
                 lines.append(f"Gradient-flow recording ({r.info['label']}, batch {r.info['n']}): "
                              f"{(_vs_baseline(r) - 1) * 100:+.1f}% step time over native (interleaved).")
@@ -269,10 +317,13 @@ def models_section(results: Results) -> list[str]:
     if not rows:
         return []
     return ["## Model training step", "",
-            ("forward + cross-entropy + backward + Adam step, float32, channels_last, 32x32; median ms over the "
-             "benchmark's rounds, in parentheses the median of the native steps timed interleaved with them, "
-             "which time / native uses."), "",
-            *_table(("model", "implementation", "step ms", "images/s", "time / native"), rows), *lines, ""]
+            ("forward + cross-entropy + backward + Adam step, float32 (or where named under bf16 autocast), "
+             "channels_last, 32x32; median ms over the benchmark's rounds, in parentheses the median of the native "
+             "steps timed interleaved with them, which time / native uses. CUDA graph replay (CUDA): the whole "
+             "step (Adam with capturable=True) captured once and replayed, as `vggbench.train --cuda-graphs` runs "
+             "it. Host syncs (CUDA): those one steady-state step makes (torch.cuda.set_sync_debug_mode)."), "",
+            *_table(("model", "implementation", "step ms", "images/s", "time / native", "host syncs"), rows),
+            *lines, ""]
 
 
 def flow_section(results: Results) -> list[str]:
@@ -378,7 +429,8 @@ def render(results: Results, charts: Iterable[str] = ()) -> str:
          "round of compile or fused one call of native eager is timed, so every speedup pairs calls made "
          "seconds apart. Timings on a shared machine drift over hours; only these ratios compare."),
         "",
-        *machine_section(results), *targets_section(results), *layer_time_sections(results),
+        *machine_section(results), *gpu_targets_section(results), *targets_section(results),
+        *layer_time_sections(results),
         *errors_section(results), *memory_section(results), *models_section(results), *flow_section(results),
         *surface_section(results), *scaling_section(results), *op_counts_section(results),
     ]

@@ -1,8 +1,9 @@
 """Model-level cases: one training step of the study's models, native vs fused.
 
-A step is what vggbench.train does per batch (fp32, no scaler): forward, cross-entropy,
+A step is what vggbench.train does per batch (no scaler): forward, cross-entropy,
 zero_grad(set_to_none=True), backward, [gradient-flow recording], Adam step; images
-channels_last. Implementations (timed in this order; `native` is the baseline):
+channels_last; float32, or under bf16 autocast (the GPU's VGG38 BN+RC case). Implementations
+(timed in this order; `native` is the baseline):
 
   native    build_model(..., impl="native")
   fused     build_model(..., impl="fused"), loaded with the native model's initial state
@@ -11,6 +12,13 @@ channels_last. Implementations (timed in this order; `native` is the baseline):
   probe     not a step: one landscape probe (vggbench.landscape.probe, MULTIPLIERS) on the
             case's batch, what `vggbench.train --landscape-every 1` adds per epoch; its cost
             per epoch is its time over STEPS_PER_EPOCH native steps
+  native+graph, fused+graph
+            CUDA only: native's or fused's step (Adam with capturable=True) captured in a
+            CUDA graph (vggbench.graphs.replayable), timed by replaying it, as
+            `vggbench.train --cuda-graphs` runs it
+
+On CUDA every implementation also records the host syncs one step makes
+(torch.cuda.set_sync_debug_mode: count_host_syncs).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from vggbench.gradflow import GradientFlowRecorder
+from vggbench.graphs import replayable
 from vggbench.landscape.probe import probe
 from vggbench.memory import SavedBytes, saved_bytes
 from vggbench.models import VGG, build_model, model_label
@@ -32,38 +41,46 @@ MODELS: dict[str, tuple[str, str]] = {"vgg08": ("vgg08", "plain"), "vgg38bn": ("
                                       "vgg38bnrc": ("vgg38", "bn_rc"), "vgg08bnrc": ("vgg08", "bn_rc"),
                                       "vgg14bnrc": ("vgg14", "bn_rc"), "vgg98bnrc": ("vgg98", "bn_rc")}
 STEP_MODELS: tuple[str, ...] = ("vgg08", "vgg38bn", "vgg38bnrc")  # the step benchmarks' (scaling.py uses all)
-MODEL_IMPLS: tuple[str, ...] = ("native", "fused", "gradflow", "probe")
+MODEL_IMPLS: tuple[str, ...] = ("native", "fused", "gradflow", "probe", "native+graph", "fused+graph")
+GRAPH_IMPLS: tuple[str, ...] = MODEL_IMPLS[-2:]
 GRADFLOW_MODEL = "vgg38bnrc"  # gradient-flow recording and the landscape probe are measured on this model only
 STEPS_PER_EPOCH = 475  # the study's epoch: 47,500 training images in batches of 100
 
 
 @dataclass(frozen=True)
 class ModelCase:
-    """One model (`MODELS` id) trained on batches of `n` images of `size` x `size`, channels_last float32."""
+    """One model (`MODELS` id) trained on batches of `n` images of `size` x `size`, channels_last, float32
+    or (`autocast`) under bf16 autocast; `graphs`: with the CUDA-graph variants (CUDA only)."""
 
     model: str
     n: int
     size: int = 32
+    autocast: bool = False
+    graphs: bool = False
 
     @property
     def label(self) -> str:
-        """The study's name, e.g. "VGG38 BN+RC"."""
-        return model_label(*MODELS[self.model])
+        """The study's name, e.g. "VGG38 BN+RC", and "(bf16 autocast)" under autocast."""
+        return model_label(*MODELS[self.model]) + " (bf16 autocast)" * self.autocast
 
     @property
     def group(self) -> str:
-        """The pytest-benchmark group: e.g. step-vgg38bnrc-N100-H32."""
-        return f"step-{self.model}-N{self.n}-H{self.size}"
+        """The pytest-benchmark group: e.g. step-vgg38bnrc-N100-H32, step-vgg38bnrc-N100-H32-bf16."""
+        return f"step-{self.model}-N{self.n}-H{self.size}" + "-bf16" * self.autocast
 
     @property
     def impls(self) -> tuple[str, ...]:
         """The implementations benchmarked for this model."""
-        return tuple(impl for impl in MODEL_IMPLS if impl in ("native", "fused") or self.model == GRADFLOW_MODEL)
+        extras = (("gradflow", "probe") if self.model == GRADFLOW_MODEL and not self.autocast else ())
+        return ("native", "fused", *extras, *GRAPH_IMPLS * self.graphs)
 
 
-def model_cases(quick: bool) -> list[ModelCase]:
-    """The study's batch of 100 at 32x32; quick mode (CI): batches of 8."""
-    return [ModelCase(model, 8 if quick else 100) for model in STEP_MODELS]
+def model_cases(quick: bool, graphs: bool = False) -> list[ModelCase]:
+    """The study's batch of 100 at 32x32; quick mode (CI): batches of 8. With `graphs` (CUDA): the
+    CUDA-graph variants, and VGG38 BN+RC under bf16 autocast too (the GPU's targets)."""
+    n = 8 if quick else 100
+    cases = [ModelCase(model, n, graphs=graphs) for model in STEP_MODELS]
+    return cases + [ModelCase(GRADFLOW_MODEL, n, autocast=True, graphs=True)] * graphs
 
 
 class ModelBench:
@@ -82,28 +99,41 @@ class ModelBench:
 
     def model(self, impl: str) -> VGG:
         """A fresh model of `impl` in training mode, from the case's initial state."""
-        model = build_model(*MODELS[self.case.model], impl="fused" if impl == "fused" else "native")
+        fused = impl in ("fused", "fused+graph")
+        model = build_model(*MODELS[self.case.model], impl="fused" if fused else "native")
         model.load_state_dict(self.state)
         return model.to(self.device, memory_format=torch.channels_last).train()
 
     def saved_bytes(self, model: VGG) -> SavedBytes:
         """Bytes autograd keeps after a training forward; images and parameters are `excluded`."""
-        return saved_bytes(lambda: model(self.images), exclude=[self.images, *model.parameters()])
+        def forward() -> torch.Tensor:
+            with self.autocast():
+                return model(self.images)
+
+        return saved_bytes(forward, exclude=[self.images, *model.parameters()])
+
+    def autocast(self) -> torch.autocast:
+        """The case's autocast (bf16 or off); no cache: a capture forbids it, and eager steps then cast
+        as replays do."""
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.case.autocast, cache_enabled=False)
 
     def step_fn(self, model: VGG, impl: str) -> Callable[[], None]:
         """One training step of `model` (Adam, lr 1e-3), recording the gradient flow for `gradflow`;
-        for `probe`, one landscape probe instead."""
+        for `probe`, one landscape probe instead; for a CUDA-graph variant, the replay of the step
+        (captured now, after warm-up steps)."""
         if impl == "probe":
             return lambda: probe(model, lambda forward: F.cross_entropy(forward(self.images), self.targets), lr=1e-3)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        graphed = impl in GRAPH_IMPLS
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=graphed)
         recorder = GradientFlowRecorder(model) if impl == "gradflow" else None
 
         def step() -> None:
-            loss = F.cross_entropy(model(self.images), self.targets)
+            with self.autocast():
+                loss = F.cross_entropy(model(self.images).float(), self.targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if recorder is not None:
                 recorder.record()
             optimizer.step()
 
-        return step
+        return replayable(step, self.device) if graphed else step

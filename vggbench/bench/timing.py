@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -134,3 +135,17 @@ def interleaved(baseline: Callable[[], object], timing: DeviceTiming) -> tuple[C
             timing.setup()
 
     return paired_setup, seconds
+
+
+def count_host_syncs(fn: Callable[[], object]) -> int:
+    """Host syncs one call of `fn` makes on CUDA: torch.cuda.set_sync_debug_mode("warn") warns at each
+    (cudaStreamSynchronize, a device-to-host copy, .item(), a nonzero...)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every sync, not once per line
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
