@@ -33,8 +33,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vggbench import nvidia_smi
-from vggbench.bench import results
-from vggbench.bench.markdown import GPU_TARGETS, target_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_GPU_STATUS = 3
@@ -161,13 +159,21 @@ def render_markdown(report: dict) -> str:
     for step in report["steps"]:
         if step["status"] not in ("passed", "skipped") and step["tail"]:
             lines += ["", f"## {step['name']}: {step['status']}", "", "```", step["tail"], "```"]
-    bench = Path(report["out_dir"]) / "bench"
-    if (bench / "benchmark.json").is_file():
-        lines += ["", "## GPU targets", "", "Against the benchmark slice's figures (batch 100, channels_last, bf16):",
-                  "", *target_lines(results.load(bench / "benchmark.json"), GPU_TARGETS)]
-    if (bench / "report.md").is_file():
-        lines += ["", f"The benchmark slice's report: {bench / 'report.md'}"]
+    bench = Path(report["out_dir"]) / "bench" / "report.md"
+    if bench.is_file():
+        lines += ["", *gpu_targets(bench.read_text()), f"The benchmark slice's report: {bench}"]
     return "\n".join(lines) + "\n"
+
+
+def gpu_targets(bench_report: str) -> list[str]:
+    """The "## GPU targets" section of the benchmark slice's report.md (vggbench.bench.markdown checks
+    them against the slice's figures), up to the next section; none when it has no such section."""
+    lines = bench_report.splitlines()
+    if "## GPU targets" not in lines:
+        return []
+    start = lines.index("## GPU targets")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return lines[start:end]
 
 
 def write_report(out: Path, machine: dict, steps: list[Step], verdict: str) -> None:
