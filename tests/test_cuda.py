@@ -21,8 +21,11 @@ import torch.nn.functional as F
 from tests.helpers import assert_fused_trains_like_native, cudnn_flags, without_timing
 from tests.test_ops import BAD_INPUTS, BN_BUFFERS, Sample, assert_matches_native, make_sample
 from vggbench import ops
+from vggbench.bench.model_cases import ModelBench, ModelCase
+from vggbench.bench.timing import count_host_syncs
 from vggbench.config import TrainConfig
 from vggbench.device import configure_determinism
+from vggbench.graphs import WARMUP_STEPS
 from vggbench.models import build_model, unit_for
 from vggbench.models.vgg import ProcessingBlock
 from vggbench.train import Trainer, build_parser
@@ -383,3 +386,16 @@ def test_cuda_graph_replays_make_no_host_sync(tmp_path):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert trainer.train_step.graph is not None and trainer.eval_step.graph is not None
+
+
+def test_benchmark_graph_variants_replay_without_host_syncs():
+    """The benchmarks' sync counter counts a sync, and their CUDA-graph step variant runs its warm-up steps
+    then replays a whole step (BatchNorm's batch counts go 3 -> 4) with none."""
+    assert count_host_syncs(lambda: torch.ones(1, device="cuda").item()) == 1
+    bench = ModelBench(ModelCase("vgg08bnrc", 8, autocast=True, graphs=True), torch.device("cuda"))
+    model = bench.model("fused+graph")
+    replay = bench.step_fn(model, "fused+graph")
+    tracked = [b for name, b in model.named_buffers() if name.endswith("num_batches_tracked")]
+    assert tracked and all(int(b) == WARMUP_STEPS for b in tracked)  # the capture itself ran nothing
+    assert count_host_syncs(replay) == 0
+    assert all(int(b) == WARMUP_STEPS + 1 for b in tracked)

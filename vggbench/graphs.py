@@ -41,6 +41,7 @@ from torch import Tensor
 from vggbench.config import ConfigError, TrainConfig
 
 WARMUP_STEPS = 3  # eager steps on the side stream before the capture (PyTorch's documented warm-up)
+Step = Callable[[Tensor, Tensor], Tensor | None]  # step(images, targets): device work only
 
 
 def check_capturable(cfg: TrainConfig, device: torch.device, world_size: int) -> None:
@@ -135,7 +136,7 @@ class GraphedStep:
         key: captured again when its value changes (the learning rates baked into the graph).
     """
 
-    def __init__(self, step: Callable[[Tensor, Tensor], Tensor | None], batch_size: int, capture: bool,
+    def __init__(self, step: Step, batch_size: int, capture: bool,
                  key: Callable[[], object] | None = None) -> None:
         self.step, self.batch_size, self.capture, self.key = step, batch_size, capture, key
         self.images: Tensor | None = None

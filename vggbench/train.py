@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from datetime import timedelta
 from pathlib import Path
@@ -50,7 +51,7 @@ from vggbench.data import (
 from vggbench.device import autocast, choose_channels_last, choose_impl, memory_format, setup_device
 from vggbench.distributed import DistEnv, main_rank_first, process_group
 from vggbench.gradflow import GradientFlowRecorder
-from vggbench.graphs import GraphedStep, Totals, check_capturable
+from vggbench.graphs import GraphedStep, Step, Totals, check_capturable
 from vggbench.landscape.probe import LandscapeProbe
 from vggbench.models import VGG, build_model, convert_sync_batchnorm
 from vggbench.optim import load_optimizer_state, make_optimizer, make_scheduler
@@ -187,8 +188,9 @@ class Trainer:
                 dist.broadcast(buffer, src=0)
 
     # --- steps: device work only, so that --cuda-graphs can capture them ------------------------
-    def _graphed(self, step, key=None):
-        """`step` as --cuda-graphs runs it (vggbench.graphs.GraphedStep), or `step` itself."""
+    def _graphed(self, step: Step, key: Callable[[], object] | None = None) -> Step:
+        """`step` as --cuda-graphs runs it (vggbench.graphs.GraphedStep: captured again when `key()`
+        changes), or `step` itself."""
         if not self.cfg.cuda_graphs:
             return step
         return GraphedStep(step, self.cfg.batch_size, capture=self.device.type == "cuda", key=key)
@@ -197,7 +199,8 @@ class Trainer:
         """What a captured training step bakes in (captured again when it changes)."""
         return [group["lr"] for group in self.optimizer.param_groups]
 
-    def _autocast(self):
+    def _autocast(self) -> torch.autocast:
+        """--precision's autocast; without its cast-weight cache under --cuda-graphs (a capture forbids it)."""
         return autocast(self.cfg, self.device, cache_enabled=not self.cfg.cuda_graphs)
 
     def _train_step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
