@@ -11,6 +11,8 @@ every visit width.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -23,7 +25,8 @@ SPATIAL = (1, 7 * 7, 14 * 14, 28 * 28, 32 * 32)  # H * W
 # to 16 bytes), float64, float32, bfloat16/float16: the kernels narrow it to the layout
 MAX_WIDTHS = (1, 2, 4, 8)
 MAX_PARTS = 128  # blocks per channel tile of a reduction (kMaxParts)
-MAX_BLOCKS = 4096  # the elementwise passes' grid when they loop (kMaxBlocks)
+MIN_BLOCKS, MAX_BLOCKS = 256, 4096  # an elementwise grid's blocks (kMinBlocks, kMaxBlocks)
+VISITS_PER_THREAD = 8  # an elementwise thread's visits where there are enough (kVisitsPerThread)
 
 
 @pytest.fixture(autouse=True)
@@ -148,19 +151,29 @@ def test_small_grids_loop_over_every_element(layout, max_width, blocks):
         check_elementwise(*geometry(layout, 2, c, hw), max_width, blocks)
 
 
-@pytest.mark.parametrize("max_width", [1, 2])
+@pytest.mark.parametrize("max_width", MAX_WIDTHS)
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_looping_grid_keeps_each_thread_on_one_channel_at_the_study_shape(layout, max_width):
-    # batch 100, 32 channels, 32x32: more visits than MAX_BLOCKS blocks take at once
+    # batch 100, 32 channels, 32x32: a thread loops over about VISITS_PER_THREAD visits (at
+    # least MIN_BLOCKS blocks), all on the channels of its first, so it computes its lanes'
+    # coefficients once
+    numel = 100 * 32 * 32 * 32
     blocks, changes, width = check_elementwise(*geometry(layout, 100, 32, 32 * 32), max_width)
-    assert blocks * 256 * width < 100 * 32 * 32 * 32 and changes == 0
+    assert changes == 0 and blocks >= MIN_BLOCKS
+    assert VISITS_PER_THREAD / 2 <= numel / (blocks * 256 * width) <= VISITS_PER_THREAD * 2
+
+
+def test_small_tensors_take_a_visit_per_thread():
+    # 2 x 32 x 7 x 7 = 3136 elements: 13 blocks of one visit per thread, not 2 of 8
+    blocks, _, width = check_elementwise(*geometry("nchw", 2, 32, 7 * 7), 1)
+    assert (blocks, width) == (13, 1)
 
 
 def test_looping_grid_covers_channels_whose_period_does_not_fit():
-    # 255 channels of 7x7 repeat every 12495 elements, coprime to a block's 256: threads
-    # change channel as they loop
+    # 255 channels of 7x7 repeat every 12495 elements, coprime to a block's 256: no grid of at
+    # most MAX_BLOCKS blocks spans whole periods, so threads change channel as they loop
     blocks, changes, _ = check_elementwise(*geometry("nchw", 100, 255, 7 * 7), 1)
-    assert blocks == MAX_BLOCKS and changes > 0
+    assert blocks == math.ceil(100 * 255 * 49 / (256 * VISITS_PER_THREAD)) and changes > 0
 
 
 @pytest.mark.parametrize(

@@ -183,8 +183,8 @@ int* arrival_counters(int64_t channels) {
   return b.current.mutable_data_ptr<int>();
 }
 
-// Visits a reduction thread loads before adding them: loads in flight hide memory latency.
-constexpr int kLoadsInFlight = 4;
+// Visits a thread loads before using them: loads in flight hide the memory's latency.
+constexpr int kVisitsInFlight = 4;
 
 // Block (tile, part) = (blockIdx.x, blockIdx.y) of the one-launch reduction of Source's
 // kSums sums per channel (grid::Reduction). Each thread adds its visits lane by lane (NHWC:
@@ -214,14 +214,14 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int k = 0; k < V; ++k) lanes[k] = src.lane(cur.lane_channel(k));
     while (cur.valid()) {
-      typename Source::Visit visits[kLoadsInFlight];
+      typename Source::Visit visits[kVisitsInFlight];
       int n = 0;
 #pragma unroll
-      for (int u = 0; u < kLoadsInFlight; ++u) {
+      for (int u = 0; u < kVisitsInFlight; ++u) {
         if (cur.valid()) visits[u] = src.load(cur.offset()), cur.advance(), ++n;
       }
 #pragma unroll
-      for (int u = 0; u < kLoadsInFlight; ++u) {
+      for (int u = 0; u < kVisitsInFlight; ++u) {
         if (u >= n) continue;
 #pragma unroll
         for (int k = 0; k < V; ++k) src.add(visits[u], k, lanes[k], sums[k]);
@@ -268,6 +268,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t c = s.slot_channel(tile, f.slot_of(q));
     acc_t sum = acc_t(0);
     // L2 loads: __ldcg skips the L1, which may hold stale lines of other blocks' partials
+#pragma unroll 8
     for (int p = f.first_part(q); p < s.parts; p += f.groups) {
       sum += __ldcg(partials + s.partial_slot(f.sum_of(q), p, c));
     }
@@ -487,18 +488,33 @@ struct LaneCoefficients<Co, V, false> {
 };
 
 // Grid-stride loop of an elementwise pass over a (outer, channels, inner) tensor
-// (grid::ElementCursor, visits of V lanes): body(index, lanes, coefficients) for every
-// visit, coefficients(k) = per_channel(lane k's channel).
-template <int V, bool kAcross, typename PerChannel, typename Body>
+// (grid::ElementCursor, visits of V lanes), kVisitsInFlight visits loaded at a time:
+// apply(index, lanes, load(index, lanes), coefficients) for every visit, with
+// coefficients(k) = per_channel(lane k's channel).
+template <int V, bool kAcross, typename PerChannel, typename Load, typename Apply>
 __device__ void for_each_visit(int64_t numel, int64_t channels, int64_t inner,
-                               const PerChannel& per_channel, const Body& body) {
+                               const PerChannel& per_channel, const Load& load,
+                               const Apply& apply) {
   using Co = decltype(per_channel(int64_t{0}));
+  using Visit = decltype(load(int64_t{0}, 0));
   LaneCoefficients<Co, V, kAcross> co;
-  for (grid::ElementCursor cur(numel, channels, inner, blockIdx.x, threadIdx.x, gridDim.x,
-                               blockDim.x, V);
-       cur.valid(); cur.advance()) {
-    co.update(cur.channel, per_channel);
-    body(cur.index, cur.lanes(), [&](int k) { return co.of(cur.channel, k); });
+  grid::ElementCursor cur(numel, channels, inner, blockIdx.x, threadIdx.x, gridDim.x,
+                          blockDim.x, V);
+  while (cur.valid()) {
+    grid::ElementCursor at[kVisitsInFlight];
+    Visit visits[kVisitsInFlight];
+    int n = 0;
+#pragma unroll
+    for (int u = 0; u < kVisitsInFlight; ++u) {
+      if (cur.valid()) at[u] = cur, visits[u] = load(cur.index, cur.lanes()), cur.advance(), ++n;
+    }
+#pragma unroll
+    for (int u = 0; u < kVisitsInFlight; ++u) {
+      if (u >= n) break;
+      co.update(at[u].channel, per_channel);
+      apply(at[u].index, at[u].lanes(), visits[u],
+            [&](int k) { return co.of(at[u].channel, k); });
+    }
   }
 }
 
@@ -519,23 +535,26 @@ unsigned elementwise_blocks(const Geometry& g, int width) {
 
 // ---- normalize_act ------------------------------------------------------------------------
 
-// `y` may be `z`: each visit is read before it is written.
+// `y` may be `z`: each element is read before it is written.
 template <typename scalar_t, int V, bool kAcross>
 __global__ void __launch_bounds__(kThreads)
     normalize_act_kernel(const scalar_t* z, AffineOperands<scalar_t> affine, const scalar_t* res,
                          at::opmath_type<scalar_t> slope, scalar_t* y, int64_t numel,
                          int64_t channels, int64_t inner) {
   using acc_t = at::opmath_type<scalar_t>;
+  struct Visit {
+    Lanes<scalar_t, V> z, res;
+  };
   for_each_visit<V, kAcross>(
       numel, channels, inner, [&](int64_t c) { return affine.of(c); },
-      [&](int64_t i, int n, const auto& coefficients) {
-        const Lanes<scalar_t, V> zs = load_lanes<V>(z + i, n), rs = load_optional<V>(res, i, n);
+      [&](int64_t i, int n) { return Visit{load_lanes<V>(z + i, n), load_optional<V>(res, i, n)}; },
+      [&](int64_t i, int n, const Visit& in, const auto& coefficients) {
         Lanes<scalar_t, V> out;
 #pragma unroll
         for (int k = 0; k < V; ++k) {
           const auto co = coefficients(k);
-          acc_t v = static_cast<acc_t>(zs.v[k]) * co.scale + co.shift;
-          if (res) v += static_cast<acc_t>(rs.v[k]);
+          acc_t v = static_cast<acc_t>(in.z.v[k]) * co.scale + co.shift;
+          if (res) v += static_cast<acc_t>(in.res.v[k]);
           out.v[k] = static_cast<scalar_t>(math::leaky_relu(v, slope));
         }
         store_lanes<V>(y + i, out, n);
@@ -593,8 +612,10 @@ __global__ void __launch_bounds__(kThreads)
     return co;
   };
   for_each_visit<V, kAcross>(
-      numel, channels, inner, coefficients_of, [&](int64_t i, int lanes, const auto& coefficients) {
-        const BackwardView<scalar_t> lv = load_backward<V>(v, i, lanes).template view<kXhat>(v);
+      numel, channels, inner, coefficients_of,
+      [&](int64_t i, int lanes) { return load_backward<V>(v, i, lanes); },
+      [&](int64_t i, int lanes, const BackwardLanes<scalar_t, V>& in, const auto& coefficients) {
+        const BackwardView<scalar_t> lv = in.template view<kXhat>(v);
         Lanes<scalar_t, V> gz, gr;
 #pragma unroll
         for (int k = 0; k < V; ++k) {

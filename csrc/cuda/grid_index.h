@@ -23,7 +23,9 @@ constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kMaxParts = 128;            // blocks per channel (tile) in a reduction
 constexpr int kMinVisits = 4;             // a reduction thread's visits per part, at least
 constexpr int64_t kTargetBlocks = 1024;   // a reduction's grid: about one wave of a large GPU
-constexpr int64_t kMaxBlocks = 4096;      // elementwise grid; grid-stride beyond
+constexpr int64_t kVisitsPerThread = 8;   // an elementwise thread's visits, where there are enough
+constexpr int64_t kMinBlocks = 256;       // an elementwise grid, at least (or a visit per thread)
+constexpr int64_t kMaxBlocks = 4096;      // an elementwise grid, at most
 
 VGGBENCH_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -152,18 +154,22 @@ struct Finish {
 
 // ---- Elementwise passes: a grid-stride loop over the flat index ---------------------------
 
-// Blocks of an elementwise pass: a visit per thread where that takes at most kMaxBlocks,
-// else a grid-stride loop. A flat index's channel repeats with period channels * inner;
-// where it fits, the stride (blocks * kThreads * width) is a multiple of that period, so a
-// thread's visits all start on one channel and it computes its per-channel coefficients once.
-inline int64_t elementwise_blocks(int64_t outer, int64_t channels, int64_t inner, int width = 1) {
+// Blocks of an elementwise pass, a grid-stride loop: kVisitsPerThread visits per thread
+// (a thread's per-channel coefficients, a few divisions and a square root per lane, cost as
+// much as several visits), but at least kMinBlocks blocks to spread over the GPU (fewer where
+// a visit per thread needs fewer), at most kMaxBlocks. A flat index's channel repeats with
+// period channels * inner; where it fits, the stride (blocks * kThreads * width) is a
+// multiple of that period, so a thread's visits all start on one channel (NHWC: its lanes
+// stay on the same channels) and it computes its coefficients once.
+inline int64_t elementwise_blocks(int64_t outer, int64_t channels, int64_t inner, int width) {
   const int64_t per_block = int64_t{kThreads} * width;
-  const int64_t blocks = ceil_div(outer * channels * inner, per_block);
-  if (blocks <= kMaxBlocks) return blocks;
+  const int64_t visits = ceil_div(outer * channels * inner, per_block);  // per thread of 1 block
+  const int64_t blocks = std::clamp(ceil_div(visits, kVisitsPerThread),
+                                    std::min(visits, kMinBlocks), kMaxBlocks);
   const int64_t period = channels * inner;
   // the fewest blocks whose threads span whole periods
   const int64_t unit = period / std::gcd(period, per_block);
-  return unit <= kMaxBlocks ? kMaxBlocks / unit * unit : kMaxBlocks;
+  return unit <= blocks ? blocks / unit * unit : blocks;
 }
 
 // The channel (idx / inner) % channels of a grid-stride index, kept up to date as idx
@@ -171,6 +177,7 @@ inline int64_t elementwise_blocks(int64_t outer, int64_t channels, int64_t inner
 struct ChannelCursor {
   int64_t inner, channels, i, c, step_i, step_c;
 
+  ChannelCursor() = default;
   VGGBENCH_HD ChannelCursor(int64_t idx, int64_t stride, int64_t inner, int64_t channels)
       : inner(inner), channels(channels), i(idx % inner), c((idx / inner) % channels),
         step_i(stride % inner), step_c((stride / inner) % channels) {}
@@ -202,6 +209,7 @@ struct ElementCursor {
   ChannelCursor channel;
   int width;
 
+  ElementCursor() = default;
   VGGBENCH_HD ElementCursor(int64_t numel, int64_t channels, int64_t inner, int64_t block,
                             int64_t thread, int64_t blocks, int64_t threads, int width)
       : numel(numel), index((block * threads + thread) * width),
