@@ -69,6 +69,7 @@ using grid::kThreads;
 template <typename T>
 constexpr int kVector = 16 / static_cast<int>(sizeof(T));
 
+// A visit's lanes, aligned to their size: one load or store moves them all.
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Lanes {
   T v[V];
@@ -145,8 +146,10 @@ void with_width(int width, const F& f) {
 
 // ---- Reductions: block (tile, part) -> partials[w][part][c] -> the tile's last block ------
 
-// Per-channel arrival counters of the reductions: zero between calls (the last block of a
-// tile resets its counter), so no launch re-zeroes them. One buffer per (device, stream):
+// Arrival counters of the reductions, one per channel (a reduction counts its tiles' blocks,
+// at most one tile per channel; sized by channels, so that warming up with the channels of a
+// layout serves the other layout too): zero between calls (the last block of a tile resets
+// its counter), so no launch re-zeroes them. One buffer per (device, stream):
 // calls on different streams may run concurrently and must not share counters; calls on one
 // stream run in order. A buffer is zeroed once, when created or grown (on its own stream,
 // so before any kernel that uses it); retired buffers are kept, as a captured CUDA graph
@@ -295,7 +298,7 @@ void launch_reduction(const grid::Reduction& s, const Source& src,
   using acc_t = typename Source::acc_t;
   TORCH_CHECK(s.tiles <= INT_MAX, "vggbench: ", s.channels, " channels exceed the CUDA grid");
   const Tensor partials = at::empty({Source::kSums, s.parts, s.channels}, options);
-  int* const arrivals = arrival_counters(s.tiles);
+  int* const arrivals = arrival_counters(s.channels);
   const dim3 grid(static_cast<unsigned>(s.tiles), static_cast<unsigned>(s.parts));
   reduce_kernel<V><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       s, src, partials.mutable_data_ptr<acc_t>(), arrivals);
