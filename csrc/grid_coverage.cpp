@@ -17,69 +17,89 @@ using Tensor = at::Tensor;
 // Enough for every shape the tests take, small enough for a test machine's memory.
 constexpr int64_t kMaxElements = int64_t{1} << 26;
 
-void check_geometry(int64_t outer, int64_t channels, int64_t inner, int64_t width) {
+void check_geometry(int64_t outer, int64_t channels, int64_t inner, int64_t max_width) {
   TORCH_CHECK(outer > 0 && channels > 0 && inner > 0,
               "_grid_coverage: outer, channels and inner must be positive, got ", outer, ", ",
               channels, ", ", inner);
-  TORCH_CHECK(width >= 1 && width <= 16, "_grid_coverage: width must be 1 to 16 elements, got ",
-              width);
+  TORCH_CHECK(max_width == 1 || max_width == 2 || max_width == 4 || max_width == 8 ||
+                  max_width == 16,
+              "_grid_coverage: max_width must be 1, 2, 4, 8 or 16 elements, got ", max_width);
   TORCH_CHECK(outer * channels * inner <= kMaxElements, "_grid_coverage: at most ",
               kMaxElements, " elements, got ", outer * channels * inner);
 }
 
-// hits, channel and part of every element, (outer, channels, inner); slot_hits (sums,
-// channels, parts): the writes each partial slot receives.
-std::tuple<Tensor, Tensor, Tensor, Tensor> reduction_coverage(int64_t outer, int64_t channels,
-                                                              int64_t inner, int64_t width,
-                                                              int64_t sums) {
-  check_geometry(outer, channels, inner, width);
-  TORCH_CHECK(sums > 0, "_grid_coverage_reduction: sums must be positive, got ", sums);
-  const grid::Split s = grid::split_of(outer, channels, inner, static_cast<int>(width));
+// Per element (outer, channels, inner): hits, the channel of the lane that visits it and of
+// the block's slot its value is summed into (-1 if none), its part; slot_hits (sums, parts,
+// channels): the blocks' writes of each partial slot; finish_reads (same shape): the reads of
+// each slot by its tile's last block; the width.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int64_t> reduction_coverage(
+    int64_t outer, int64_t channels, int64_t inner, int64_t max_width, int64_t sums) {
+  check_geometry(outer, channels, inner, max_width);
+  TORCH_CHECK(sums > 0 && sums <= grid::kWarps, "_grid_coverage_reduction: sums must be 1 to ",
+              grid::kWarps, ", got ", sums);
+  const grid::Reduction s =
+      grid::reduction_of(outer, channels, inner, static_cast<int>(max_width));
   const auto options = at::TensorOptions().dtype(at::kInt);
   Tensor hits = at::zeros({outer, channels, inner}, options);
   Tensor channel = at::full({outer, channels, inner}, -1, options);
+  Tensor slot_channel = at::full({outer, channels, inner}, -1, options);
   Tensor part = at::full({outer, channels, inner}, -1, options);
-  Tensor slot_hits = at::zeros({sums, channels, s.parts}, options);
+  Tensor slot_hits = at::zeros({sums, s.parts, channels}, options);
+  Tensor finish_reads = at::zeros({sums, s.parts, channels}, options);
   int32_t *hit = hits.data_ptr<int32_t>(), *chan = channel.data_ptr<int32_t>(),
-          *prt = part.data_ptr<int32_t>(), *slot = slot_hits.data_ptr<int32_t>();
-  // block (c, p) = (blockIdx.x, blockIdx.y), as fused_unit_kernel.cu launches it
-  for (int64_t p = 0; p < s.parts; ++p) {
-    for (int64_t c = 0; c < channels; ++c) {
-      for (int64_t t = 0; t < grid::kThreads; ++t) {
-        grid::SliceCursor cur(s, c, p, t, grid::kThreads, static_cast<int>(width));
-        for (; cur.valid(); cur.advance()) {
-          for (int k = 0; k < cur.lanes(); ++k) {
-            const int64_t offset = cur.lane_offset(k);
+          *slot_chan = slot_channel.data_ptr<int32_t>(), *prt = part.data_ptr<int32_t>(),
+          *slot = slot_hits.data_ptr<int32_t>(), *reads = finish_reads.data_ptr<int32_t>();
+  const auto slot_index = [&](int64_t w, int64_t p, int64_t c, const char* who) {
+    const int64_t k = s.partial_slot(static_cast<int>(w), p, c);
+    TORCH_CHECK(k >= 0 && k < slot_hits.numel(), "_grid_coverage_reduction: ", who,
+                " partial slot ", k, " out of bounds");
+    return k;
+  };
+  // block (tile, part) = (blockIdx.x, blockIdx.y), as fused_unit_kernel.cu launches it
+  for (int64_t t = 0; t < s.tiles; ++t) {
+    const int64_t n = s.tile_channels(t);
+    for (int64_t p = 0; p < s.parts; ++p) {
+      for (int thread = 0; thread < grid::kThreads; ++thread) {
+        for (grid::SliceCursor cur(s, t, p, thread); cur.valid(); cur.advance()) {
+          for (int k = 0; k < s.width; ++k) {
+            const int64_t offset = cur.offset() + k;
             TORCH_CHECK(offset >= 0 && offset < hits.numel(), "_grid_coverage_reduction: block (",
-                        c, ", ", p, ") thread ", t, " visits offset ", offset, " out of bounds");
-            ++hit[offset];
-            chan[offset] = static_cast<int32_t>(c), prt[offset] = static_cast<int32_t>(p);
+                        t, ", ", p, ") thread ", thread, " visits offset ", offset,
+                        " out of bounds");
+            const int sl = s.slot_of(thread % s.tx, k);
+            ++hit[offset], prt[offset] = static_cast<int32_t>(p);
+            chan[offset] = static_cast<int32_t>(cur.lane_channel(k));
+            slot_chan[offset] = sl < n ? static_cast<int32_t>(s.slot_channel(t, sl)) : -2;
           }
         }
       }
-      for (int w = 0; w < sums; ++w) {
-        const int64_t k = grid::partial_slot(s, w, c, p);
-        TORCH_CHECK(k >= 0 && k < slot_hits.numel(), "_grid_coverage_reduction: block (", c,
-                    ", ", p, ") writes partial slot ", k, " out of bounds");
-        ++slot[k];
+      for (int64_t sl = 0; sl < n; ++sl) {
+        for (int64_t w = 0; w < sums; ++w) ++slot[slot_index(w, p, s.slot_channel(t, sl), "block")];
+      }
+    }
+    // the tile's last block: every task of the finish
+    const grid::Finish f(static_cast<int>(sums), n);
+    TORCH_CHECK(f.groups == 1 || f.tasks() <= grid::kThreads,
+                "_grid_coverage_reduction: finish tasks exceed the block");
+    for (int q = 0; q < f.tasks(); ++q) {
+      for (int64_t p = f.first_part(q); p < s.parts; p += f.groups) {
+        ++reads[slot_index(f.sum_of(q), p, s.slot_channel(t, f.slot_of(q)), "finish")];
       }
     }
   }
-  return {hits, channel, part, slot_hits};
+  return {hits, channel, slot_channel, part, slot_hits, finish_reads, s.width};
 }
 
-// hits and channel (as the thread's cursor sees it) of every element, (outer, channels,
-// inner); the grid's blocks (`blocks`, or with -1 the passes' own grid); how often a
-// thread's channel changed between its visits, over all threads.
-std::tuple<Tensor, Tensor, int64_t, int64_t> elementwise_coverage(int64_t outer,
-                                                                  int64_t channels,
-                                                                  int64_t inner, int64_t width,
-                                                                  int64_t blocks) {
-  check_geometry(outer, channels, inner, width);
+// hits and channel (as the thread's cursor gives it for the lane) of every element,
+// (outer, channels, inner); the grid's blocks (`blocks`, or with -1 the passes' own grid);
+// how often a thread's channel changed between its visits, over all threads; the width.
+std::tuple<Tensor, Tensor, int64_t, int64_t, int64_t> elementwise_coverage(
+    int64_t outer, int64_t channels, int64_t inner, int64_t max_width, int64_t blocks) {
+  check_geometry(outer, channels, inner, max_width);
   TORCH_CHECK(blocks > 0 || blocks == -1,
               "_grid_coverage_elementwise: blocks must be positive or -1 (the passes' grid), got ",
               blocks);
-  const int w = static_cast<int>(width);
+  const int w = grid::elementwise_width(channels, inner, static_cast<int>(max_width));
   if (blocks == -1) blocks = grid::elementwise_blocks(outer, channels, inner, w);
   const int64_t numel = outer * channels * inner;
   const auto options = at::TensorOptions().dtype(at::kInt);
@@ -101,7 +121,7 @@ std::tuple<Tensor, Tensor, int64_t, int64_t> elementwise_coverage(int64_t outer,
       }
     }
   }
-  return {hits, channel, blocks, changes};
+  return {hits, channel, blocks, changes, w};
 }
 
 }  // namespace
@@ -109,17 +129,19 @@ std::tuple<Tensor, Tensor, int64_t, int64_t> elementwise_coverage(int64_t outer,
 
 TORCH_LIBRARY_FRAGMENT(vggbench, m) {
   // The CUDA reductions' partitioning (cuda/grid_index.h) for an (outer, channels, inner)
-  // tensor, visits of `width` elements, `sums` sums per channel: (hits, channel, part) per
-  // element (how many visits it got; the channel and part of the last block that visited
-  // it, -1 if none) and slot_hits (sums, channels, parts), the writes of each partial slot.
-  m.def("_grid_coverage_reduction(int outer, int channels, int inner, int width, int sums)"
-        " -> (Tensor, Tensor, Tensor, Tensor)",
+  // tensor, visits of at most `max_width` elements, `sums` sums per channel: (hits, channel,
+  // slot_channel, part) per element (visits; the channel its lane takes it for and the
+  // channel of the block's slot it is summed into, -1 if none, -2 for a slot past the tile;
+  // its part), slot_hits and finish_reads (sums, parts, channels): the blocks' writes and the
+  // finishing blocks' reads of each partial slot, and the width.
+  m.def("_grid_coverage_reduction(int outer, int channels, int inner, int max_width, int sums)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int)",
         &vggbench::reduction_coverage);
   // The CUDA elementwise passes' grid-stride loop over the same tensor, with `blocks`
   // blocks (-1: the passes' own grid): (hits, channel) per element (channel: the visiting
-  // thread's cursor's, -1 if none), the blocks, and the channel changes between a thread's
-  // visits summed over threads (per-channel coefficients recomputed).
-  m.def("_grid_coverage_elementwise(int outer, int channels, int inner, int width, int blocks)"
-        " -> (Tensor, Tensor, int, int)",
+  // thread's cursor's for the lane, -1 if none), the blocks, the channel changes between a
+  // thread's visits summed over threads (per-channel coefficients recomputed), and the width.
+  m.def("_grid_coverage_elementwise(int outer, int channels, int inner, int max_width, int blocks)"
+        " -> (Tensor, Tensor, int, int, int)",
         &vggbench::elementwise_coverage);
 }

@@ -196,28 +196,74 @@ def test_side_streams_run_concurrently():
         assert all(torch.equal(a, b) for a, b in zip(g, e))
 
 
-# --- shapes that exercise the grid partitioning ---------------------------------------------------
-SHAPES = {  # label: make_sample options
-    # channel reductions whose last chunk is shorter than the others (N*H*W = 9583, prime-ish)
-    "uneven-chunks": dict(n=7, c=16, k=48, size=37),
-    "uneven-chunks-channels_last": dict(n=7, c=16, k=48, size=37, layout="channels_last"),
-    # contiguous outputs beyond one elementwise grid stride, H*W not dividing it
-    "28x28-contiguous": dict(n=64, c=32, k=64, size=28),
-    "14x14-contiguous": dict(n=64, c=64, k=128, size=14),
-    "7x7-512-contiguous": dict(n=64, c=128, k=512, size=7),
-    "7x7-512-channels_last": dict(n=64, c=128, k=512, size=7, layout="channels_last"),
+# --- shapes that exercise the grid partitioning (csrc/cuda/grid_index.h) ----------------------
+SHAPES = {  # label: (activation dtype, make_sample options)
+    # channel reductions whose last part is shorter than the others (N*H*W = 9583, prime-ish)
+    "uneven-chunks": (torch.float32, dict(n=7, c=16, k=48, size=37)),
+    "uneven-chunks-channels_last": (torch.float32, dict(n=7, c=16, k=48, size=37, layout="channels_last")),
+    "uneven-chunks-channels_last-float16": (torch.float16, dict(n=7, c=16, k=48, size=37, layout="channels_last")),
+    # contiguous outputs beyond one elementwise grid stride, H*W not dividing it; vectors of
+    # 4 (float32) or 8 (bfloat16/float16) along rows that straddle two channels (14x14, 7x7)
+    "28x28-contiguous": (torch.float32, dict(n=64, c=32, k=64, size=28)),
+    "28x28-contiguous-bfloat16": (torch.bfloat16, dict(n=64, c=32, k=64, size=28)),
+    "14x14-contiguous": (torch.float32, dict(n=64, c=64, k=128, size=14)),
+    "14x14-contiguous-bfloat16": (torch.bfloat16, dict(n=64, c=64, k=128, size=14)),
+    "7x7-contiguous-float16": (torch.float16, dict(n=32, c=64, k=96, size=7)),
+    "7x7-512-contiguous": (torch.float32, dict(n=64, c=128, k=512, size=7)),
+    # channels_last: tiles of channels x rows; 512 channels in several tiles, many parts
+    "7x7-512-channels_last": (torch.float32, dict(n=64, c=128, k=512, size=7, layout="channels_last")),
+    "7x7-512-channels_last-bfloat16": (torch.bfloat16, dict(n=64, c=128, k=512, size=7, layout="channels_last")),
+    "32x32-channels_last-bfloat16": (torch.bfloat16, dict(n=64, c=32, k=32, size=32, layout="channels_last")),
+    # channel counts no vector divides: scalar loads across channels, idle threads in a tile
+    # (3: 4 threads across), a second tile of one channel (33)
+    "3-channels_last": (torch.float32, dict(n=16, c=8, k=3, size=20, layout="channels_last")),
+    "33-channels_last-bfloat16": (torch.bfloat16, dict(n=16, c=8, k=33, size=20, layout="channels_last")),
+    # 600 channels: 5 tiles of 128 (float32), the last of 88
+    "600-channels_last": (torch.float32, dict(n=8, c=32, k=600, size=9, layout="channels_last")),
 }
 
 
 @pytest.mark.parametrize("label", list(SHAPES))
 def test_large_shapes_match_native(label):
     """Training then eval calls (residual, conv bias) match native against float64 at shapes
-    with many blocks per channel, uneven last chunks, up to 512 channels, grid-stride loops."""
-    sample = make_sample(label, "cuda", torch.float32, True, bias=True, residual=True, **SHAPES[label])
+    with many blocks per channel, uneven last parts, up to 600 channels, grid-stride loops, and
+    vector visits across channels and along rows."""
+    dtype, shape = SHAPES[label]
+    sample = make_sample(label, "cuda", dtype, True, bias=True, residual=True, **shape)
     ref = sample.cast(torch.float64)
     assert_matches_native(sample, ref, seed=1)
     sample.training = ref.training = False
     assert_matches_native(sample, ref, seed=2)
+
+
+def at_offset(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A copy of t (contiguous or channels_last, as t) starting `offset` elements into a bigger
+    buffer: the pointer a slice of a bigger tensor hands the op."""
+    n, c, h, w = t.shape
+    flat = torch.zeros(t.numel() + offset, dtype=t.dtype, device=t.device)[offset:]
+    if t.is_contiguous():
+        out = flat.view(n, c, h, w)
+    else:
+        out = flat.view(n, h, w, c).permute(0, 3, 1, 2)
+    out.copy_(t.detach())
+    return out.requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize("offset", [1, 8], ids=["misaligned", "aligned-slice"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_residual_at_any_storage_offset(dtype, layout, offset, recompute):
+    """A residual one element past a 16-byte boundary (scalar loads in every pass that reads
+    it), or 8 elements past it (16 bytes for bfloat16/float16: vector loads again), matches
+    native, and the forward output is bit for bit the one of an aligned residual (the
+    per-element maths is the same whatever the loads)."""
+    sample = make_sample(f"offset-{layout}", "cuda", dtype, True, n=6, c=16, k=32, size=14, bias=True,
+                         residual=True, layout=layout)
+    aligned = ops.conv_bn_act(**copy.deepcopy(sample).kwargs()).detach()
+    sample.residual = at_offset(sample.residual, offset)
+    assert sample.residual.storage_offset() == offset
+    assert_matches_native(sample, sample.cast(torch.float64))
+    assert torch.equal(ops.conv_bn_act(**sample.kwargs()).detach(), aligned)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -229,12 +275,14 @@ def test_low_precision_recompute_matches_native(dtype, layout, recompute):
     assert_matches_native(sample, sample.cast(torch.float64))
 
 
+@pytest.mark.parametrize("n", [9, 32], ids=["few-parts", "many-parts"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_reductions_repeat_bit_for_bit(dtype, layout, recompute):
+def test_reductions_repeat_bit_for_bit(dtype, layout, n, recompute):
     """The same training call twice gives identical outputs, statistics, gradients and buffers:
-    the reductions combine their parts in a fixed order (cuDNN deterministic here)."""
-    sample = make_sample("repeat", "cuda", dtype, True, n=9, c=32, k=64, size=29, bias=True, residual=True,
+    the reductions combine their parts in a fixed order (cuDNN deterministic here), also with
+    the most parts per tile, added by several threads per channel in the finish (n=32)."""
+    sample = make_sample("repeat", "cuda", dtype, True, n=n, c=32, k=64, size=29, bias=True, residual=True,
                          gamma=gammas(64), layout=layout)
     first, second = (run_op(s) for s in (copy.deepcopy(sample), copy.deepcopy(sample)))
     assert all(torch.equal(a, b) for a, b in zip(first, second))

@@ -7,15 +7,25 @@
 // arrival counters' one-time zeroing below) and nothing is read on the host: everything runs
 // on the current stream of the tensors' device.
 //
-// Reductions are deterministic: block (c, p) sums a fixed slice of channel c into
-// partials[w][c][p] (w: which sum), and the block of channel c that finishes last adds the
-// parts in order p = 0, 1, ... (PyTorch's Reduce.cuh "last block" pattern), so results
-// depend only on the shape. The only atomic is the per-channel arrival count; no value is
-// added atomically.
-//
-// With inner == 1 (NHWC) a reduction block's loads are strided by C; the blocks of one
-// slice run side by side (c is the fastest grid index), so neighbouring channels share
-// those cache lines in L2.
+// Memory access, as the fastest NHWC BatchNorm kernels do it (grid_index.h has the index
+// maths): a thread visits V consecutive elements with one 16-byte load or store (V = 16 /
+// sizeof(scalar_t)) where the pointers are aligned and the layout allows, else one element.
+// - Reductions (batch_stats, backward_reduce), one launch each. NHWC: a block is a tile of
+//   channels x rows, threads across consecutive channels (a warp reads whole runs of a row)
+//   and rows across the rest of the block. NCHW: a block is one channel, the threads along
+//   its rows. Each thread keeps a few loads in flight, the block combines its rows with warp
+//   shuffles and then its warps in order through shared memory, and stores its sums at
+//   partials[w][part][c] (consecutive channels consecutive). The block of a tile that
+//   arrives last (PyTorch's Reduce.cuh "last block" pattern) adds the parts, its threads
+//   spread over the tile's channels and sums (and, where those leave threads idle, over
+//   interleaved runs of parts combined in a fixed tree), and writes the channels' results.
+//   Every order of addition depends on the shape only, so results are deterministic; the
+//   only atomic is the per-tile arrival count.
+// - Elementwise passes (normalize_act, backward_apply): a grid-stride loop of visits; NHWC
+//   lanes are consecutive channels, each with its per-channel coefficients in registers; NCHW
+//   lanes run along a row and take the coefficients of its channel, or of the next channel
+//   past the row's end (rows of 7x7, 14x14: visits straddle rows). Coefficients are
+//   recomputed only when a thread's channel changes (the grid keeps it fixed where it can).
 #include "../affine_view.h"
 #include "../backward_view.h"
 #include "grid_index.h"
@@ -33,6 +43,8 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdint>
+#include <initializer_list>
 #include <map>
 #include <mutex>
 #include <type_traits>
@@ -46,27 +58,98 @@
 namespace vggbench {
 namespace {
 
-// The grid partitioning (which block and thread covers which elements) is grid_index.h's,
-// checked on the CPU by tests/test_grid_index.py.
+// The grid partitioning (which block and thread covers which elements, the lanes' channels,
+// the partial slots and the finish's reads) is grid_index.h's, checked on the CPU by
+// tests/test_grid_index.py.
 using grid::kThreads;
-using grid::Split;
-// The last block of a channel stages its parts in the block's tree-sum buffer.
-static_assert(grid::kMaxParts <= kThreads, "a channel's parts must fit the shared buffer");
 
-// ---- Reductions: block (c, p) -> partials[w][c][p] -> channel c's last block ------------
+// ---- Visits: V consecutive elements, one vector load or store -----------------------------
 
-// Scalar loads: a visit of one element.
-Split split_of(const Geometry& g) { return grid::split_of(g.outer, g.channels, g.inner); }
+// Elements of T in 16 bytes: the widest visit.
+template <typename T>
+constexpr int kVector = 16 / static_cast<int>(sizeof(T));
 
-// Channels on x (up to 2^31 - 1 blocks), parts on y (at most kMaxParts of 65535).
-dim3 reduction_grid(const Split& s) {
-  TORCH_CHECK(s.channels <= INT_MAX, "vggbench: ", s.channels,
-              " channels exceed the CUDA grid (at most ", INT_MAX, ")");
-  return dim3(static_cast<unsigned>(s.channels), static_cast<unsigned>(s.parts));
+// A visit's lanes, aligned to their size: one load or store moves them all.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Lanes {
+  T v[V];
+};
+
+// The widest visit the pointers allow (null ones: absent operands): a 16-byte vector where
+// all are aligned to it, else 1.
+template <typename scalar_t>
+int max_width(std::initializer_list<const void*> pointers) {
+  for (const void* p : pointers) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return 1;
+  }
+  return kVector<scalar_t>;
 }
 
-// Per-channel arrival counters of the reductions: zero between calls (the last block of a
-// channel resets its counter), so no launch re-zeroes them. One buffer per (device, stream):
+// The first n lanes at p: one vector load when n == V (p then aligned), else the lanes one
+// by one, the others 0.
+template <int V, typename T>
+__device__ __forceinline__ Lanes<T, V> load_lanes(const T* p, int n = V) {
+  if (n == V) return *reinterpret_cast<const Lanes<T, V>*>(p);
+  Lanes<T, V> l{};
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    if (k < n) l.v[k] = p[k];
+  }
+  return l;
+}
+// An absent operand's lanes are 0.
+template <int V, typename T>
+__device__ __forceinline__ Lanes<T, V> load_optional(const T* p, int64_t i, int n = V) {
+  return p ? load_lanes<V>(p + i, n) : Lanes<T, V>{};
+}
+template <int V, typename T>
+__device__ __forceinline__ void store_lanes(T* p, const Lanes<T, V>& l, int n = V) {
+  if (n == V) {
+    *reinterpret_cast<Lanes<T, V>*>(p) = l;
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    if (k < n) p[k] = l.v[k];
+  }
+}
+
+// A visit of the backward passes: the lanes of each activation-sized input the view has.
+template <typename scalar_t, int V>
+struct BackwardLanes {
+  Lanes<scalar_t, V> dy, y, res, xhat;
+
+  // `v` reading these lanes (lane k at index k): backward_view.h's per-element maths on the
+  // loaded registers. Every pointer is fixed at compile time (a choice between the lanes and
+  // null at run time would put them in local memory): kXhat, whether xhat is given; the
+  // residual's lanes are 0 without one, which recovers xhat exactly as without a residual.
+  template <bool kXhat>
+  __device__ BackwardView<scalar_t> view(BackwardView<scalar_t> v) const {
+    v.dy = dy.v, v.y = y.v, v.res = res.v, v.xhat = kXhat ? xhat.v : nullptr;
+    return v;
+  }
+};
+
+template <int V, typename scalar_t>
+__device__ __forceinline__ BackwardLanes<scalar_t, V> load_backward(const BackwardView<scalar_t>& v,
+                                                                    int64_t i, int n = V) {
+  return {load_lanes<V>(v.dy + i, n), load_lanes<V>(v.y + i, n), load_optional<V>(v.res, i, n),
+          load_optional<V>(v.xhat, i, n)};
+}
+
+// Calls f(width) with the width (1 or a 16-byte vector) as a compile-time constant.
+template <typename scalar_t, typename F>
+void with_width(int width, const F& f) {
+  if (width == 1) return f(std::integral_constant<int, 1>{});
+  f(std::integral_constant<int, kVector<scalar_t>>{});
+}
+
+// ---- Reductions: block (tile, part) -> partials[w][part][c] -> the tile's last block ------
+
+// Arrival counters of the reductions, one per channel (a reduction counts its tiles' blocks,
+// at most one tile per channel; sized by channels, so that warming up with the channels of a
+// layout serves the other layout too): zero between calls (the last block of a tile resets
+// its counter), so no launch re-zeroes them. One buffer per (device, stream):
 // calls on different streams may run concurrently and must not share counters; calls on one
 // stream run in order. A buffer is zeroed once, when created or grown (on its own stream,
 // so before any kernel that uses it); retired buffers are kept, as a captured CUDA graph
@@ -103,83 +186,152 @@ int* arrival_counters(int64_t channels) {
   return b.current.mutable_data_ptr<int>();
 }
 
-// Calls body(offset) for this thread's elements of block (c, p)'s slice (grid::SliceCursor).
-template <typename Body>
-__device__ void for_each_in_slice(const Split& s, int64_t c, int64_t p, Body body) {
-  for (grid::SliceCursor cur(s, c, p, threadIdx.x, kThreads); cur.valid(); cur.advance()) {
-    body(cur.offset());
-  }
-}
+// Visits a thread loads before using them: loads in flight hide the memory's latency.
+constexpr int kVisitsInFlight = 4;
 
-// Block (c, p) = (blockIdx.x, blockIdx.y) of a single-launch reduction of W sums per
-// channel: tree-sums each thread's W values over the block, thread 0 stores them at
-// partials[(w * channels + c) * parts + p] and counts the block in arrivals[c]. The block
-// that arrives last adds channel c's parts in order p = 0, 1, ... into `total` and resets
-// arrivals[c]; returns true in that block's thread 0 only, which writes the channel's
-// outputs. Every thread of every block must call it (it synchronises the block).
-template <int W, typename acc_t>
-__device__ bool reduce_channel(const acc_t (&v)[W], const Split& s, acc_t* partials,
-                               int* arrivals, acc_t (&total)[W]) {
-  __shared__ acc_t smem[W][kThreads];
-  __shared__ acc_t totals[W];
+// Block (tile, part) = (blockIdx.x, blockIdx.y) of the one-launch reduction of Source's
+// kSums sums per channel (grid::Reduction). Each thread adds its visits lane by lane (NHWC:
+// one channel per lane; NCHW: the lanes folded, one channel), the block combines its rows
+// (shuffles within a warp, then the warps in order through shared memory) and stores its
+// sums at partials[w][part][c]. The block of the tile that arrives last adds the parts
+// (grid::Finish), resets the tile's arrival count and has Source::finish write each of the
+// tile's channels. The only atomic is the arrival count; every sum's order depends on the
+// shape only, so the results are deterministic.
+template <int V, typename Source>
+__global__ void __launch_bounds__(kThreads)
+    reduce_kernel(grid::Reduction s, Source src, typename Source::acc_t* partials,
+                  int* arrivals) {
+  using acc_t = typename Source::acc_t;
+  constexpr int W = Source::kSums;
+  constexpr int kRow = grid::kWarpSize * V;  // a warp's sums: slot x * V + lane < tx * V
+  static_assert(W <= grid::kWarps, "a tile's totals must fit the shared buffer");
+  __shared__ acc_t smem[grid::kWarps * kRow];
   __shared__ bool last;
-  const int64_t c = blockIdx.x;
-  for (int w = 0; w < W; ++w) smem[w][threadIdx.x] = v[w];
-  __syncthreads();
-  for (int n = kThreads / 2; n > 0; n /= 2) {
-    if (threadIdx.x < n) {
-      for (int w = 0; w < W; ++w) smem[w][threadIdx.x] += smem[w][threadIdx.x + n];
+  const int64_t tile = blockIdx.x, part = blockIdx.y;
+  const int thread = threadIdx.x;
+
+  acc_t sums[V][W] = {};
+  grid::SliceCursor cur(s, tile, part, thread);
+  if (cur.valid()) {
+    typename Source::Lane lanes[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) lanes[k] = src.lane(cur.lane_channel(k));
+    while (cur.valid()) {
+      typename Source::Visit visits[kVisitsInFlight];
+      int n = 0;
+#pragma unroll
+      for (int u = 0; u < kVisitsInFlight; ++u) {
+        if (cur.valid()) visits[u] = src.load(cur.offset()), cur.advance(), ++n;
+      }
+#pragma unroll
+      for (int u = 0; u < kVisitsInFlight; ++u) {
+        if (u >= n) continue;
+#pragma unroll
+        for (int k = 0; k < V; ++k) src.add(visits[u], k, lanes[k], sums[k]);
+      }
+    }
+  }
+  if (!s.across()) {  // the lanes are one channel's
+#pragma unroll
+    for (int k = 1; k < V; ++k) {
+#pragma unroll
+      for (int w = 0; w < W; ++w) sums[0][w] += sums[k][w];
+    }
+  }
+  const int x = thread % s.tx, warp = thread / grid::kWarpSize, lane = thread % grid::kWarpSize;
+  const int64_t n = s.tile_channels(tile);
+#pragma unroll
+  for (int w = 0; w < W; ++w) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      if (k > 0 && !s.across()) break;
+      // the warp's rows of column x (lanes x, x + tx, ...) in a fixed tree
+      acc_t v = sums[k][w];
+      for (int offset = grid::kWarpSize / 2; offset >= s.tx; offset /= 2) {
+        v += __shfl_down_sync(0xffffffffu, v, offset);
+      }
+      if (lane < s.tx) smem[warp * kRow + s.slot_of(x, k)] = v;
+    }
+    __syncthreads();
+    if (thread < n) {
+      acc_t sum = smem[thread];
+      for (int r = 1; r < grid::kWarps; ++r) sum += smem[r * kRow + thread];
+      partials[s.partial_slot(w, part, s.slot_channel(tile, thread))] = sum;
     }
     __syncthreads();
   }
-  if (threadIdx.x == 0) {
-    for (int w = 0; w < W; ++w) partials[grid::partial_slot(s, w, c, blockIdx.y)] = smem[w][0];
-    __threadfence();  // release: the partials reach the whole device before the count does
-    last = atomicAdd(arrivals + c, 1) == s.parts - 1;
+  __threadfence();  // release: the partials reach the whole device before the count does
+  __syncthreads();
+  if (thread == 0) last = atomicAdd(arrivals + tile, 1) == s.parts - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();  // acquire: order the loads below after the count
+  const grid::Finish f(W, n);
+  for (int q = thread; q < f.tasks(); q += kThreads) {
+    const int64_t c = s.slot_channel(tile, f.slot_of(q));
+    acc_t sum = acc_t(0);
+    // L2 loads: __ldcg skips the L1, which may hold stale lines of other blocks' partials
+#pragma unroll 8
+    for (int p = f.first_part(q); p < s.parts; p += f.groups) {
+      sum += __ldcg(partials + s.partial_slot(f.sum_of(q), p, c));
+    }
+    smem[q] = sum;
   }
   __syncthreads();
-  if (!last) return false;
-  __threadfence();  // acquire: order the reads below after the count
-  // Stage the parts in parallel (L2 loads: __ldcg skips the L1, which may hold stale lines
-  // of other blocks' partials), then W threads add them in order.
-  for (int k = threadIdx.x; k < W * s.parts; k += kThreads) {
-    const int w = k / s.parts, p = k - w * s.parts;
-    smem[w][p] = __ldcg(partials + grid::partial_slot(s, w, c, p));
+  for (int h = f.groups / 2; h > 0; h /= 2) {
+    for (int q = thread; q < h * f.pairs; q += kThreads) smem[q] += smem[q + h * f.pairs];
+    __syncthreads();
   }
-  __syncthreads();
-  if (threadIdx.x < W) {
-    const acc_t* part = smem[threadIdx.x];
-    acc_t sum = part[0];
-    for (int p = 1; p < s.parts; ++p) sum += part[p];
-    totals[threadIdx.x] = sum;
+  if (thread == 0) arrivals[tile] = 0;  // every part has arrived: ready for the next call
+  if (thread < n) {
+    acc_t total[W];
+#pragma unroll
+    for (int w = 0; w < W; ++w) total[w] = smem[w * n + thread];
+    src.finish(s.slot_channel(tile, thread), total);
   }
-  if (threadIdx.x == 0) arrivals[c] = 0;  // every part has arrived: ready for the next call
-  __syncthreads();
-  if (threadIdx.x != 0) return false;
-  for (int w = 0; w < W; ++w) total[w] = totals[w];
-  return true;
+}
+
+// One launch of reduce_kernel over s's grid (tiles, parts).
+template <int V, typename Source>
+void launch_reduction(const grid::Reduction& s, const Source& src,
+                      const at::TensorOptions& options) {
+  using acc_t = typename Source::acc_t;
+  TORCH_CHECK(s.tiles <= INT_MAX, "vggbench: ", s.channels, " channels exceed the CUDA grid");
+  const Tensor partials = at::empty({Source::kSums, s.parts, s.channels}, options);
+  int* const arrivals = arrival_counters(s.channels);
+  const dim3 grid(static_cast<unsigned>(s.tiles), static_cast<unsigned>(s.parts));
+  reduce_kernel<V><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      s, src, partials.mutable_data_ptr<acc_t>(), arrivals);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // ---- batch_stats ------------------------------------------------------------------------
 
 // Mean and variance of z + bias per channel, the bias moving the mean only. The blocks sum
-// (z - shift) and (z - shift)^2 over their slices; shift = z at (0, c, 0), one sample of the
-// channel (math::mean_var: no cancellation when |mean| >> std).
-template <typename scalar_t, typename acc_t>
-__global__ void batch_stats_kernel(const scalar_t* z, const scalar_t* bias, Split s,
-                                   acc_t* partials, int* arrivals, acc_t* mean, acc_t* var) {
-  const int64_t c = blockIdx.x;
-  const acc_t shift = static_cast<acc_t>(z[c * s.inner]);
-  acc_t v[2] = {acc_t(0), acc_t(0)};
-  for_each_in_slice(s, c, blockIdx.y, [&](int64_t k) {
-    const acc_t d = static_cast<acc_t>(z[k]) - shift;
-    v[0] += d, v[1] += d * d;
-  });
-  acc_t total[2];
-  if (!reduce_channel(v, s, partials, arrivals, total)) return;
-  math::mean_var(total[0], total[1], shift, static_cast<acc_t>(s.count), mean[c], var[c]);
-  if (bias) mean[c] += static_cast<acc_t>(bias[c]);
-}
+// (z - shift) and (z - shift)^2; shift = z at (0, c, 0), one sample of the channel
+// (math::mean_var: no cancellation when |mean| >> std).
+template <typename scalar_t, int V>
+struct StatsSums {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Lane = acc_t;  // the shift
+  using Visit = Lanes<scalar_t, V>;
+  static constexpr int kSums = 2;
+  const scalar_t *z, *bias;
+  acc_t *mean, *var;
+  int64_t inner;
+  acc_t count;
+
+  __device__ Lane lane(int64_t c) const { return static_cast<acc_t>(z[c * inner]); }
+  __device__ Visit load(int64_t i) const { return load_lanes<V>(z + i); }
+  __device__ void add(const Visit& v, int k, Lane shift, acc_t (&t)[kSums]) const {
+    const acc_t d = static_cast<acc_t>(v.v[k]) - shift;
+    t[0] += d, t[1] += d * d;
+  }
+  __device__ void finish(int64_t c, const acc_t (&t)[kSums]) const {
+    math::mean_var(t[0], t[1], lane(c), count, mean[c], var[c]);
+    if (bias) mean[c] += static_cast<acc_t>(bias[c]);
+  }
+};
 
 std::tuple<Tensor, Tensor> batch_stats(const Tensor& z, const OptTensor& bias) {
   const c10::cuda::CUDAGuard guard(z.device());
@@ -187,61 +339,80 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& z, const OptTensor& bias) {
   const auto options = z.options().dtype(stats_dtype(z.scalar_type()));
   if (z.numel() == 0) return {at::zeros({g.channels}, options), at::zeros({g.channels}, options)};
   Tensor mean = at::empty({g.channels}, options), var = at::empty({g.channels}, options);
-  const Split s = split_of(g);
-  const Tensor partials = at::empty({2, g.channels, s.parts}, options);
-  const dim3 grid = reduction_grid(s);
-  int* const arrivals = arrival_counters(g.channels);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   VGGBENCH_DISPATCH(z.scalar_type(), "vggbench_batch_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    batch_stats_kernel<<<grid, kThreads, 0, stream>>>(
-        z.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(bias), s,
-        partials.mutable_data_ptr<acc_t>(), arrivals, mean.mutable_data_ptr<acc_t>(),
-        var.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const scalar_t* data = z.const_data_ptr<scalar_t>();
+    const grid::Reduction s =
+        grid::reduction_of(g.outer, g.channels, g.inner, max_width<scalar_t>({data}));
+    with_width<scalar_t>(s.width, [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      launch_reduction<V>(s,
+                          StatsSums<scalar_t, V>{data, data_or_null<scalar_t>(bias),
+                                                 mean.mutable_data_ptr<acc_t>(),
+                                                 var.mutable_data_ptr<acc_t>(), g.inner,
+                                                 static_cast<acc_t>(g.count())},
+                          options);
+    });
   });
   return {mean, var};
 }
 
 // ---- backward_reduce ----------------------------------------------------------------------
 
-constexpr int kTerms = math::kRecoveryTerms;
-
 // Per channel: sum(g), sum(g * xhat) and the recovery rule's verdict (fused_unit_math.h).
-// The blocks sum the rule's terms over their slices, xhat recovered; with xhat given, only
-// terms 0 and 1: no rule (verdict 0), and terms 2.. stay 0.
-template <typename scalar_t, typename acc_t>
-__global__ void backward_reduce_kernel(BackwardView<scalar_t> v, Split s, acc_t* partials,
-                                       int* arrivals, acc_t* sum_g, acc_t* sum_gx,
-                                       acc_t* recompute) {
-  const int64_t c = blockIdx.x;
-  acc_t t[kTerms] = {};
-  if (v.xhat) {
-    for_each_in_slice(s, c, blockIdx.y, [&](int64_t i) {
-      const acc_t g = v.g(i);
-      t[0] += g, t[1] += g * static_cast<acc_t>(v.xhat[i]);
-    });
-  } else {
-    const auto ch = v.channel(c);  // the block's channel: once per thread
-    const auto sum_terms = [&](auto has_residual) {
-      for_each_in_slice(s, c, blockIdx.y, [&](int64_t i) {
-        acc_t e[kTerms];
-        v.template recovery_terms<decltype(has_residual)::value>(i, ch, e);
-        for (int w = 0; w < kTerms; ++w) t[w] += e[w];
-      });
-    };
-    if (v.res) {
-      sum_terms(std::true_type{});
-    } else {
-      sum_terms(std::false_type{});
-    }
+template <typename scalar_t, int V>
+struct BackwardSums {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Visit = BackwardLanes<scalar_t, V>;
+  BackwardView<scalar_t> v;
+  acc_t *sum_g, *sum_gx, *recompute;
+
+  __device__ Visit load(int64_t i) const { return load_backward<V>(v, i); }
+  __device__ void store(int64_t c, acc_t g, acc_t gx, acc_t flag) const {
+    sum_g[c] = g, sum_gx[c] = gx, recompute[c] = flag;
   }
-  acc_t total[kTerms];
-  if (!reduce_channel(t, s, partials, arrivals, total)) return;
-  sum_g[c] = total[0], sum_gx[c] = total[1];
-  recompute[c] =
-      v.xhat ? acc_t(0) : v.recompute_flag(total, static_cast<acc_t>(s.count), v.channel(c));
-}
+};
+
+// xhat given (v.res null: not read): the two sums, no rule (verdict 0).
+template <typename scalar_t, int V>
+struct GivenXhatSums : BackwardSums<scalar_t, V> {
+  using typename BackwardSums<scalar_t, V>::acc_t;
+  using typename BackwardSums<scalar_t, V>::Visit;
+  struct Lane {};
+  static constexpr int kSums = 2;
+
+  __device__ Lane lane(int64_t) const { return {}; }
+  __device__ void add(const Visit& l, int k, Lane, acc_t (&t)[kSums]) const {
+    const BackwardView<scalar_t> lv = l.template view<true>(this->v);
+    const acc_t g = lv.g(k);
+    t[0] += g, t[1] += g * static_cast<acc_t>(lv.xhat[k]);
+  }
+  __device__ void finish(int64_t c, const acc_t (&t)[kSums]) const {
+    this->store(c, t[0], t[1], acc_t(0));
+  }
+};
+
+// xhat recovered: the rule's terms with xhat recovered (terms 0 and 1: the sums);
+// HasResidual: whether v.res is set.
+template <typename scalar_t, int V, bool HasResidual>
+struct RecoveredXhatSums : BackwardSums<scalar_t, V> {
+  using typename BackwardSums<scalar_t, V>::acc_t;
+  using typename BackwardSums<scalar_t, V>::Visit;
+  using Lane = typename BackwardView<scalar_t>::Channel;
+  static constexpr int kSums = math::kRecoveryTerms;
+  acc_t count;
+
+  __device__ Lane lane(int64_t c) const { return this->v.channel(c); }
+  __device__ void add(const Visit& l, int k, const Lane& ch, acc_t (&t)[kSums]) const {
+    acc_t e[kSums];
+    l.template view<false>(this->v).template recovery_terms<HasResidual>(k, ch, e);
+#pragma unroll
+    for (int w = 0; w < kSums; ++w) t[w] += e[w];
+  }
+  __device__ void finish(int64_t c, const acc_t (&t)[kSums]) const {
+    this->store(c, t[0], t[1], this->v.recompute_flag(t, count, this->v.channel(c)));
+  }
+};
 
 std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
   // recovering xhat needs training-mode BN's operands
@@ -255,60 +426,141 @@ std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
   }
   Tensor sum_g = at::empty({g.channels}, options), sum_gx = at::empty({g.channels}, options),
          recompute = at::empty({g.channels}, options);
-  const Split s = split_of(g);
-  const Tensor partials = at::empty({kTerms, g.channels, s.parts}, options);
-  const dim3 grid = reduction_grid(s);
-  int* const arrivals = arrival_counters(g.channels);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   VGGBENCH_DISPATCH(in.out.scalar_type(), "vggbench_backward_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    backward_reduce_kernel<<<grid, kThreads, 0, stream>>>(
-        BackwardView<scalar_t>(in), s, partials.mutable_data_ptr<acc_t>(), arrivals,
-        sum_g.mutable_data_ptr<acc_t>(), sum_gx.mutable_data_ptr<acc_t>(),
-        recompute.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    BackwardView<scalar_t> v(in);
+    if (v.xhat) v.res = nullptr;  // only the recovery reads it
+    const grid::Reduction s = grid::reduction_of(
+        g.outer, g.channels, g.inner, max_width<scalar_t>({v.dy, v.y, v.res, v.xhat}));
+    with_width<scalar_t>(s.width, [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      const BackwardSums<scalar_t, V> sums{v, sum_g.mutable_data_ptr<acc_t>(),
+                                           sum_gx.mutable_data_ptr<acc_t>(),
+                                           recompute.mutable_data_ptr<acc_t>()};
+      const auto count = static_cast<acc_t>(g.count());
+      if (v.xhat) {
+        launch_reduction<V>(s, GivenXhatSums<scalar_t, V>{sums}, options);
+      } else if (v.res) {
+        launch_reduction<V>(s, RecoveredXhatSums<scalar_t, V, true>{sums, count}, options);
+      } else {
+        launch_reduction<V>(s, RecoveredXhatSums<scalar_t, V, false>{sums, count}, options);
+      }
+    });
   });
   return {sum_g, sum_gx, recompute};
 }
 
 // ---- Elementwise passes ----------------------------------------------------------------
 
-// Grid of the elementwise passes (grid::elementwise_blocks), scalar loads.
-unsigned elementwise_blocks(const Geometry& g) {
-  return static_cast<unsigned>(grid::elementwise_blocks(g.outer, g.channels, g.inner));
+// The per-channel coefficients of a visit's lanes (grid::ChannelCursor::lane_channel),
+// computed when the thread's channel changes. kAcross (NHWC): lane k is channel c + k.
+template <typename Co, int V, bool kAcross>
+struct LaneCoefficients {
+  int64_t c = -1;
+  Co co[V];
+
+  template <typename PerChannel>
+  __device__ void update(const grid::ChannelCursor& cur, const PerChannel& per_channel) {
+    if (cur.c == c) return;
+    c = cur.c;
+#pragma unroll
+    for (int k = 0; k < V; ++k) co[k] = per_channel(cur.lane_channel(k));
+  }
+  __device__ Co of(const grid::ChannelCursor&, int k) const { return co[k]; }
+};
+
+// Along a row (NCHW): channel c, or for the lanes past the row's end the next channel
+// (computed when a visit first reaches it, kept for when the thread moves on to it).
+template <typename Co, int V>
+struct LaneCoefficients<Co, V, false> {
+  int64_t c = -1, next = -1;
+  Co co, next_co;
+
+  template <typename PerChannel>
+  __device__ void update(const grid::ChannelCursor& cur, const PerChannel& per_channel) {
+    if (cur.c != c) {
+      co = cur.c == next ? next_co : per_channel(cur.c);
+      c = cur.c;
+    }
+    const int64_t last = cur.lane_channel(V - 1);
+    if (last != c && last != next) next = last, next_co = per_channel(last);
+  }
+  __device__ Co of(const grid::ChannelCursor& cur, int k) const {
+    return cur.lane_channel(k) == c ? co : next_co;
+  }
+};
+
+// Grid-stride loop of an elementwise pass over a (outer, channels, inner) tensor
+// (grid::ElementCursor, visits of V lanes), kVisitsInFlight visits loaded at a time:
+// apply(index, lanes, load(index, lanes), coefficients) for every visit, with
+// coefficients(k) = per_channel(lane k's channel).
+template <int V, bool kAcross, typename PerChannel, typename Load, typename Apply>
+__device__ void for_each_visit(int64_t numel, int64_t channels, int64_t inner,
+                               const PerChannel& per_channel, const Load& load,
+                               const Apply& apply) {
+  using Co = decltype(per_channel(int64_t{0}));
+  using Visit = decltype(load(int64_t{0}, 0));
+  LaneCoefficients<Co, V, kAcross> co;
+  grid::ElementCursor cur(numel, channels, inner, blockIdx.x, threadIdx.x, gridDim.x,
+                          blockDim.x, V);
+  while (cur.valid()) {
+    grid::ElementCursor at[kVisitsInFlight];
+    Visit visits[kVisitsInFlight];
+    int n = 0;
+#pragma unroll
+    for (int u = 0; u < kVisitsInFlight; ++u) {
+      if (cur.valid()) at[u] = cur, visits[u] = load(cur.index, cur.lanes()), cur.advance(), ++n;
+    }
+#pragma unroll
+    for (int u = 0; u < kVisitsInFlight; ++u) {
+      if (u >= n) break;
+      co.update(at[u].channel, per_channel);
+      apply(at[u].index, at[u].lanes(), visits[u],
+            [&](int k) { return co.of(at[u].channel, k); });
+    }
+  }
 }
 
-// Grid-stride loop over a (outer, channels, inner) tensor (grid::ElementCursor):
-// body(idx, coefficients) for every flat index, with coefficients = per_channel(c)
-// recomputed only when the thread's channel changes.
-template <typename PerChannel, typename Body>
-__device__ void for_each_element(int64_t numel, int64_t channels, int64_t inner,
-                                 PerChannel per_channel, Body body) {
-  grid::ElementCursor cur(numel, channels, inner, blockIdx.x, threadIdx.x, gridDim.x,
-                          blockDim.x);
-  if (!cur.valid()) return;
-  int64_t channel = cur.channel.c;
-  auto coefficients = per_channel(channel);
-  for (; cur.valid(); cur.advance()) {
-    if (cur.channel.c != channel) channel = cur.channel.c, coefficients = per_channel(channel);
-    body(cur.index, coefficients);
-  }
+// Calls f(width, across) with the elementwise kernels' visit as compile-time constants:
+// scalar, or 16-byte vectors across channels (NHWC) or along rows (NCHW).
+template <typename scalar_t, typename F>
+void with_visit(int width, int64_t inner, const F& f) {
+  using Vector = std::integral_constant<int, kVector<scalar_t>>;
+  if (width == 1) return f(std::integral_constant<int, 1>{}, std::false_type{});
+  if (inner == 1) return f(Vector{}, std::true_type{});
+  f(Vector{}, std::false_type{});
+}
+
+// Grid of the elementwise passes (grid::elementwise_blocks).
+unsigned elementwise_blocks(const Geometry& g, int width) {
+  return static_cast<unsigned>(grid::elementwise_blocks(g.outer, g.channels, g.inner, width));
 }
 
 // ---- normalize_act ------------------------------------------------------------------------
 
 // `y` may be `z`: each element is read before it is written.
-template <typename scalar_t, typename acc_t>
-__global__ void normalize_act_kernel(const scalar_t* z, AffineOperands<scalar_t> affine,
-                                     const scalar_t* res, acc_t slope, scalar_t* y,
-                                     int64_t numel, int64_t channels, int64_t inner) {
-  using Coefficients = typename AffineOperands<scalar_t>::Coefficients;
-  for_each_element(
+template <typename scalar_t, int V, bool kAcross>
+__global__ void __launch_bounds__(kThreads)
+    normalize_act_kernel(const scalar_t* z, AffineOperands<scalar_t> affine, const scalar_t* res,
+                         at::opmath_type<scalar_t> slope, scalar_t* y, int64_t numel,
+                         int64_t channels, int64_t inner) {
+  using acc_t = at::opmath_type<scalar_t>;
+  struct Visit {
+    Lanes<scalar_t, V> z, res;
+  };
+  for_each_visit<V, kAcross>(
       numel, channels, inner, [&](int64_t c) { return affine.of(c); },
-      [&](int64_t i, const Coefficients& k) {
-        acc_t v = static_cast<acc_t>(z[i]) * k.scale + k.shift;
-        if (res) v += static_cast<acc_t>(res[i]);
-        y[i] = static_cast<scalar_t>(math::leaky_relu(v, slope));
+      [&](int64_t i, int n) { return Visit{load_lanes<V>(z + i, n), load_optional<V>(res, i, n)}; },
+      [&](int64_t i, int n, const Visit& in, const auto& coefficients) {
+        Lanes<scalar_t, V> out;
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          const auto co = coefficients(k);
+          acc_t v = static_cast<acc_t>(in.z.v[k]) * co.scale + co.shift;
+          if (res) v += static_cast<acc_t>(in.res.v[k]);
+          out.v[k] = static_cast<scalar_t>(math::leaky_relu(v, slope));
+        }
+        store_lanes<V>(y + i, out, n);
       });
 }
 
@@ -321,11 +573,17 @@ void normalize_act(const Tensor& z, const ChannelAffine& affine, const OptTensor
   const auto stream = c10::cuda::getCurrentCUDAStream();
   VGGBENCH_DISPATCH(z.scalar_type(), "vggbench_normalize_act", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    normalize_act_kernel<<<elementwise_blocks(g), kThreads, 0, stream>>>(
-        z.const_data_ptr<scalar_t>(), AffineOperands<scalar_t>(affine),
-        data_or_null<scalar_t>(residual), static_cast<acc_t>(slope),
-        out.mutable_data_ptr<scalar_t>(), numel, g.channels, g.inner);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const scalar_t *zs = z.const_data_ptr<scalar_t>(), *res = data_or_null<scalar_t>(residual);
+    scalar_t* y = out.mutable_data_ptr<scalar_t>();
+    const int width =
+        grid::elementwise_width(g.channels, g.inner, max_width<scalar_t>({zs, res, y}));
+    with_visit<scalar_t>(width, g.inner, [&](auto lanes, auto across) {
+      normalize_act_kernel<scalar_t, decltype(lanes)::value, decltype(across)::value>
+          <<<elementwise_blocks(g, width), kThreads, 0, stream>>>(
+              zs, AffineOperands<scalar_t>(affine), res, static_cast<acc_t>(slope), y, numel,
+              g.channels, g.inner);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 
@@ -333,11 +591,15 @@ void normalize_act(const Tensor& z, const ChannelAffine& affine, const OptTensor
 
 // grad_z = BN's input gradient (with training-mode BN: v.gamma set) or g; grad_residual = g.
 // The sums cover `count` values (all ranks') if given, else this batch's `batch_count`.
-template <typename scalar_t, typename acc_t>
-__global__ void backward_apply_kernel(BackwardView<scalar_t> v, const acc_t* sum_g,
-                                      const acc_t* sum_gx, const acc_t* count, acc_t batch_count,
-                                      scalar_t* dz, scalar_t* dres, int64_t numel,
-                                      int64_t channels, int64_t inner) {
+// kXhat: whether v.xhat is set.
+template <typename scalar_t, int V, bool kAcross, bool kXhat>
+__global__ void __launch_bounds__(kThreads)
+    backward_apply_kernel(BackwardView<scalar_t> v, const at::opmath_type<scalar_t>* sum_g,
+                          const at::opmath_type<scalar_t>* sum_gx,
+                          const at::opmath_type<scalar_t>* count,
+                          at::opmath_type<scalar_t> batch_count, scalar_t* dz, scalar_t* dres,
+                          int64_t numel, int64_t channels, int64_t inner) {
+  using acc_t = at::opmath_type<scalar_t>;
   struct Coefficients {
     typename BackwardView<scalar_t>::Channel ch;
     acc_t k, mean_g, mean_gx;
@@ -352,15 +614,24 @@ __global__ void backward_apply_kernel(BackwardView<scalar_t> v, const acc_t* sum
     }
     return co;
   };
-  for_each_element(numel, channels, inner, coefficients_of,
-                   [&](int64_t i, const Coefficients& co) {
-                     const acc_t g = v.g(i);
-                     dz[i] = static_cast<scalar_t>(
-                         v.gamma ? math::bn_input_grad(g, v.x_hat(i, co.ch), co.k, co.mean_g,
-                                                       co.mean_gx)
-                                 : g);
-                     if (dres) dres[i] = static_cast<scalar_t>(g);
-                   });
+  for_each_visit<V, kAcross>(
+      numel, channels, inner, coefficients_of,
+      [&](int64_t i, int lanes) { return load_backward<V>(v, i, lanes); },
+      [&](int64_t i, int lanes, const BackwardLanes<scalar_t, V>& in, const auto& coefficients) {
+        const BackwardView<scalar_t> lv = in.template view<kXhat>(v);
+        Lanes<scalar_t, V> gz, gr;
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          const Coefficients co = coefficients(k);
+          const acc_t g = lv.g(k);
+          gz.v[k] = static_cast<scalar_t>(
+              v.gamma ? math::bn_input_grad(g, lv.x_hat(k, co.ch), co.k, co.mean_g, co.mean_gx)
+                      : g);
+          gr.v[k] = static_cast<scalar_t>(g);
+        }
+        store_lanes<V>(dz + i, gz, lanes);
+        if (dres) store_lanes<V>(dres + i, gr, lanes);
+      });
 }
 
 void backward_apply(const BackwardInputs& in, const OptTensor& sum_g, const OptTensor& sum_gx,
@@ -375,13 +646,27 @@ void backward_apply(const BackwardInputs& in, const OptTensor& sum_g, const OptT
   const auto stream = c10::cuda::getCurrentCUDAStream();
   VGGBENCH_DISPATCH(in.out.scalar_type(), "vggbench_backward_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    backward_apply_kernel<<<elementwise_blocks(g), kThreads, 0, stream>>>(
-        BackwardView<scalar_t>(in), data_or_null<acc_t>(sum_g), data_or_null<acc_t>(sum_gx),
-        data_or_null<acc_t>(count), static_cast<acc_t>(g.count()),
-        grad_z.mutable_data_ptr<scalar_t>(),
-        grad_residual ? grad_residual->mutable_data_ptr<scalar_t>() : nullptr, numel,
-        g.channels, g.inner);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const BackwardView<scalar_t> v(in);
+    scalar_t* dz = grad_z.mutable_data_ptr<scalar_t>();
+    scalar_t* dres = grad_residual ? grad_residual->mutable_data_ptr<scalar_t>() : nullptr;
+    const int width = grid::elementwise_width(
+        g.channels, g.inner, max_width<scalar_t>({v.dy, v.y, v.res, v.xhat, dz, dres}));
+    with_visit<scalar_t>(width, g.inner, [&](auto lanes, auto across) {
+      const auto launch = [&](auto xhat) {
+        backward_apply_kernel<scalar_t, decltype(lanes)::value, decltype(across)::value,
+                              decltype(xhat)::value>
+            <<<elementwise_blocks(g, width), kThreads, 0, stream>>>(
+                v, data_or_null<acc_t>(sum_g), data_or_null<acc_t>(sum_gx),
+                data_or_null<acc_t>(count), static_cast<acc_t>(g.count()), dz, dres, numel,
+                g.channels, g.inner);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (v.xhat) {
+        launch(std::true_type{});
+      } else {
+        launch(std::false_type{});
+      }
+    });
   });
 }
 
