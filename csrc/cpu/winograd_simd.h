@@ -8,6 +8,9 @@
 // (No include guard: included once per instruction set.)
 
 using vec = V::type;
+// The transforms and the products' register tiles: inlined whatever the compiler's budget,
+// or their register arrays go through memory.
+#define VGGBENCH_INLINE inline __attribute__((always_inline))
 constexpr int kWidth = V::kWidth;
 
 inline vec fma(float a, vec x, vec y) { return V::fmadd(V::set1(a), x, y); }
@@ -19,7 +22,7 @@ inline int64_t clamp(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : v
 // The 1-D transforms, kWidth channels at a time; d[i * s] is entry i.
 // B^T = [1 -3/2 -2 3/2 1 0; 0 -1 1/2 5/2 1 0; 0 1 -5/2 1/2 1 0; 0 -2 -1 2 1 0;
 //        0 1/2 -1 -1/2 1 0; 0 1 -3/2 -2 3/2 1]
-inline void input_1d(const vec* d, int s, vec* r, int rs) {
+VGGBENCH_INLINE void input_1d(const vec* d, int s, vec* r, int rs) {
   const vec d0 = d[0], d1 = d[s], d2 = d[2 * s], d3 = d[3 * s], d4 = d[4 * s], d5 = d[5 * s];
   const vec a = sub(d3, d1), b = sub(d4, d2);
   r[0] = fma(1.5f, a, fma(-2.f, d2, add(d0, d4)));
@@ -31,7 +34,7 @@ inline void input_1d(const vec* d, int s, vec* r, int rs) {
 }
 
 // A^T = [1 1 1 1 1 0; 0 1 -1 1/2 -2 0; 0 1 1 1/4 4 0; 0 1 -1 1/8 -8 1]
-inline void output_1d(const vec* m, int s, vec* o, int os) {
+VGGBENCH_INLINE void output_1d(const vec* m, int s, vec* o, int os) {
   const vec m0 = m[0], m1 = m[s], m2 = m[2 * s], m3 = m[3 * s], m4 = m[4 * s], m5 = m[5 * s];
   const vec sum = add(m1, m2), diff = sub(m1, m2);
   o[0] = add(add(m0, sum), add(m3, m4));
@@ -41,7 +44,7 @@ inline void output_1d(const vec* m, int s, vec* o, int os) {
 }
 
 // A = (A^T)^T: the weight gradient's transform of 4-entry output-gradient rows.
-inline void grad_1d(const vec* e, int s, vec* r, int rs) {
+VGGBENCH_INLINE void grad_1d(const vec* e, int s, vec* r, int rs) {
   const vec e0 = e[0], e1 = e[s], e2 = e[2 * s], e3 = e[3 * s];
   const vec even = add(e0, e2), odd = add(e1, e3);
   r[0] = e0;
@@ -54,32 +57,36 @@ inline void grad_1d(const vec* e, int s, vec* r, int rs) {
 
 // out = M in M^T for a 1-D transform M from In to Out entries.
 template <int In, int Out, void (*Transform)(const vec*, int, vec*, int)>
-inline void transform_2d(const vec (&in)[In][In], vec (&out)[Out][Out]) {
+VGGBENCH_INLINE void transform_2d(const vec (&in)[In][In], vec (&out)[Out][Out]) {
   vec rows[Out][In];
   for (int j = 0; j < In; ++j) Transform(&in[0][j], In, &rows[0][j], In);
   for (int i = 0; i < Out; ++i) Transform(&rows[i][0], 1, &out[i][0], 1);
 }
 
-// Transformed blocks are laid out [tile][point][channel]: one tile's 36 points are
-// contiguous (the transforms write and read them together), and the products of one point
-// over the block's tiles are a matrix with row stride kPoints * channels.
+// Transformed blocks are laid out [tile][channel group][point][lane], a group being kWidth
+// channels: one register's 36 points are contiguous, at offsets the compiler knows (no
+// address arithmetic in the transforms), and a tile of C channels takes kPoints * C floats.
+constexpr int64_t kGroup = kPoints * kWidth;  // floats per channel group of a tile
 
-// Stores a tile's 36 transformed entries for channels c..c+kWidth.
-inline void store_points(const vec (&out)[kWindow][kWindow], float* tile, int64_t channels) {
+// The offset of channel c's point p within a tile.
+inline int64_t entry(int64_t c, int p) { return (c / kWidth) * kGroup + p * kWidth + c % kWidth; }
+
+// Stores one channel group's 36 transformed entries.
+VGGBENCH_INLINE void store_points(const vec (&out)[kWindow][kWindow], float* group) {
 #pragma GCC unroll 6
   for (int i = 0; i < kWindow; ++i)
 #pragma GCC unroll 6
-    for (int j = 0; j < kWindow; ++j) V::store(tile + (i * kWindow + j) * channels, out[i][j]);
+    for (int j = 0; j < kWindow; ++j) V::store(group + (i * kWindow + j) * kWidth, out[i][j]);
 }
 
 // Activations are T: float, or bfloat16 as its bits (uint16_t), widened to float on load
 // and rounded to nearest even on store (V::load, V::store); everything between is float.
 
-// V[t][p][c] for one tile: B^T d B of its 6x6 input window (zero outside the image: the
-// conv's padding). Inside: the window lies in the image; otherwise positions outside read
-// a clamped (valid) address and are masked to zero, which keeps the loads branch-free.
+// V for one tile: B^T d B of its 6x6 input window (zero outside the image: the conv's
+// padding). Inside: the window lies in the image; otherwise positions outside read a
+// clamped (valid) address and are masked to zero, which keeps the loads branch-free.
 template <bool Inside, typename T>
-inline void transform_input_tile(const T* x, int64_t C, const Tiles& tl, int64_t n, int64_t top,
+VGGBENCH_INLINE void transform_input_tile(const T* x, int64_t C, const Tiles& tl, int64_t n, int64_t top,
                                  int64_t left, float* tile) {
   int64_t rows[kWindow], cols[kWindow];
   bool row_in[kWindow], col_in[kWindow];
@@ -100,7 +107,7 @@ inline void transform_input_tile(const T* x, int64_t C, const Tiles& tl, int64_t
     }
     vec out[kWindow][kWindow];
     transform_2d<kWindow, kWindow, input_1d>(d, out);
-    store_points(out, tile + c, C);
+    store_points(out, tile + c * kPoints);
   }
 }
 
@@ -120,7 +127,7 @@ inline void transform_inputs(const T* x, int64_t C, const Tiles& tl, int64_t fir
   }
 }
 
-// E[t][p][k] = A g A^T of each tile's 4x4 block of output gradients (zero outside).
+// E = A g A^T of each tile's 4x4 block of output gradients (zero outside).
 template <typename T>
 inline void transform_grads(const T* g, int64_t K, const Tiles& tl, int64_t first, int64_t count,
                             float* e) {
@@ -137,7 +144,7 @@ inline void transform_grads(const T* g, int64_t K, const Tiles& tl, int64_t firs
       }
       vec out[kWindow][kWindow];
       transform_2d<kTile, kWindow, grad_1d>(d, out);
-      store_points(out, e + t * kPoints * K + k, K);
+      store_points(out, e + t * kPoints * K + k * kPoints);
     }
   }
 }
@@ -149,78 +156,107 @@ inline void transform_outputs(const float* m, int64_t K, const float* bias, cons
   for (int64_t t = 0; t < count; ++t) {
     int64_t n, top, left;
     tl.locate(first + t, n, top, left);
+    const int64_t rows = lesser(kTile, tl.h - top), cols = lesser(kTile, tl.w - left);
+    T* corner = y + ((n * tl.h + top) * tl.w + left) * K;
     for (int64_t k = 0; k < K; k += kWidth) {
       vec in[kWindow][kWindow];
-      const float* tile = m + t * kPoints * K + k;
+      const float* group = m + t * kPoints * K + k * kPoints;
 #pragma GCC unroll 6
       for (int i = 0; i < kWindow; ++i)
 #pragma GCC unroll 6
-        for (int j = 0; j < kWindow; ++j) in[i][j] = V::load(tile + (i * kWindow + j) * K);
+        for (int j = 0; j < kWindow; ++j) in[i][j] = V::load(group + (i * kWindow + j) * kWidth);
       vec out[kTile][kTile];
       transform_2d<kWindow, kTile, output_1d>(in, out);
       const vec b = bias ? V::load(bias + k) : V::zero();
-      for (int i = 0; i < kTile && top + i < tl.h; ++i)
-        for (int j = 0; j < kTile && left + j < tl.w; ++j)
-          V::store(y + ((n * tl.h + top + i) * tl.w + left + j) * K + k, add(out[i][j], b));
+      if (rows == kTile && cols == kTile) {
+#pragma GCC unroll 4
+        for (int i = 0; i < kTile; ++i)
+#pragma GCC unroll 4
+          for (int j = 0; j < kTile; ++j) V::store(corner + (i * tl.w + j) * K + k, add(out[i][j], b));
+      } else {
+        for (int i = 0; i < rows; ++i)
+          for (int j = 0; j < cols; ++j) V::store(corner + (i * tl.w + j) * K + k, add(out[i][j], b));
+      }
     }
   }
 }
 
-// c[r][0..kWidth*NV) (+)= sum_p a[r * a_row + p * a_depth] * b[p * ldb + 0..kWidth*NV) for
-// r < R: an R x NV register tile of accumulators, summed over p in order.
+// The operands of the products, in the layouts above. Entry (r, d) of A is at
+// row[r][(d / kWidth) * group + (d % kWidth) * lane]; row d of B is at
+// b + (d / kWidth) * group + (d % kWidth) * lane, its vector v at + v * vec; row r of C is
+// at c + r * ldc, its vector v at + v * vec.
+struct Operand {
+  int64_t group, lane, vec;
+};
+
+// C[r][0..NV) (+)= sum_d A[r][d] B[d][0..NV) for r < R: an R x NV register tile of
+// accumulators, summed over d in order.
 template <int R, int NV, bool Accumulate>
-inline void micro_kernel(const float* a, int64_t a_row, int64_t a_depth, const float* b,
-                         int64_t ldb, float* c, int64_t ldc, int64_t depth) {
+VGGBENCH_INLINE void micro_kernel(const float* const* row, Operand a, const float* b, Operand bl, float* c,
+                         int64_t ldc, int64_t cvec, int64_t depth) {
   vec acc[R][NV];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = Accumulate ? V::load(c + r * ldc + kWidth * v) : V::zero();
-  for (int64_t p = 0; p < depth; ++p) {
-    vec bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = V::load(b + p * ldb + kWidth * v);
+    for (int v = 0; v < NV; ++v) acc[r][v] = Accumulate ? V::load(c + r * ldc + cvec * v) : V::zero();
+  const float* ar[R];
+  for (int r = 0; r < R; ++r) ar[r] = row[r];
+  for (int64_t d0 = 0; d0 < depth; d0 += kWidth) {
+    const int64_t lanes = lesser(kWidth, depth - d0);
+    for (int64_t d = 0; d < lanes; ++d) {
+      vec bv[NV];
+      for (int v = 0; v < NV; ++v) bv[v] = V::load(b + d * bl.lane + bl.vec * v);
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const vec av = V::set1(a[r * a_row + p * a_depth]);
-      for (int v = 0; v < NV; ++v) acc[r][v] = V::fmadd(av, bv[v], acc[r][v]);
+      for (int r = 0; r < R; ++r) {
+        const vec av = V::set1(ar[r][d * a.lane]);
+        for (int v = 0; v < NV; ++v) acc[r][v] = V::fmadd(av, bv[v], acc[r][v]);
+      }
     }
+    b += bl.group;
+    for (int r = 0; r < R; ++r) ar[r] += a.group;
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) V::store(c + r * ldc + kWidth * v, acc[r][v]);
+    for (int v = 0; v < NV; ++v) V::store(c + r * ldc + cvec * v, acc[r][v]);
 }
 
 // micro_kernel for `rows` (1..R) rows.
 template <int R, int NV, bool Accumulate>
-inline void micro_rows(int rows, const float* a, int64_t a_row, int64_t a_depth, const float* b,
-                       int64_t ldb, float* c, int64_t ldc, int64_t depth) {
-  if (rows == R) return micro_kernel<R, NV, Accumulate>(a, a_row, a_depth, b, ldb, c, ldc, depth);
-  if constexpr (R > 1) micro_rows<R - 1, NV, Accumulate>(rows, a, a_row, a_depth, b, ldb, c, ldc, depth);
+inline void micro_rows(int rows, const float* const* row, Operand a, const float* b, Operand bl, float* c,
+                       int64_t ldc, int64_t cvec, int64_t depth) {
+  if (rows == R) return micro_kernel<R, NV, Accumulate>(row, a, b, bl, c, ldc, cvec, depth);
+  if constexpr (R > 1) micro_rows<R - 1, NV, Accumulate>(rows, row, a, b, bl, c, ldc, cvec, depth);
 }
 
-// c (rows x cols) (+)= a (rows x depth, strides a_row / a_depth) @ b (depth x cols, row
-// stride ldb); cols a multiple of kWidth.
-template <bool Accumulate>
-inline void gemm(int64_t rows, int64_t cols, int64_t depth, const float* a, int64_t a_row,
-                 int64_t a_depth, const float* b, int64_t ldb, float* c, int64_t ldc) {
+// C (rows x cols) (+)= A (rows x depth) @ B (depth x cols), cols a multiple of kWidth; row r
+// of A starts at a_row(r).
+template <bool Accumulate, typename RowOf>
+inline void gemm(int64_t rows, int64_t cols, int64_t depth, RowOf a_row, Operand a, const float* b, Operand bl,
+                 float* c, int64_t ldc, int64_t cvec) {
   for (int64_t r = 0; r < rows; r += V::kRows) {
     const int n = static_cast<int>(lesser(V::kRows, rows - r));
+    const float* row[V::kRows];
+    for (int i = 0; i < n; ++i) row[i] = a_row(r + i);
     int64_t col = 0;
     for (; col + 2 * kWidth <= cols; col += 2 * kWidth)
-      micro_rows<V::kRows, 2, Accumulate>(n, a + r * a_row, a_row, a_depth, b + col, ldb,
-                                          c + r * ldc + col, ldc, depth);
+      micro_rows<V::kRows, 2, Accumulate>(n, row, a, b + col / kWidth * bl.vec, bl, c + r * ldc + col / kWidth * cvec,
+                                          ldc, cvec, depth);
     if (col < cols)
-      micro_rows<V::kRows, 1, Accumulate>(n, a + r * a_row, a_row, a_depth, b + col, ldb,
-                                          c + r * ldc + col, ldc, depth);
+      micro_rows<V::kRows, 1, Accumulate>(n, row, a, b + col / kWidth * bl.vec, bl, c + r * ldc + col / kWidth * cvec,
+                                          ldc, cvec, depth);
   }
 }
 
 template <typename T>
 void conv_blocks(const T* x, const float* u, const float* bias, int64_t C, int64_t K,
                  const Tiles& tl, int64_t begin, int64_t end, T* y, float* v, float* m) {
+  // per point p: M_p (tiles x K) = V_p (tiles x C) @ U_p (C x K)
+  const Operand a{kGroup, 1, 0}, b{kWidth * K, K, kWidth};
   for (int64_t block = begin; block < end; ++block) {
     const int64_t first = block * kBlockTiles;
     const int64_t count = lesser(kBlockTiles, tl.count() - first);
     transform_inputs(x, C, tl, first, count, v);
-    for (int p = 0; p < kPoints; ++p)
-      gemm<false>(count, K, C, v + p * C, kPoints * C, 1, u + p * C * K, K, m + p * K, kPoints * K);
+    for (int p = 0; p < kPoints; ++p) {
+      const auto tile = [&](int64_t t) { return v + t * kPoints * C + p * kWidth; };
+      gemm<false>(count, K, C, tile, a, u + p * C * K, b, m + p * kWidth, kPoints * K, kGroup);
+    }
     transform_outputs(m, K, bias, tl, first, count, y);
   }
 }
@@ -228,17 +264,20 @@ void conv_blocks(const T* x, const float* u, const float* bias, int64_t C, int64
 template <typename T>
 void weight_grad_blocks(const T* x, const T* g, int64_t C, int64_t K, const Tiles& tl,
                         int64_t begin, int64_t end, float* partial, float* v, float* e) {
+  // per point p: partial_p (C x K) += V_p^T (C x tiles) @ E_p (tiles x K)
+  const Operand a{kWidth * kPoints * C, kPoints * C, 0}, b{kWidth * kPoints * K, kPoints * K, kGroup};
   for (int64_t block = begin; block < end; ++block) {
     const int64_t first = block * kBlockTiles;
     const int64_t count = lesser(kBlockTiles, tl.count() - first);
     transform_inputs(x, C, tl, first, count, v);
     transform_grads(g, K, tl, first, count, e);
     for (int p = 0; p < kPoints; ++p) {
+      const auto channel = [&](int64_t c) { return v + entry(c, p); };
       float* out = partial + p * C * K;
       if (block == begin) {  // the first block sets the sums: no zeroing pass
-        gemm<false>(C, K, count, v + p * C, 1, kPoints * C, e + p * K, kPoints * K, out, K);
+        gemm<false>(C, K, count, channel, a, e + p * kWidth, b, out, K, kWidth);
       } else {
-        gemm<true>(C, K, count, v + p * C, 1, kPoints * C, e + p * K, kPoints * K, out, K);
+        gemm<true>(C, K, count, channel, a, e + p * kWidth, b, out, K, kWidth);
       }
     }
   }
