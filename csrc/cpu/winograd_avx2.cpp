@@ -12,7 +12,7 @@ namespace {
 
 struct V {
   using type = __m256;
-  static constexpr int kWidth = 8, kRows = 6;
+  static constexpr int kWidth = 8, kRows = 6, kGradRows = 4;
   static type load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, type v) { _mm256_storeu_ps(p, v); }
   // bfloat16: its bits are a float's upper half

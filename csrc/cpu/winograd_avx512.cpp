@@ -16,7 +16,7 @@ namespace {
 
 struct V {
   using type = __m512;
-  static constexpr int kWidth = 16, kRows = 9;
+  static constexpr int kWidth = 16, kRows = 9, kGradRows = 8;
   static type load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, type v) { _mm512_storeu_ps(p, v); }
   // bfloat16: its bits are a float's upper half

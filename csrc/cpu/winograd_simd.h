@@ -63,15 +63,16 @@ VGGBENCH_INLINE void transform_2d(const vec (&in)[In][In], vec (&out)[Out][Out])
   for (int i = 0; i < Out; ++i) Transform(&rows[i][0], 1, &out[i][0], 1);
 }
 
-// Transformed blocks are laid out [tile][channel group][point][lane], a group being kWidth
-// channels: one register's 36 points are contiguous, at offsets the compiler knows (no
-// address arithmetic in the transforms), and a tile of C channels takes kPoints * C floats.
-constexpr int64_t kGroup = kPoints * kWidth;  // floats per channel group of a tile
+// A block's transformed tiles are laid out [channel group][tile slot][point][lane], a group
+// being kWidth channels and a block having kBlockTiles slots: one register's 36 points are
+// contiguous, and every stride but the number of groups is known to the compiler, so the
+// transforms and the products' register tiles need no address arithmetic.
+constexpr int64_t kTileStride = kPoints * kWidth, kGroupStride = kBlockTiles * kTileStride;
 
-// The offset of channel c's point p within a tile.
-inline int64_t entry(int64_t c, int p) { return (c / kWidth) * kGroup + p * kWidth + c % kWidth; }
+// Where tile slot t's group of channels c..c+kWidth starts (c a multiple of kWidth).
+inline int64_t slot(int64_t t, int64_t c) { return c / kWidth * kGroupStride + t * kTileStride; }
 
-// Stores one channel group's 36 transformed entries.
+// Stores one group of channels' 36 transformed entries of a tile.
 VGGBENCH_INLINE void store_points(const vec (&out)[kWindow][kWindow], float* group) {
 #pragma GCC unroll 6
   for (int i = 0; i < kWindow; ++i)
@@ -82,12 +83,12 @@ VGGBENCH_INLINE void store_points(const vec (&out)[kWindow][kWindow], float* gro
 // Activations are T: float, or bfloat16 as its bits (uint16_t), widened to float on load
 // and rounded to nearest even on store (V::load, V::store); everything between is float.
 
-// V for one tile: B^T d B of its 6x6 input window (zero outside the image: the conv's
+// V for tile slot t: B^T d B of its 6x6 input window (zero outside the image: the conv's
 // padding). Inside: the window lies in the image; otherwise positions outside read a
 // clamped (valid) address and are masked to zero, which keeps the loads branch-free.
 template <bool Inside, typename T>
 VGGBENCH_INLINE void transform_input_tile(const T* x, int64_t C, const Tiles& tl, int64_t n, int64_t top,
-                                 int64_t left, float* tile) {
+                                          int64_t left, float* v, int64_t t) {
   int64_t rows[kWindow], cols[kWindow];
   bool row_in[kWindow], col_in[kWindow];
   for (int i = 0; i < kWindow; ++i) {
@@ -107,7 +108,7 @@ VGGBENCH_INLINE void transform_input_tile(const T* x, int64_t C, const Tiles& tl
     }
     vec out[kWindow][kWindow];
     transform_2d<kWindow, kWindow, input_1d>(d, out);
-    store_points(out, tile + c * kPoints);
+    store_points(out, v + slot(t, c));
   }
 }
 
@@ -118,11 +119,10 @@ inline void transform_inputs(const T* x, int64_t C, const Tiles& tl, int64_t fir
   for (int64_t t = 0; t < count; ++t) {
     int64_t n, top, left;
     tl.locate(first + t, n, top, left);
-    float* tile = v + t * kPoints * C;
     if (top >= 1 && top + kWindow - 1 <= tl.h && left >= 1 && left + kWindow - 1 <= tl.w) {
-      transform_input_tile<true>(x, C, tl, n, top, left, tile);
+      transform_input_tile<true>(x, C, tl, n, top, left, v, t);
     } else {
-      transform_input_tile<false>(x, C, tl, n, top, left, tile);
+      transform_input_tile<false>(x, C, tl, n, top, left, v, t);
     }
   }
 }
@@ -144,7 +144,7 @@ inline void transform_grads(const T* g, int64_t K, const Tiles& tl, int64_t firs
       }
       vec out[kWindow][kWindow];
       transform_2d<kTile, kWindow, grad_1d>(d, out);
-      store_points(out, e + t * kPoints * K + k * kPoints);
+      store_points(out, e + slot(t, k));
     }
   }
 }
@@ -160,7 +160,7 @@ inline void transform_outputs(const float* m, int64_t K, const float* bias, cons
     T* corner = y + ((n * tl.h + top) * tl.w + left) * K;
     for (int64_t k = 0; k < K; k += kWidth) {
       vec in[kWindow][kWindow];
-      const float* group = m + t * kPoints * K + k * kPoints;
+      const float* group = m + slot(t, k);
 #pragma GCC unroll 6
       for (int i = 0; i < kWindow; ++i)
 #pragma GCC unroll 6
@@ -181,81 +181,76 @@ inline void transform_outputs(const float* m, int64_t K, const float* bias, cons
   }
 }
 
-// The operands of the products, in the layouts above. Entry (r, d) of A is at
-// row[r][(d / kWidth) * group + (d % kWidth) * lane]; row d of B is at
-// b + (d / kWidth) * group + (d % kWidth) * lane, its vector v at + v * vec; row r of C is
-// at c + r * ldc, its vector v at + v * vec.
-struct Operand {
-  int64_t group, lane, vec;
+// How a product's operand steps along the sum's index d: entry d is at
+// (d / kWidth) * group + (d % kWidth) * lane.
+struct Steps {
+  int64_t lane, group;
 };
 
-// C[r][0..NV) (+)= sum_d A[r][d] B[d][0..NV) for r < R: an R x NV register tile of
-// accumulators, summed over d in order.
+// c[r][v] (+)= sum_d a[r * a_row + steps_a(d)] * b[steps_b(d) + v * b_vec] (vectors of
+// kWidth) for r < R, v < NV, stored at c + r * c_row + v * c_vec: an R x NV register tile
+// of accumulators, summed over d in order.
 template <int R, int NV, bool Accumulate>
-VGGBENCH_INLINE void micro_kernel(const float* const* row, Operand a, const float* b, Operand bl, float* c,
-                         int64_t ldc, int64_t cvec, int64_t depth) {
+VGGBENCH_INLINE void micro_kernel(const float* a, int64_t a_row, Steps sa, const float* b, int64_t b_vec,
+                                  Steps sb, float* c, int64_t c_row, int64_t c_vec, int64_t depth) {
   vec acc[R][NV];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = Accumulate ? V::load(c + r * ldc + cvec * v) : V::zero();
-  const float* ar[R];
-  for (int r = 0; r < R; ++r) ar[r] = row[r];
-  for (int64_t d0 = 0; d0 < depth; d0 += kWidth) {
+    for (int v = 0; v < NV; ++v) acc[r][v] = Accumulate ? V::load(c + r * c_row + v * c_vec) : V::zero();
+  for (int64_t d0 = 0; d0 < depth; d0 += kWidth, a += sa.group, b += sb.group) {
     const int64_t lanes = lesser(kWidth, depth - d0);
     for (int64_t d = 0; d < lanes; ++d) {
       vec bv[NV];
-      for (int v = 0; v < NV; ++v) bv[v] = V::load(b + d * bl.lane + bl.vec * v);
+      for (int v = 0; v < NV; ++v) bv[v] = V::load(b + d * sb.lane + v * b_vec);
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
-        const vec av = V::set1(ar[r][d * a.lane]);
+        const vec av = V::set1(a[r * a_row + d * sa.lane]);
         for (int v = 0; v < NV; ++v) acc[r][v] = V::fmadd(av, bv[v], acc[r][v]);
       }
     }
-    b += bl.group;
-    for (int r = 0; r < R; ++r) ar[r] += a.group;
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) V::store(c + r * ldc + cvec * v, acc[r][v]);
+    for (int v = 0; v < NV; ++v) V::store(c + r * c_row + v * c_vec, acc[r][v]);
 }
 
 // micro_kernel for `rows` (1..R) rows.
 template <int R, int NV, bool Accumulate>
-inline void micro_rows(int rows, const float* const* row, Operand a, const float* b, Operand bl, float* c,
-                       int64_t ldc, int64_t cvec, int64_t depth) {
-  if (rows == R) return micro_kernel<R, NV, Accumulate>(row, a, b, bl, c, ldc, cvec, depth);
-  if constexpr (R > 1) micro_rows<R - 1, NV, Accumulate>(rows, row, a, b, bl, c, ldc, cvec, depth);
+VGGBENCH_INLINE void micro_rows(int rows, const float* a, int64_t a_row, Steps sa, const float* b, int64_t b_vec,
+                                Steps sb, float* c, int64_t c_row, int64_t c_vec, int64_t depth) {
+  if (rows == R) return micro_kernel<R, NV, Accumulate>(a, a_row, sa, b, b_vec, sb, c, c_row, c_vec, depth);
+  if constexpr (R > 1) micro_rows<R - 1, NV, Accumulate>(rows, a, a_row, sa, b, b_vec, sb, c, c_row, c_vec, depth);
 }
 
-// C (rows x cols) (+)= A (rows x depth) @ B (depth x cols), cols a multiple of kWidth; row r
-// of A starts at a_row(r).
-template <bool Accumulate, typename RowOf>
-inline void gemm(int64_t rows, int64_t cols, int64_t depth, RowOf a_row, Operand a, const float* b, Operand bl,
-                 float* c, int64_t ldc, int64_t cvec) {
-  for (int64_t r = 0; r < rows; r += V::kRows) {
-    const int n = static_cast<int>(lesser(V::kRows, rows - r));
-    const float* row[V::kRows];
-    for (int i = 0; i < n; ++i) row[i] = a_row(r + i);
-    int64_t col = 0;
-    for (; col + 2 * kWidth <= cols; col += 2 * kWidth)
-      micro_rows<V::kRows, 2, Accumulate>(n, row, a, b + col / kWidth * bl.vec, bl, c + r * ldc + col / kWidth * cvec,
-                                          ldc, cvec, depth);
-    if (col < cols)
-      micro_rows<V::kRows, 1, Accumulate>(n, row, a, b + col / kWidth * bl.vec, bl, c + r * ldc + col / kWidth * cvec,
-                                          ldc, cvec, depth);
+// c (rows x cols) (+)= a (rows x depth) @ b (depth x cols), cols a multiple of kWidth, in
+// register tiles of R rows (c's vector v of row r at c + r * c_row + v * c_vec); row r of a
+// starts at a_rows(r), and is read in tiles of R rows at a_row apart.
+template <int R, bool Accumulate, typename RowsOf>
+VGGBENCH_INLINE void gemm(int64_t rows, int64_t cols, int64_t depth, RowsOf a_rows, int64_t a_row, Steps sa,
+                          const float* b, int64_t b_vec, Steps sb, float* c, int64_t c_row, int64_t c_vec) {
+  for (int64_t r = 0; r < rows; r += R) {
+    const int n = static_cast<int>(lesser(R, rows - r));
+    int64_t v = 0;
+    for (; v + 2 <= cols / kWidth; v += 2)
+      micro_rows<R, 2, Accumulate>(n, a_rows(r), a_row, sa, b + v * b_vec, b_vec, sb, c + r * c_row + v * c_vec,
+                                   c_row, c_vec, depth);
+    if (v < cols / kWidth)
+      micro_rows<R, 1, Accumulate>(n, a_rows(r), a_row, sa, b + v * b_vec, b_vec, sb, c + r * c_row + v * c_vec,
+                                   c_row, c_vec, depth);
   }
 }
 
 template <typename T>
 void conv_blocks(const T* x, const float* u, const float* bias, int64_t C, int64_t K,
                  const Tiles& tl, int64_t begin, int64_t end, T* y, float* v, float* m) {
-  // per point p: M_p (tiles x K) = V_p (tiles x C) @ U_p (C x K)
-  const Operand a{kGroup, 1, 0}, b{kWidth * K, K, kWidth};
   for (int64_t block = begin; block < end; ++block) {
     const int64_t first = block * kBlockTiles;
     const int64_t count = lesser(kBlockTiles, tl.count() - first);
     transform_inputs(x, C, tl, first, count, v);
+    // per point p: M_p (tiles x K) = V_p (tiles x C) @ U_p (C x K), U_p rows of K floats
     for (int p = 0; p < kPoints; ++p) {
-      const auto tile = [&](int64_t t) { return v + t * kPoints * C + p * kWidth; };
-      gemm<false>(count, K, C, tile, a, u + p * C * K, b, m + p * kWidth, kPoints * K, kGroup);
+      const float* vp = v + p * kWidth;
+      const auto tiles = [&](int64_t t) { return vp + t * kTileStride; };
+      gemm<V::kRows, false>(count, K, C, tiles, kTileStride, {1, kGroupStride}, u + p * C * K, kWidth,
+                            {K, kWidth * K}, m + p * kWidth, kTileStride, kGroupStride);
     }
     transform_outputs(m, K, bias, tl, first, count, y);
   }
@@ -264,20 +259,24 @@ void conv_blocks(const T* x, const float* u, const float* bias, int64_t C, int64
 template <typename T>
 void weight_grad_blocks(const T* x, const T* g, int64_t C, int64_t K, const Tiles& tl,
                         int64_t begin, int64_t end, float* partial, float* v, float* e) {
-  // per point p: partial_p (C x K) += V_p^T (C x tiles) @ E_p (tiles x K)
-  const Operand a{kWidth * kPoints * C, kPoints * C, 0}, b{kWidth * kPoints * K, kPoints * K, kGroup};
+  static_assert(kWidth % V::kGradRows == 0, "a register tile's channels lie in one group");
   for (int64_t block = begin; block < end; ++block) {
     const int64_t first = block * kBlockTiles;
     const int64_t count = lesser(kBlockTiles, tl.count() - first);
     transform_inputs(x, C, tl, first, count, v);
     transform_grads(g, K, tl, first, count, e);
+    // per point p: partial_p (C x K) (+)= V_p^T (C x tiles) @ E_p (tiles x K)
     for (int p = 0; p < kPoints; ++p) {
-      const auto channel = [&](int64_t c) { return v + entry(c, p); };
+      const float* vp = v + p * kWidth;
+      const auto channels = [&](int64_t c) { return vp + slot(0, c) + c % kWidth; };
+      const Steps tiles{kTileStride, kWidth * kTileStride};
       float* out = partial + p * C * K;
       if (block == begin) {  // the first block sets the sums: no zeroing pass
-        gemm<false>(C, K, count, channel, a, e + p * kWidth, b, out, K, kWidth);
+        gemm<V::kGradRows, false>(C, K, count, channels, 1, tiles, e + p * kWidth, kGroupStride, tiles, out, K,
+                                  kWidth);
       } else {
-        gemm<true>(C, K, count, channel, a, e + p * kWidth, b, out, K, kWidth);
+        gemm<V::kGradRows, true>(C, K, count, channels, 1, tiles, e + p * kWidth, kGroupStride, tiles, out, K,
+                                 kWidth);
       }
     }
   }
