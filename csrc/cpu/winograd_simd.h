@@ -89,26 +89,35 @@ VGGBENCH_INLINE void store_points(const vec (&out)[kWindow][kWindow], float* gro
 template <bool Inside, typename T>
 VGGBENCH_INLINE void transform_input_tile(const T* x, int64_t C, const Tiles& tl, int64_t n, int64_t top,
                                           int64_t left, float* v, int64_t t) {
-  int64_t rows[kWindow], cols[kWindow];
+  const T* row[kWindow];  // the window's rows, clamped into the image
+  int64_t col[kWindow];   // offsets of its columns, clamped
   bool row_in[kWindow], col_in[kWindow];
   for (int i = 0; i < kWindow; ++i) {
     const int64_t h = top - 1 + i, w = left - 1 + i;
     row_in[i] = h >= 0 && h < tl.h, col_in[i] = w >= 0 && w < tl.w;
-    rows[i] = clamp(h, 0, tl.h - 1), cols[i] = clamp(w, 0, tl.w - 1);
+    row[i] = x + (n * tl.h + clamp(h, 0, tl.h - 1)) * tl.w * C, col[i] = clamp(w, 0, tl.w - 1) * C;
   }
   for (int64_t c = 0; c < C; c += kWidth) {
-    vec d[kWindow][kWindow];
+    // columns first, each as it is loaded; then rows, each stored as it is transformed
+    vec half[kWindow][kWindow];
+#pragma GCC unroll 6
+    for (int j = 0; j < kWindow; ++j) {
+      vec d[kWindow];
+#pragma GCC unroll 6
+      for (int i = 0; i < kWindow; ++i) {
+        d[i] = V::load(row[i] + col[j] + c);
+        if constexpr (!Inside) d[i] = V::keep_if(d[i], row_in[i] && col_in[j]);
+      }
+      input_1d(d, 1, &half[0][j], kWindow);
+    }
+    float* group = v + slot(t, c);
 #pragma GCC unroll 6
     for (int i = 0; i < kWindow; ++i) {
+      vec out[kWindow];
+      input_1d(half[i], 1, out, 1);
 #pragma GCC unroll 6
-      for (int j = 0; j < kWindow; ++j) {
-        d[i][j] = V::load(x + ((n * tl.h + rows[i]) * tl.w + cols[j]) * C + c);
-        if constexpr (!Inside) d[i][j] = V::keep_if(d[i][j], row_in[i] && col_in[j]);
-      }
+      for (int j = 0; j < kWindow; ++j) V::store(group + (i * kWindow + j) * kWidth, out[j]);
     }
-    vec out[kWindow][kWindow];
-    transform_2d<kWindow, kWindow, input_1d>(d, out);
-    store_points(out, v + slot(t, c));
   }
 }
 
