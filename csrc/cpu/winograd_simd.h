@@ -55,12 +55,26 @@ VGGBENCH_INLINE void grad_1d(const vec* e, int s, vec* r, int rs) {
   r[5 * rs] = e3;
 }
 
-// out = M in M^T for a 1-D transform M from In to Out entries.
-template <int In, int Out, void (*Transform)(const vec*, int, vec*, int)>
-VGGBENCH_INLINE void transform_2d(const vec (&in)[In][In], vec (&out)[Out][Out]) {
-  vec rows[Out][In];
-  for (int j = 0; j < In; ++j) Transform(&in[0][j], In, &rows[0][j], In);
-  for (int i = 0; i < Out; ++i) Transform(&rows[i][0], 1, &out[i][0], 1);
+// out = M in M^T for a 1-D transform M from In to Out entries, in(i, j) = load(i, j),
+// out(i, j) passed to store(i, j, value): columns first, each as it is loaded, then rows,
+// each stored as it is transformed, so that few registers are live at a time.
+template <int In, int Out, void (*Transform)(const vec*, int, vec*, int), typename Load, typename Store>
+VGGBENCH_INLINE void transform_2d(Load load, Store store) {
+  vec half[Out][In];
+#pragma GCC unroll 6
+  for (int j = 0; j < In; ++j) {
+    vec column[In];
+#pragma GCC unroll 6
+    for (int i = 0; i < In; ++i) column[i] = load(i, j);
+    Transform(column, 1, &half[0][j], In);
+  }
+#pragma GCC unroll 6
+  for (int i = 0; i < Out; ++i) {
+    vec row[Out];
+    Transform(half[i], 1, row, 1);
+#pragma GCC unroll 6
+    for (int j = 0; j < Out; ++j) store(i, j, row[j]);
+  }
 }
 
 // A block's transformed tiles are laid out [channel group][tile slot][point][lane], a group
@@ -71,14 +85,6 @@ constexpr int64_t kTileStride = kPoints * kWidth, kGroupStride = kBlockTiles * k
 
 // Where tile slot t's group of channels c..c+kWidth starts (c a multiple of kWidth).
 inline int64_t slot(int64_t t, int64_t c) { return c / kWidth * kGroupStride + t * kTileStride; }
-
-// Stores one group of channels' 36 transformed entries of a tile.
-VGGBENCH_INLINE void store_points(const vec (&out)[kWindow][kWindow], float* group) {
-#pragma GCC unroll 6
-  for (int i = 0; i < kWindow; ++i)
-#pragma GCC unroll 6
-    for (int j = 0; j < kWindow; ++j) V::store(group + (i * kWindow + j) * kWidth, out[i][j]);
-}
 
 // Activations are T: float, or bfloat16 as its bits (uint16_t), widened to float on load
 // and rounded to nearest even on store (V::load, V::store); everything between is float.
@@ -98,26 +104,13 @@ VGGBENCH_INLINE void transform_input_tile(const T* x, int64_t C, const Tiles& tl
     row[i] = x + (n * tl.h + clamp(h, 0, tl.h - 1)) * tl.w * C, col[i] = clamp(w, 0, tl.w - 1) * C;
   }
   for (int64_t c = 0; c < C; c += kWidth) {
-    // columns first, each as it is loaded; then rows, each stored as it is transformed
-    vec half[kWindow][kWindow];
-#pragma GCC unroll 6
-    for (int j = 0; j < kWindow; ++j) {
-      vec d[kWindow];
-#pragma GCC unroll 6
-      for (int i = 0; i < kWindow; ++i) {
-        d[i] = V::load(row[i] + col[j] + c);
-        if constexpr (!Inside) d[i] = V::keep_if(d[i], row_in[i] && col_in[j]);
-      }
-      input_1d(d, 1, &half[0][j], kWindow);
-    }
     float* group = v + slot(t, c);
-#pragma GCC unroll 6
-    for (int i = 0; i < kWindow; ++i) {
-      vec out[kWindow];
-      input_1d(half[i], 1, out, 1);
-#pragma GCC unroll 6
-      for (int j = 0; j < kWindow; ++j) V::store(group + (i * kWindow + j) * kWidth, out[j]);
-    }
+    transform_2d<kWindow, kWindow, input_1d>(
+        [&](int i, int j) {
+          const vec d = V::load(row[i] + col[j] + c);
+          return Inside ? d : V::keep_if(d, row_in[i] && col_in[j]);
+        },
+        [&](int i, int j, vec value) { V::store(group + (i * kWindow + j) * kWidth, value); });
   }
 }
 
@@ -144,16 +137,13 @@ inline void transform_grads(const T* g, int64_t K, const Tiles& tl, int64_t firs
     int64_t n, top, left;
     tl.locate(first + t, n, top, left);
     for (int64_t k = 0; k < K; k += kWidth) {
-      vec d[kTile][kTile];
-      for (int i = 0; i < kTile; ++i) {
-        for (int j = 0; j < kTile; ++j) {
-          const int64_t h = top + i, w = left + j;
-          d[i][j] = h < tl.h && w < tl.w ? V::load(g + ((n * tl.h + h) * tl.w + w) * K + k) : V::zero();
-        }
-      }
-      vec out[kWindow][kWindow];
-      transform_2d<kTile, kWindow, grad_1d>(d, out);
-      store_points(out, e + slot(t, k));
+      float* group = e + slot(t, k);
+      transform_2d<kTile, kWindow, grad_1d>(
+          [&](int i, int j) {
+            const int64_t h = top + i, w = left + j;
+            return h < tl.h && w < tl.w ? V::load(g + ((n * tl.h + h) * tl.w + w) * K + k) : V::zero();
+          },
+          [&](int i, int j, vec value) { V::store(group + (i * kWindow + j) * kWidth, value); });
     }
   }
 }
@@ -167,25 +157,15 @@ inline void transform_outputs(const float* m, int64_t K, const float* bias, cons
     tl.locate(first + t, n, top, left);
     const int64_t rows = lesser(kTile, tl.h - top), cols = lesser(kTile, tl.w - left);
     T* corner = y + ((n * tl.h + top) * tl.w + left) * K;
+    const bool whole = rows == kTile && cols == kTile;
     for (int64_t k = 0; k < K; k += kWidth) {
-      vec in[kWindow][kWindow];
       const float* group = m + slot(t, k);
-#pragma GCC unroll 6
-      for (int i = 0; i < kWindow; ++i)
-#pragma GCC unroll 6
-        for (int j = 0; j < kWindow; ++j) in[i][j] = V::load(group + (i * kWindow + j) * kWidth);
-      vec out[kTile][kTile];
-      transform_2d<kWindow, kTile, output_1d>(in, out);
       const vec b = bias ? V::load(bias + k) : V::zero();
-      if (rows == kTile && cols == kTile) {
-#pragma GCC unroll 4
-        for (int i = 0; i < kTile; ++i)
-#pragma GCC unroll 4
-          for (int j = 0; j < kTile; ++j) V::store(corner + (i * tl.w + j) * K + k, add(out[i][j], b));
-      } else {
-        for (int i = 0; i < rows; ++i)
-          for (int j = 0; j < cols; ++j) V::store(corner + (i * tl.w + j) * K + k, add(out[i][j], b));
-      }
+      transform_2d<kWindow, kTile, output_1d>(
+          [&](int i, int j) { return V::load(group + (i * kWindow + j) * kWidth); },
+          [&](int i, int j, vec value) {
+            if (whole || (i < rows && j < cols)) V::store(corner + (i * tl.w + j) * K + k, add(value, b));
+          });
     }
   }
 }
