@@ -1,6 +1,7 @@
 // The Winograd kernels (winograd_simd.h) for AVX-512 F/BW/VL: 16 floats per register,
-// 9x32 register tile for the matrix products (18 of the 32 registers accumulate; 9 rows
-// divide the 18-tile blocks evenly).
+// 9x32 register tile for the conv products (18 of the 32 registers accumulate; 9 rows
+// divide the 18-tile blocks evenly), 8x32 for the weight gradient's (16 accumulate; its 8
+// channels lie in one register's group of 16).
 #include "winograd_kernels.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)

@@ -1,7 +1,8 @@
 // The Winograd F(4x4, 3x3) kernels (see winograd.cpp), written once for a vector type:
 // included by winograd_avx2.cpp and winograd_avx512.cpp inside their own namespace and
 // `#pragma GCC target`, after defining `struct V` (the register type `V::type`, its width
-// `V::kWidth` in floats, `V::kRows` rows of the matrix products' register tile, and the
+// `V::kWidth` in floats, `V::kRows` rows (tiles) of the conv products' register tile and
+// `V::kGradRows` rows (input channels, dividing kWidth) of the weight gradient's, and the
 // operations used below). Each lane does the same operations in the same order whatever
 // the width, so every instruction set gives the same bits. No includes and no std calls
 // here: everything in this file is compiled for the including file's instruction set only.
