@@ -1,5 +1,6 @@
 // The Winograd kernels (winograd_simd.h) for AVX2 + FMA: 8 floats per register, 6x16
-// register tile for the matrix products (12 of the 16 registers accumulate).
+// register tile for the conv products, 4x16 for the weight gradient's (12 and 8 of the 16
+// registers accumulate; the latter's 4 channels lie in one register's group of 8).
 #include "winograd_kernels.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -12,7 +13,7 @@ namespace {
 
 struct V {
   using type = __m256;
-  static constexpr int kWidth = 8, kRows = 6;
+  static constexpr int kWidth = 8, kRows = 6, kGradRows = 4;
   static type load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, type v) { _mm256_storeu_ps(p, v); }
   // bfloat16: its bits are a float's upper half

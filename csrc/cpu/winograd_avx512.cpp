@@ -1,6 +1,7 @@
 // The Winograd kernels (winograd_simd.h) for AVX-512 F/BW/VL: 16 floats per register,
-// 9x32 register tile for the matrix products (18 of the 32 registers accumulate; 9 rows
-// divide the 18-tile blocks evenly).
+// 9x32 register tile for the conv products (18 of the 32 registers accumulate; 9 rows
+// divide the 18-tile blocks evenly), 8x32 for the weight gradient's (16 accumulate; its 8
+// channels lie in one register's group of 16).
 #include "winograd_kernels.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -16,7 +17,7 @@ namespace {
 
 struct V {
   using type = __m512;
-  static constexpr int kWidth = 16, kRows = 9;
+  static constexpr int kWidth = 16, kRows = 9, kGradRows = 8;
   static type load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, type v) { _mm512_storeu_ps(p, v); }
   // bfloat16: its bits are a float's upper half

@@ -1,13 +1,17 @@
 // The Winograd F(4x4, 3x3) kernels (see winograd.cpp), written once for a vector type:
 // included by winograd_avx2.cpp and winograd_avx512.cpp inside their own namespace and
 // `#pragma GCC target`, after defining `struct V` (the register type `V::type`, its width
-// `V::kWidth` in floats, `V::kRows` rows of the matrix products' register tile, and the
+// `V::kWidth` in floats, `V::kRows` rows (tiles) of the conv products' register tile and
+// `V::kGradRows` rows (input channels, dividing kWidth) of the weight gradient's, and the
 // operations used below). Each lane does the same operations in the same order whatever
 // the width, so every instruction set gives the same bits. No includes and no std calls
 // here: everything in this file is compiled for the including file's instruction set only.
 // (No include guard: included once per instruction set.)
 
 using vec = V::type;
+// The transforms and the products' register tiles: inlined whatever the compiler's budget,
+// or their register arrays go through memory.
+#define VGGBENCH_INLINE inline __attribute__((always_inline))
 constexpr int kWidth = V::kWidth;
 
 inline vec fma(float a, vec x, vec y) { return V::fmadd(V::set1(a), x, y); }
@@ -19,7 +23,7 @@ inline int64_t clamp(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : v
 // The 1-D transforms, kWidth channels at a time; d[i * s] is entry i.
 // B^T = [1 -3/2 -2 3/2 1 0; 0 -1 1/2 5/2 1 0; 0 1 -5/2 1/2 1 0; 0 -2 -1 2 1 0;
 //        0 1/2 -1 -1/2 1 0; 0 1 -3/2 -2 3/2 1]
-inline void input_1d(const vec* d, int s, vec* r, int rs) {
+VGGBENCH_INLINE void input_1d(const vec* d, int s, vec* r, int rs) {
   const vec d0 = d[0], d1 = d[s], d2 = d[2 * s], d3 = d[3 * s], d4 = d[4 * s], d5 = d[5 * s];
   const vec a = sub(d3, d1), b = sub(d4, d2);
   r[0] = fma(1.5f, a, fma(-2.f, d2, add(d0, d4)));
@@ -31,7 +35,7 @@ inline void input_1d(const vec* d, int s, vec* r, int rs) {
 }
 
 // A^T = [1 1 1 1 1 0; 0 1 -1 1/2 -2 0; 0 1 1 1/4 4 0; 0 1 -1 1/8 -8 1]
-inline void output_1d(const vec* m, int s, vec* o, int os) {
+VGGBENCH_INLINE void output_1d(const vec* m, int s, vec* o, int os) {
   const vec m0 = m[0], m1 = m[s], m2 = m[2 * s], m3 = m[3 * s], m4 = m[4 * s], m5 = m[5 * s];
   const vec sum = add(m1, m2), diff = sub(m1, m2);
   o[0] = add(add(m0, sum), add(m3, m4));
@@ -41,7 +45,7 @@ inline void output_1d(const vec* m, int s, vec* o, int os) {
 }
 
 // A = (A^T)^T: the weight gradient's transform of 4-entry output-gradient rows.
-inline void grad_1d(const vec* e, int s, vec* r, int rs) {
+VGGBENCH_INLINE void grad_1d(const vec* e, int s, vec* r, int rs) {
   const vec e0 = e[0], e1 = e[s], e2 = e[2 * s], e3 = e[3 * s];
   const vec even = add(e0, e2), odd = add(e1, e3);
   r[0] = e0;
@@ -52,55 +56,62 @@ inline void grad_1d(const vec* e, int s, vec* r, int rs) {
   r[5 * rs] = e3;
 }
 
-// out = M in M^T for a 1-D transform M from In to Out entries.
-template <int In, int Out, void (*Transform)(const vec*, int, vec*, int)>
-inline void transform_2d(const vec (&in)[In][In], vec (&out)[Out][Out]) {
-  vec rows[Out][In];
-  for (int j = 0; j < In; ++j) Transform(&in[0][j], In, &rows[0][j], In);
-  for (int i = 0; i < Out; ++i) Transform(&rows[i][0], 1, &out[i][0], 1);
+// out = M in M^T for a 1-D transform M from In to Out entries, in(i, j) = load(i, j),
+// out(i, j) passed to store(i, j, value): columns first, each as it is loaded, then rows,
+// each stored as it is transformed, so that few registers are live at a time.
+template <int In, int Out, void (*Transform)(const vec*, int, vec*, int), typename Load, typename Store>
+VGGBENCH_INLINE void transform_2d(Load load, Store store) {
+  vec half[Out][In];
+#pragma GCC unroll 6
+  for (int j = 0; j < In; ++j) {
+    vec column[In];
+#pragma GCC unroll 6
+    for (int i = 0; i < In; ++i) column[i] = load(i, j);
+    Transform(column, 1, &half[0][j], In);
+  }
+#pragma GCC unroll 6
+  for (int i = 0; i < Out; ++i) {
+    vec row[Out];
+    Transform(half[i], 1, row, 1);
+#pragma GCC unroll 6
+    for (int j = 0; j < Out; ++j) store(i, j, row[j]);
+  }
 }
 
-// Transformed blocks are laid out [tile][point][channel]: one tile's 36 points are
-// contiguous (the transforms write and read them together), and the products of one point
-// over the block's tiles are a matrix with row stride kPoints * channels.
+// A block's transformed tiles are laid out [channel group][tile slot][point][lane], a group
+// being kWidth channels and a block having kBlockTiles slots: one register's 36 points are
+// contiguous, and every stride but the number of groups is known to the compiler, so the
+// transforms and the products' register tiles need no address arithmetic.
+constexpr int64_t kTileStride = kPoints * kWidth, kGroupStride = kBlockTiles * kTileStride;
 
-// Stores a tile's 36 transformed entries for channels c..c+kWidth.
-inline void store_points(const vec (&out)[kWindow][kWindow], float* tile, int64_t channels) {
-#pragma GCC unroll 6
-  for (int i = 0; i < kWindow; ++i)
-#pragma GCC unroll 6
-    for (int j = 0; j < kWindow; ++j) V::store(tile + (i * kWindow + j) * channels, out[i][j]);
-}
+// Where tile slot t's group of channels c..c+kWidth starts (c a multiple of kWidth).
+inline int64_t slot(int64_t t, int64_t c) { return c / kWidth * kGroupStride + t * kTileStride; }
 
 // Activations are T: float, or bfloat16 as its bits (uint16_t), widened to float on load
 // and rounded to nearest even on store (V::load, V::store); everything between is float.
 
-// V[t][p][c] for one tile: B^T d B of its 6x6 input window (zero outside the image: the
-// conv's padding). Inside: the window lies in the image; otherwise positions outside read
-// a clamped (valid) address and are masked to zero, which keeps the loads branch-free.
+// V for tile slot t: B^T d B of its 6x6 input window (zero outside the image: the conv's
+// padding). Inside: the window lies in the image; otherwise positions outside read a
+// clamped (valid) address and are masked to zero, which keeps the loads branch-free.
 template <bool Inside, typename T>
-inline void transform_input_tile(const T* x, int64_t C, const Tiles& tl, int64_t n, int64_t top,
-                                 int64_t left, float* tile) {
-  int64_t rows[kWindow], cols[kWindow];
+VGGBENCH_INLINE void transform_input_tile(const T* x, int64_t C, const Tiles& tl, int64_t n, int64_t top,
+                                          int64_t left, float* v, int64_t t) {
+  const T* row[kWindow];  // the window's rows, clamped into the image
+  int64_t col[kWindow];   // offsets of its columns, clamped
   bool row_in[kWindow], col_in[kWindow];
   for (int i = 0; i < kWindow; ++i) {
     const int64_t h = top - 1 + i, w = left - 1 + i;
     row_in[i] = h >= 0 && h < tl.h, col_in[i] = w >= 0 && w < tl.w;
-    rows[i] = clamp(h, 0, tl.h - 1), cols[i] = clamp(w, 0, tl.w - 1);
+    row[i] = x + (n * tl.h + clamp(h, 0, tl.h - 1)) * tl.w * C, col[i] = clamp(w, 0, tl.w - 1) * C;
   }
   for (int64_t c = 0; c < C; c += kWidth) {
-    vec d[kWindow][kWindow];
-#pragma GCC unroll 6
-    for (int i = 0; i < kWindow; ++i) {
-#pragma GCC unroll 6
-      for (int j = 0; j < kWindow; ++j) {
-        d[i][j] = V::load(x + ((n * tl.h + rows[i]) * tl.w + cols[j]) * C + c);
-        if constexpr (!Inside) d[i][j] = V::keep_if(d[i][j], row_in[i] && col_in[j]);
-      }
-    }
-    vec out[kWindow][kWindow];
-    transform_2d<kWindow, kWindow, input_1d>(d, out);
-    store_points(out, tile + c, C);
+    float* group = v + slot(t, c);
+    transform_2d<kWindow, kWindow, input_1d>(
+        [&](int i, int j) {
+          const vec d = V::load(row[i] + col[j] + c);
+          return Inside ? d : V::keep_if(d, row_in[i] && col_in[j]);
+        },
+        [&](int i, int j, vec value) { V::store(group + (i * kWindow + j) * kWidth, value); });
   }
 }
 
@@ -111,16 +122,15 @@ inline void transform_inputs(const T* x, int64_t C, const Tiles& tl, int64_t fir
   for (int64_t t = 0; t < count; ++t) {
     int64_t n, top, left;
     tl.locate(first + t, n, top, left);
-    float* tile = v + t * kPoints * C;
     if (top >= 1 && top + kWindow - 1 <= tl.h && left >= 1 && left + kWindow - 1 <= tl.w) {
-      transform_input_tile<true>(x, C, tl, n, top, left, tile);
+      transform_input_tile<true>(x, C, tl, n, top, left, v, t);
     } else {
-      transform_input_tile<false>(x, C, tl, n, top, left, tile);
+      transform_input_tile<false>(x, C, tl, n, top, left, v, t);
     }
   }
 }
 
-// E[t][p][k] = A g A^T of each tile's 4x4 block of output gradients (zero outside).
+// E = A g A^T of each tile's 4x4 block of output gradients (zero outside).
 template <typename T>
 inline void transform_grads(const T* g, int64_t K, const Tiles& tl, int64_t first, int64_t count,
                             float* e) {
@@ -128,16 +138,13 @@ inline void transform_grads(const T* g, int64_t K, const Tiles& tl, int64_t firs
     int64_t n, top, left;
     tl.locate(first + t, n, top, left);
     for (int64_t k = 0; k < K; k += kWidth) {
-      vec d[kTile][kTile];
-      for (int i = 0; i < kTile; ++i) {
-        for (int j = 0; j < kTile; ++j) {
-          const int64_t h = top + i, w = left + j;
-          d[i][j] = h < tl.h && w < tl.w ? V::load(g + ((n * tl.h + h) * tl.w + w) * K + k) : V::zero();
-        }
-      }
-      vec out[kWindow][kWindow];
-      transform_2d<kTile, kWindow, grad_1d>(d, out);
-      store_points(out, e + t * kPoints * K + k, K);
+      float* group = e + slot(t, k);
+      transform_2d<kTile, kWindow, grad_1d>(
+          [&](int i, int j) {
+            const int64_t h = top + i, w = left + j;
+            return h < tl.h && w < tl.w ? V::load(g + ((n * tl.h + h) * tl.w + w) * K + k) : V::zero();
+          },
+          [&](int i, int j, vec value) { V::store(group + (i * kWindow + j) * kWidth, value); });
     }
   }
 }
@@ -149,66 +156,75 @@ inline void transform_outputs(const float* m, int64_t K, const float* bias, cons
   for (int64_t t = 0; t < count; ++t) {
     int64_t n, top, left;
     tl.locate(first + t, n, top, left);
+    const int64_t rows = lesser(kTile, tl.h - top), cols = lesser(kTile, tl.w - left);
+    T* corner = y + ((n * tl.h + top) * tl.w + left) * K;
+    const bool whole = rows == kTile && cols == kTile;
     for (int64_t k = 0; k < K; k += kWidth) {
-      vec in[kWindow][kWindow];
-      const float* tile = m + t * kPoints * K + k;
-#pragma GCC unroll 6
-      for (int i = 0; i < kWindow; ++i)
-#pragma GCC unroll 6
-        for (int j = 0; j < kWindow; ++j) in[i][j] = V::load(tile + (i * kWindow + j) * K);
-      vec out[kTile][kTile];
-      transform_2d<kWindow, kTile, output_1d>(in, out);
+      const float* group = m + slot(t, k);
       const vec b = bias ? V::load(bias + k) : V::zero();
-      for (int i = 0; i < kTile && top + i < tl.h; ++i)
-        for (int j = 0; j < kTile && left + j < tl.w; ++j)
-          V::store(y + ((n * tl.h + top + i) * tl.w + left + j) * K + k, add(out[i][j], b));
+      transform_2d<kWindow, kTile, output_1d>(
+          [&](int i, int j) { return V::load(group + (i * kWindow + j) * kWidth); },
+          [&](int i, int j, vec value) {
+            if (whole || (i < rows && j < cols)) V::store(corner + (i * tl.w + j) * K + k, add(value, b));
+          });
     }
   }
 }
 
-// c[r][0..kWidth*NV) (+)= sum_p a[r * a_row + p * a_depth] * b[p * ldb + 0..kWidth*NV) for
-// r < R: an R x NV register tile of accumulators, summed over p in order.
+// How a product's operand steps along the sum's index d: entry d is at
+// (d / kWidth) * group + (d % kWidth) * lane.
+struct Steps {
+  int64_t lane, group;
+};
+
+// c[r][v] (+)= sum_d a[r * a_row + steps_a(d)] * b[steps_b(d) + v * b_vec] (vectors of
+// kWidth) for r < R, v < NV, stored at c + r * c_row + v * c_vec: an R x NV register tile
+// of accumulators, summed over d in order.
 template <int R, int NV, bool Accumulate>
-inline void micro_kernel(const float* a, int64_t a_row, int64_t a_depth, const float* b,
-                         int64_t ldb, float* c, int64_t ldc, int64_t depth) {
+VGGBENCH_INLINE void micro_kernel(const float* a, int64_t a_row, Steps sa, const float* b, int64_t b_vec,
+                                  Steps sb, float* c, int64_t c_row, int64_t c_vec, int64_t depth) {
   vec acc[R][NV];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = Accumulate ? V::load(c + r * ldc + kWidth * v) : V::zero();
-  for (int64_t p = 0; p < depth; ++p) {
-    vec bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = V::load(b + p * ldb + kWidth * v);
+    for (int v = 0; v < NV; ++v) acc[r][v] = Accumulate ? V::load(c + r * c_row + v * c_vec) : V::zero();
+  for (int64_t d0 = 0; d0 < depth; d0 += kWidth, a += sa.group, b += sb.group) {
+    const int64_t lanes = lesser(kWidth, depth - d0);
+    for (int64_t d = 0; d < lanes; ++d) {
+      vec bv[NV];
+      for (int v = 0; v < NV; ++v) bv[v] = V::load(b + d * sb.lane + v * b_vec);
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const vec av = V::set1(a[r * a_row + p * a_depth]);
-      for (int v = 0; v < NV; ++v) acc[r][v] = V::fmadd(av, bv[v], acc[r][v]);
+      for (int r = 0; r < R; ++r) {
+        const vec av = V::set1(a[r * a_row + d * sa.lane]);
+        for (int v = 0; v < NV; ++v) acc[r][v] = V::fmadd(av, bv[v], acc[r][v]);
+      }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) V::store(c + r * ldc + kWidth * v, acc[r][v]);
+    for (int v = 0; v < NV; ++v) V::store(c + r * c_row + v * c_vec, acc[r][v]);
 }
 
 // micro_kernel for `rows` (1..R) rows.
 template <int R, int NV, bool Accumulate>
-inline void micro_rows(int rows, const float* a, int64_t a_row, int64_t a_depth, const float* b,
-                       int64_t ldb, float* c, int64_t ldc, int64_t depth) {
-  if (rows == R) return micro_kernel<R, NV, Accumulate>(a, a_row, a_depth, b, ldb, c, ldc, depth);
-  if constexpr (R > 1) micro_rows<R - 1, NV, Accumulate>(rows, a, a_row, a_depth, b, ldb, c, ldc, depth);
+VGGBENCH_INLINE void micro_rows(int rows, const float* a, int64_t a_row, Steps sa, const float* b, int64_t b_vec,
+                                Steps sb, float* c, int64_t c_row, int64_t c_vec, int64_t depth) {
+  if (rows == R) return micro_kernel<R, NV, Accumulate>(a, a_row, sa, b, b_vec, sb, c, c_row, c_vec, depth);
+  if constexpr (R > 1) micro_rows<R - 1, NV, Accumulate>(rows, a, a_row, sa, b, b_vec, sb, c, c_row, c_vec, depth);
 }
 
-// c (rows x cols) (+)= a (rows x depth, strides a_row / a_depth) @ b (depth x cols, row
-// stride ldb); cols a multiple of kWidth.
-template <bool Accumulate>
-inline void gemm(int64_t rows, int64_t cols, int64_t depth, const float* a, int64_t a_row,
-                 int64_t a_depth, const float* b, int64_t ldb, float* c, int64_t ldc) {
-  for (int64_t r = 0; r < rows; r += V::kRows) {
-    const int n = static_cast<int>(lesser(V::kRows, rows - r));
-    int64_t col = 0;
-    for (; col + 2 * kWidth <= cols; col += 2 * kWidth)
-      micro_rows<V::kRows, 2, Accumulate>(n, a + r * a_row, a_row, a_depth, b + col, ldb,
-                                          c + r * ldc + col, ldc, depth);
-    if (col < cols)
-      micro_rows<V::kRows, 1, Accumulate>(n, a + r * a_row, a_row, a_depth, b + col, ldb,
-                                          c + r * ldc + col, ldc, depth);
+// c (rows x cols) (+)= a (rows x depth) @ b (depth x cols), cols a multiple of kWidth, in
+// register tiles of R rows (c's vector v of row r at c + r * c_row + v * c_vec); row r of a
+// starts at a_rows(r), and is read in tiles of R rows at a_row apart.
+template <int R, bool Accumulate, typename RowsOf>
+VGGBENCH_INLINE void gemm(int64_t rows, int64_t cols, int64_t depth, RowsOf a_rows, int64_t a_row, Steps sa,
+                          const float* b, int64_t b_vec, Steps sb, float* c, int64_t c_row, int64_t c_vec) {
+  for (int64_t r = 0; r < rows; r += R) {
+    const int n = static_cast<int>(lesser(R, rows - r));
+    int64_t v = 0;
+    for (; v + 2 <= cols / kWidth; v += 2)
+      micro_rows<R, 2, Accumulate>(n, a_rows(r), a_row, sa, b + v * b_vec, b_vec, sb, c + r * c_row + v * c_vec,
+                                   c_row, c_vec, depth);
+    if (v < cols / kWidth)
+      micro_rows<R, 1, Accumulate>(n, a_rows(r), a_row, sa, b + v * b_vec, b_vec, sb, c + r * c_row + v * c_vec,
+                                   c_row, c_vec, depth);
   }
 }
 
@@ -219,8 +235,13 @@ void conv_blocks(const T* x, const float* u, const float* bias, int64_t C, int64
     const int64_t first = block * kBlockTiles;
     const int64_t count = lesser(kBlockTiles, tl.count() - first);
     transform_inputs(x, C, tl, first, count, v);
-    for (int p = 0; p < kPoints; ++p)
-      gemm<false>(count, K, C, v + p * C, kPoints * C, 1, u + p * C * K, K, m + p * K, kPoints * K);
+    // per point p: M_p (tiles x K) = V_p (tiles x C) @ U_p (C x K), U_p rows of K floats
+    for (int p = 0; p < kPoints; ++p) {
+      const float* vp = v + p * kWidth;
+      const auto tiles = [&](int64_t t) { return vp + t * kTileStride; };
+      gemm<V::kRows, false>(count, K, C, tiles, kTileStride, {1, kGroupStride}, u + p * C * K, kWidth,
+                            {K, kWidth * K}, m + p * kWidth, kTileStride, kGroupStride);
+    }
     transform_outputs(m, K, bias, tl, first, count, y);
   }
 }
@@ -228,17 +249,24 @@ void conv_blocks(const T* x, const float* u, const float* bias, int64_t C, int64
 template <typename T>
 void weight_grad_blocks(const T* x, const T* g, int64_t C, int64_t K, const Tiles& tl,
                         int64_t begin, int64_t end, float* partial, float* v, float* e) {
+  static_assert(kWidth % V::kGradRows == 0, "a register tile's channels lie in one group");
   for (int64_t block = begin; block < end; ++block) {
     const int64_t first = block * kBlockTiles;
     const int64_t count = lesser(kBlockTiles, tl.count() - first);
     transform_inputs(x, C, tl, first, count, v);
     transform_grads(g, K, tl, first, count, e);
+    // per point p: partial_p (C x K) (+)= V_p^T (C x tiles) @ E_p (tiles x K)
     for (int p = 0; p < kPoints; ++p) {
+      const float* vp = v + p * kWidth;
+      const auto channels = [&](int64_t c) { return vp + slot(0, c) + c % kWidth; };
+      const Steps tiles{kTileStride, kWidth * kTileStride};
       float* out = partial + p * C * K;
       if (block == begin) {  // the first block sets the sums: no zeroing pass
-        gemm<false>(C, K, count, v + p * C, 1, kPoints * C, e + p * K, kPoints * K, out, K);
+        gemm<V::kGradRows, false>(C, K, count, channels, 1, tiles, e + p * kWidth, kGroupStride, tiles, out, K,
+                                  kWidth);
       } else {
-        gemm<true>(C, K, count, v + p * C, 1, kPoints * C, e + p * K, kPoints * K, out, K);
+        gemm<V::kGradRows, true>(C, K, count, channels, 1, tiles, e + p * kWidth, kGroupStride, tiles, out, K,
+                                 kWidth);
       }
     }
   }
