@@ -6,13 +6,16 @@
 // contract into FMAs (fp-contract off: the baseline and AVX2 have none), so all give the
 // same bits.
 //
+// Every pass runs in steps of vectors (lanes.h) along the contiguous dimension: NHWC steps
+// hold kWidth consecutive channels of one row (a register of floats: the per-channel
+// operands are one vector load each), NCHW steps consecutive values of one channel.
 // Reductions run over fixed blocks of rows, combined in block order, so results do not
 // depend on the number of threads. Within a block, values are summed in the compute type
 // (float for float/bfloat16) over spans of a few values per channel, and the spans in
-// double: vectorisable loops, and float rounding over at most kSpan / kLanes = kRows terms
-// in a row (NCHW: kLanes partial sums over kSpan values; NHWC: kRows rows).
-// Per-element options (residual, recovery of xhat, ...) are template parameters, so every
-// inner loop is branch-free and the compiler vectorises it.
+// double: float rounding over at most kSpan / kLanes = kRows terms in a row (NCHW: kLanes
+// partial sums over kSpan values; NHWC: kRows rows, each lane of the W sums held in a
+// register over the span). Per-element options (residual, recovery of xhat, ...) are
+// template parameters, so every inner loop is branch-free.
 #pragma once
 // GCC notes that lanes.h's vectors, wider than the baseline's registers, change the ABI of
 // the functions taking them: those compiled outside the target pragmas below (lanes.h and
@@ -50,12 +53,11 @@
 namespace vggbench {
 namespace {
 
-
 constexpr int64_t kBlockElements = 1 << 15;  // elements per reduction block (~L2-sized)
 constexpr int64_t kSpan = 256;               // values per channel summed before widening
 constexpr int kLanes = 8;                    // NCHW: partial sums along a contiguous run
 constexpr int64_t kRows = kSpan / kLanes;    // NHWC: rows summed per channel before widening
-constexpr int kWidth = kRegisterBytes / 4;  // NHWC: channels per step, a register of floats
+constexpr int kWidth = kRegisterBytes / 4;   // NHWC: channels per step, a register of floats
 
 // fn(flags...) with each runtime bool turned into std::true_type / std::false_type, so
 // per-element options become compile-time constants (`if constexpr`).
