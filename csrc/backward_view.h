@@ -1,6 +1,7 @@
-// The per-element view of BackwardInputs the CPU and CUDA backward passes share: g, the
-// pre-activation and xhat at offset i (fused_unit_math.h does the maths). Built on the
-// host, passed by value to CUDA kernels.
+// The per-element view of BackwardInputs the CPU and CUDA backward passes share: g, xhat
+// and the recovery rule's terms at offset i, or from values already loaded (the CPU's
+// vectors); fused_unit_math.h does the maths. Built on the host, passed by value to CUDA
+// kernels.
 #pragma once
 
 #include "fused_unit.h"
