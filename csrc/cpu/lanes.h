@@ -32,6 +32,9 @@ constexpr int kRegisterBytes = 16;
 template <typename T, int N>
 struct VectorOf {
   using type [[gnu::vector_size(sizeof(T) * N)]] = T;
+  // the same at any address, aliasing anything: how lanes are read and written in memory
+  // (a memcpy into a vector goes through the stack in the AVX2 build)
+  using unaligned [[gnu::vector_size(sizeof(T) * N), gnu::aligned(1), gnu::may_alias]] = T;
 };
 
 // Lane l lives in part l / kPart, a vector of at most one register: GCC turns a select
@@ -163,19 +166,35 @@ struct Lanes {
 template <typename S>
 constexpr bool kIsBFloat16 = std::is_same_v<S, c10::BFloat16>;
 
+// The lanes of p[0, L) as they are in memory.
+template <typename T, int L>
+VGGBENCH_LANES Lanes<T, L> read_lanes(const T* p) {
+  using Memory = typename VectorOf<T, Lanes<T, L>::kPart>::unaligned;
+  return Lanes<T, L>::of_parts([&](int q) VGGBENCH_LANES_LAMBDA {
+    return *reinterpret_cast<const Memory*>(p + q * Lanes<T, L>::kPart);
+  });
+}
+template <typename T, int L>
+VGGBENCH_LANES void write_lanes(T* p, const Lanes<T, L>& a) {
+  using Memory = typename VectorOf<T, Lanes<T, L>::kPart>::unaligned;
+  for (int q = 0; q < Lanes<T, L>::kParts; ++q) *reinterpret_cast<Memory*>(p + q * Lanes<T, L>::kPart) = a.v[q];
+}
+
+// The same lanes' bits as another type of the same size (float <-> uint32_t).
+template <typename U, typename T, int L>
+VGGBENCH_LANES Lanes<U, L> bits_as(const Lanes<T, L>& a) {
+  static_assert(sizeof(U) == sizeof(T));
+  return Lanes<U, L>::of_parts([&](int q) VGGBENCH_LANES_LAMBDA { return (typename Lanes<U, L>::part)a.v[q]; });
+}
+
 template <typename T, int L, typename S>
 VGGBENCH_LANES Lanes<T, L> load_lanes(const S* p) {
-  Lanes<T, L> r;
   if constexpr (kIsBFloat16<S>) {
-    Lanes<uint16_t, L> half;
-    __builtin_memcpy(half.v, p, sizeof half.v);
-    const Lanes<uint32_t, L> bits(half);
-    const auto wide = Lanes<uint32_t, L>::of_parts([&](int q) VGGBENCH_LANES_LAMBDA { return bits.v[q] << 16; });
-    __builtin_memcpy(r.v, wide.v, sizeof r.v);
+    const Lanes<uint32_t, L> bits(read_lanes<uint16_t, L>(reinterpret_cast<const uint16_t*>(p)));
+    return bits_as<T>(Lanes<uint32_t, L>::of_parts([&](int q) VGGBENCH_LANES_LAMBDA { return bits.v[q] << 16; }));
   } else {
-    __builtin_memcpy(r.v, p, sizeof r.v);
+    return read_lanes<T, L>(p);
   }
-  return r;
 }
 
 template <typename T, int L, typename S>
@@ -183,17 +202,15 @@ VGGBENCH_LANES void store_lanes(S* p, const Lanes<T, L>& a) {
   if constexpr (kIsBFloat16<S>) {
     // rounded to nearest even, NaN to 0x7fc0: c10::BFloat16's rounding, bit for bit
     using Bits = Lanes<uint32_t, L>;
-    Bits u;
-    __builtin_memcpy(u.v, a.v, sizeof u.v);
+    const Bits u = bits_as<uint32_t>(a);
     const Bits rounded = Bits::of_parts([&](int q) VGGBENCH_LANES_LAMBDA {
       const auto nan = (typename Bits::part)(a.v[q] != a.v[q]);
       const auto even = (u.v[q] + ((u.v[q] >> 16) & 1u) + 0x7fffu) >> 16;
       return (even & ~nan) | (nan & 0x7fc0u);
     });
-    const Lanes<uint16_t, L> half(rounded);
-    __builtin_memcpy(p, half.v, sizeof half.v);
+    write_lanes(reinterpret_cast<uint16_t*>(p), Lanes<uint16_t, L>(rounded));
   } else {
-    __builtin_memcpy(p, a.v, sizeof a.v);
+    write_lanes(p, a);
   }
 }
 
