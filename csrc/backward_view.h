@@ -1,6 +1,7 @@
-// The per-element view of BackwardInputs the CPU and CUDA backward passes share: g, the
-// pre-activation and xhat at offset i (fused_unit_math.h does the maths). Built on the
-// host, passed by value to CUDA kernels.
+// The per-element view of BackwardInputs the CPU and CUDA backward passes share: g, xhat
+// and the recovery rule's terms at offset i, or from values already loaded (the CPU's
+// vectors); fused_unit_math.h does the maths. Built on the host, passed by value to CUDA
+// kernels.
 #pragma once
 
 #include "fused_unit.h"
@@ -19,17 +20,20 @@ template <typename scalar_t>
 using recovery_t =
     std::conditional_t<std::is_same_v<scalar_t, float>, double, at::opmath_type<scalar_t>>;
 
+// One channel of training-mode BN, or (the CPU passes) a vector of channels' lanes: the
+// recovery coefficients (math::recovery_coefficients) in the recovery type R, the rule's
+// operands and the input gradient's in the compute type A.
+template <typename A, typename R>
+struct BackwardChannel {
+  R recover_scale, recover_shift;
+  A gamma, beta, invstd, centre;  // centre = mean * invstd
+};
+
 template <typename scalar_t>
 struct BackwardView {
   using acc_t = at::opmath_type<scalar_t>;
   using rec_t = recovery_t<scalar_t>;
-
-  // One channel of training-mode BN: the recovery coefficients (math::recovery_coefficients),
-  // the rule's operands, and the coefficients of the input gradient once the sums are known.
-  struct Channel {
-    rec_t recover_scale, recover_shift;
-    acc_t gamma, beta, invstd, centre;  // centre = mean * invstd
-  };
+  using Channel = BackwardChannel<acc_t, rec_t>;
 
   // Whether the negative branch's pre = y / slope is a division (double activations: the
   // rule's margin in float64 is thin) or a product with a rounded 1 / slope (float and
@@ -79,35 +83,54 @@ struct BackwardView {
     return ch;
   }
 
+  // The per-element maths from values: A is acc_t, or (the CPU passes) a vector of its
+  // lanes with R the matching vector of rec_t; y, dy and the residual widened to A.
+  // g = dL/dpre.
+  template <typename A>
+  VGGBENCH_HD A g_of(A y_value, A dy_value) const {
+    return math::act_grad(y_value, dy_value, A(slope));
+  }
+  // xhat recovered from the output (residual 0 without one).
+  template <typename A, typename R>
+  VGGBENCH_HD A recovered_xhat_of(A y_value, A residual, const BackwardChannel<A, R>& ch) const {
+    const R v = static_cast<R>(y_value);
+    const R pre = kDivide ? math::inverse_act(v, R(static_cast<rec_t>(slope)))
+                          : math::inverse_act_by_product(v, R(inv_slope));
+    return static_cast<A>(math::recover_xhat(pre, static_cast<R>(residual), ch.recover_scale, ch.recover_shift));
+  }
+  // The recovery rule's per-element terms (fused_unit_math.h) with xhat recovered; the
+  // pre-activation in them is an estimate, computed in A (its rounding does not matter).
+  template <typename A, typename R>
+  VGGBENCH_HD void recovery_terms_of(A y_value, A dy_value, A residual, const BackwardChannel<A, R>& ch,
+                                     A (&terms)[math::kRecoveryTerms]) const {
+    const A pre = math::inverse_act_by_product(y_value, A(static_cast<acc_t>(inv_slope)));
+    math::recovery_terms(g_of(y_value, dy_value), recovered_xhat_of(y_value, residual, ch), pre, residual,
+                         ch.beta, ch.centre, A(rho_recover), A(rho_cast), A(rho_inverse), terms);
+  }
+
+  // The same at offset i. HasResidual: whether `res` is set (a compile-time flag keeps the
+  // inner loops branch-free).
   VGGBENCH_HD acc_t g(int64_t i) const {
-    return math::act_grad(static_cast<acc_t>(y[i]), static_cast<acc_t>(dy[i]), slope);
+    return g_of(static_cast<acc_t>(y[i]), static_cast<acc_t>(dy[i]));
   }
-  // The pre-activation for the rule's error terms (an estimate: its rounding does not matter).
-  VGGBENCH_HD acc_t pre(int64_t i) const {
-    const acc_t v = static_cast<acc_t>(y[i]);
-    return v > acc_t(0) ? v : v * static_cast<acc_t>(inv_slope);
+  template <bool HasResidual>
+  VGGBENCH_HD acc_t residual_at(int64_t i) const {
+    return HasResidual ? static_cast<acc_t>(res[i]) : acc_t(0);
   }
-  // xhat recovered from the output; HasResidual: whether `res` is set (a compile-time
-  // flag keeps the CPU's inner loops branch-free).
   template <bool HasResidual>
   VGGBENCH_HD acc_t recovered_xhat(int64_t i, const Channel& ch) const {
-    const rec_t r = HasResidual ? static_cast<rec_t>(res[i]) : rec_t(0);
-    const rec_t v = static_cast<rec_t>(y[i]);
-    const rec_t pre = kDivide ? math::inverse_act(v, static_cast<rec_t>(slope)) : (v > rec_t(0) ? v : v * inv_slope);
-    return static_cast<acc_t>(math::recover_xhat(pre, r, ch.recover_scale, ch.recover_shift));
+    return recovered_xhat_of(static_cast<acc_t>(y[i]), residual_at<HasResidual>(i), ch);
   }
   // xhat, given or recovered.
   VGGBENCH_HD acc_t x_hat(int64_t i, const Channel& ch) const {
     if (xhat) return static_cast<acc_t>(xhat[i]);
     return res ? recovered_xhat<true>(i, ch) : recovered_xhat<false>(i, ch);
   }
-  // The recovery rule's per-element terms (fused_unit_math.h) with xhat recovered.
   template <bool HasResidual>
   VGGBENCH_HD void recovery_terms(int64_t i, const Channel& ch,
                                   acc_t (&terms)[math::kRecoveryTerms]) const {
-    const acc_t r = HasResidual ? static_cast<acc_t>(res[i]) : acc_t(0);
-    math::recovery_terms(g(i), recovered_xhat<HasResidual>(i, ch), pre(i), r, ch.beta, ch.centre,
-                         rho_recover, rho_cast, rho_inverse, terms);
+    recovery_terms_of(static_cast<acc_t>(y[i]), static_cast<acc_t>(dy[i]), residual_at<HasResidual>(i), ch,
+                      terms);
   }
   // A channel's verdict from its summed terms: 1 to recompute xhat, 0 to recover it.
   VGGBENCH_HD acc_t recompute_flag(const acc_t (&sums)[math::kRecoveryTerms], acc_t count,

@@ -9,22 +9,35 @@
 
 namespace vggbench::math {
 
+// c ? a : b. The formulas below choose through it, unqualified, so that they also take the
+// CPU passes' vectors of lanes (cpu/lanes.h overloads it for a mask of lanes).
+template <typename T>
+VGGBENCH_HD T select(bool c, T a, T b) {
+  return c ? a : b;
+}
+
 template <typename T>
 VGGBENCH_HD T leaky_relu(T v, T slope) {
-  return v > T(0) ? v : v * slope;
+  return select(v > T(0), v, v * slope);
 }
 
 // dL/dpre from the output: with slope >= 0, y > 0 exactly when pre > 0, so the output
 // alone decides the branch (as F.leaky_relu's backward decides it on its input).
 template <typename T>
 VGGBENCH_HD T act_grad(T y, T dy, T slope) {
-  return y > T(0) ? dy : dy * slope;
+  return select(y > T(0), dy, dy * slope);
 }
 
 // The pre-activation from the output (slope > 0).
 template <typename T>
 VGGBENCH_HD T inverse_act(T y, T slope) {
-  return y > T(0) ? y : y / slope;
+  return select(y > T(0), y, y / slope);
+}
+
+// The same with inv_slope = 1 / slope (rounded): a product instead of a division.
+template <typename T>
+VGGBENCH_HD T inverse_act_by_product(T y, T inv_slope) {
+  return select(y > T(0), y, y * inv_slope);
 }
 
 // xhat = (pre - beta - residual) / gamma, with scale = 1 / gamma, shift = beta / gamma.
@@ -145,7 +158,7 @@ constexpr int kRecoveryTerms = 8;
 
 template <typename T>
 VGGBENCH_HD T abs_of(T v) {
-  return v < T(0) ? -v : v;
+  return select(v < T(0), -v, v);
 }
 
 // rho_r, rho_c: the roundoff ratios of the recovery arithmetic and of its cast (above); the

@@ -6,17 +6,25 @@
 // contract into FMAs (fp-contract off: the baseline and AVX2 have none), so all give the
 // same bits.
 //
+// Every pass runs in steps of vectors (lanes.h) along the contiguous dimension: NHWC steps
+// hold kWidth consecutive channels of one row (a register of floats: the per-channel
+// operands are one vector load each), NCHW steps consecutive values of one channel.
 // Reductions run over fixed blocks of rows, combined in block order, so results do not
 // depend on the number of threads. Within a block, values are summed in the compute type
 // (float for float/bfloat16) over spans of a few values per channel, and the spans in
-// double: vectorisable loops, and float rounding over at most kSpan / kLanes = kRows terms
-// in a row (NCHW: kLanes partial sums over kSpan values; NHWC: kRows rows).
-// Per-element options (residual, recovery of xhat, ...) are template parameters, so every
-// inner loop is branch-free and the compiler vectorises it.
+// double: float rounding over at most kSpan / kLanes = kRows terms in a row (NCHW: kLanes
+// partial sums over kSpan values; NHWC: kRows rows, each lane of the W sums held in a
+// register over the span). Per-element options (residual, recovery of xhat, ...) are
+// template parameters, so every inner loop is branch-free.
 #pragma once
+// GCC notes that lanes.h's vectors, wider than the baseline's registers, change the ABI of
+// the functions taking them: those compiled outside the target pragmas below (lanes.h and
+// the shared formulas, VGGBENCH_HD) are always inlined, so no call crosses builds
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 #include "../affine_view.h"
 #include "../backward_view.h"
+#include "lanes.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -39,17 +47,17 @@
 #pragma GCC target("avx2")
 #endif
 #ifdef VGGBENCH_CPU_PASSES_AVX512
-#pragma GCC target("avx2,avx512f,avx512bw,avx512vl")
+#pragma GCC target("avx2,avx512f,avx512bw,avx512vl,prefer-vector-width=512")
 #endif
 
 namespace vggbench {
 namespace {
 
-
 constexpr int64_t kBlockElements = 1 << 15;  // elements per reduction block (~L2-sized)
 constexpr int64_t kSpan = 256;               // values per channel summed before widening
-constexpr int kLanes = 8;                    // independent partial sums along a contiguous run
-constexpr int64_t kRows = kSpan / kLanes;    // NHWC rows summed per channel before widening
+constexpr int kLanes = 8;                    // NCHW: partial sums along a contiguous run
+constexpr int64_t kRows = kSpan / kLanes;    // NHWC: rows summed per channel before widening
+constexpr int kWidth = kRegisterBytes / 4;   // NHWC: channels per step, a register of floats
 
 // fn(flags...) with each runtime bool turned into std::true_type / std::false_type, so
 // per-element options become compile-time constants (`if constexpr`).
@@ -66,90 +74,159 @@ void with_flags(F fn, bool first, Rest... rest) {
   }
 }
 
-// Per-channel reductions of W values per element: entries [0, Sums) are summed, the
-// rest are maxima. value(i, c) returns the W values of the element at offset i, channel c.
+// One step of a pass: L lanes of the activations from offset i, the first `count` of them
+// valid (all when Full; the others read as 0 and are not written). Values in T.
+template <typename T, int L, bool Full>
+struct Step {
+  static constexpr bool kFull = Full;
+  int64_t i, count;
+  template <typename S>
+  Lanes<T, L> load(const S* p) const {
+    if constexpr (Full) return load_lanes<T, L>(p + i);
+    return load_some<T, L>(p + i, count);
+  }
+  template <typename S>
+  void store(S* p, Lanes<T, L> v) const {
+    if constexpr (Full) return store_lanes(p + i, v);
+    store_some(p + i, v, count);
+  }
+};
+
+// A step's per-channel operands from tables of C values: NHWC steps span `count` channels
+// from c0 (ChannelLanes), NCHW ones a run of one channel c (ChannelBroadcast: its value in
+// every lane).
+template <int L, bool Full>
+struct ChannelLanes {
+  int64_t c0, count;
+  template <typename T>
+  Lanes<T, L> operator()(const T* table) const {
+    return Step<T, L, Full>{c0, count}.load(table);
+  }
+};
+template <int L>
+struct ChannelBroadcast {
+  int64_t c;
+  template <typename T>
+  Lanes<T, L> operator()(const T* table) const {
+    return Lanes<T, L>(table[c]);
+  }
+};
+
+// visit(channels, step(i)) for the NHWC chunks of kWidth channels of one row: channels
+// gives the chunk's per-channel operands, step(i) the Step at offset i of the chunk's first
+// channel in a row.
+template <typename acc_t, typename Visit>
+void for_channel_chunks(int64_t C, Visit visit) {
+  const auto chunk = [&](int64_t c0, auto full) {
+    constexpr bool kFull = decltype(full)::value;
+    const int64_t n = std::min<int64_t>(kWidth, C - c0);
+    visit(ChannelLanes<kWidth, kFull>{c0, n}, [n](int64_t i) { return Step<acc_t, kWidth, kFull>{i, n}; });
+  };
+  int64_t c0 = 0;
+  for (; c0 + kWidth <= C; c0 += kWidth) chunk(c0, std::true_type{});
+  if (c0 < C) chunk(c0, std::false_type{});
+}
+
+// visit(step) over the Steps of L lanes covering n values from `base`.
+template <typename acc_t, int L, typename Visit>
+void for_run(int64_t base, int64_t n, Visit visit) {
+  int64_t i = 0;
+  for (; i + L <= n; i += L) visit(Step<acc_t, L, true>{base + i, L});
+  if (i < n) visit(Step<acc_t, L, false>{base + i, n - i});
+}
+
+// Per-channel sums of W values per element: value(step, k, v) sets them (v: W Lanes) for a
+// step's lanes, k = operands(channels) the step's per-channel operands.
 // Returns W*C doubles (entry w*C + c), blocks of rows combined in order.
-template <typename acc_t, int W, int Sums, typename Value>
-std::vector<double> reduce_channels(const Geometry& g, Value value) {
+template <typename acc_t, int W, typename Operands, typename Value>
+std::vector<double> reduce_channels(const Geometry& g, Operands operands, Value value) {
   const int64_t C = g.channels;
-  const auto combine = [](int w, auto a, auto b) { return w < Sums ? a + b : std::max(a, b); };
   const int64_t rows = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(1, C * g.inner));
   const int64_t blocks = (g.outer + rows - 1) / rows;
   std::vector<double> partial(blocks * W * C, 0.0);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    const Value value_of = value;  // a local copy: its captures stay in registers
-    std::vector<acc_t> acc(W * C);
+    // local copies: their captures stay in registers, not re-read after every store
+    const Operands operands_of = operands;
+    const Value value_of = value;
     for (int64_t b = begin; b < end; ++b) {
       double* out = partial.data() + b * W * C;
       const int64_t first = b * rows, last = std::min(g.outer, first + rows);
-      if (g.inner == 1) {  // NHWC: channels contiguous, accumulate across rows
+      if (g.inner == 1) {  // NHWC: channels contiguous, each lane accumulates one channel
         for (int64_t o = first; o < last; o += kRows) {
-          std::fill(acc.begin(), acc.end(), acc_t(0));
-          for (int64_t r = o; r < std::min(last, o + kRows); ++r) {
-#pragma GCC ivdep
-            for (int64_t c = 0; c < C; ++c) {
-              const std::array<acc_t, W> v = value_of(r * C + c, c);
-              for (int w = 0; w < W; ++w) acc[w * C + c] = combine(w, acc[w * C + c], v[w]);
+          const int64_t o_end = std::min(last, o + kRows);
+          for_channel_chunks<acc_t>(C, [&](auto channels, auto step) {
+            const auto k = operands_of(channels);
+            Lanes<acc_t, kWidth> acc[W] = {};
+            for (int64_t r = o; r < o_end; ++r) {
+              Lanes<acc_t, kWidth> v[W];
+              value_of(step(r * C + channels.c0), k, v);
+#pragma GCC unroll 8
+              for (int w = 0; w < W; ++w) acc[w] = acc[w] + v[w];
             }
-          }
-          for (int w = 0; w < W; ++w) {  // no j / C: a division per entry would cost more than the sums
-            for (int64_t c = 0; c < C; ++c) out[w * C + c] = combine(w, out[w * C + c], double(acc[w * C + c]));
-          }
+            for (int w = 0; w < W; ++w) {  // widened: out[w * C + c] += acc[w] lane by lane
+              const auto at = step(w * C + channels.c0);
+              const Step<double, kWidth, decltype(at)::kFull> wide{at.i, at.count};
+              wide.store(out, wide.load(out) + Lanes<double, kWidth>(acc[w]));
+            }
+          });
         }
         continue;
       }
       for (int64_t o = first; o < last; ++o) {  // NCHW: a contiguous run per channel
         for (int64_t c = 0; c < C; ++c) {
+          const auto k = operands_of(ChannelBroadcast<kLanes>{c});
           const int64_t base = (o * C + c) * g.inner;
           for (int64_t s = 0; s < g.inner; s += kSpan) {
-            const int64_t n = std::min(kSpan, g.inner - s);
-            std::array<std::array<acc_t, kLanes>, W> lanes{};
-            int64_t i = 0;
-            for (; i + kLanes <= n; i += kLanes) {
-#pragma GCC ivdep
-              for (int l = 0; l < kLanes; ++l) {
-                const std::array<acc_t, W> v = value_of(base + s + i + l, c);
-                for (int w = 0; w < W; ++w) lanes[w][l] = combine(w, lanes[w][l], v[w]);
+            Lanes<acc_t, kLanes> acc[W] = {};
+            for_run<acc_t, kLanes>(base + s, std::min(kSpan, g.inner - s), [&](auto step) {
+              Lanes<acc_t, kLanes> v[W];
+              value_of(step, k, v);
+              if constexpr (!decltype(step)::kFull) {  // the lanes past the run's end add 0
+                acc_t past[kLanes];
+                for (int l = 0; l < kLanes; ++l) past[l] = acc_t(l < step.count ? 0 : 1);
+                const auto is_past = load_lanes<acc_t, kLanes>(past) > Lanes<acc_t, kLanes>(0);
+                for (int w = 0; w < W; ++w) v[w] = select(is_past, Lanes<acc_t, kLanes>(0), v[w]);
               }
-            }
-            for (; i < n; ++i) {
-              const std::array<acc_t, W> v = value_of(base + s + i, c);
-              for (int w = 0; w < W; ++w) lanes[w][0] = combine(w, lanes[w][0], v[w]);
-            }
+              for (int w = 0; w < W; ++w) acc[w] = acc[w] + v[w];
+            });
             for (int w = 0; w < W; ++w) {
-              for (int l = 0; l < kLanes; ++l) out[w * C + c] = combine(w, out[w * C + c], double(lanes[w][l]));
+              for (int l = 0; l < kLanes; ++l) out[w * C + c] += double(acc[w][l]);
             }
           }
         }
       }
     }
   });
-  std::vector<double> total(W * C, 0.0);  // an empty batch: sums 0 (and maxima 0)
+  std::vector<double> total(W * C, 0.0);  // an empty batch: sums 0
   for (int64_t b = 0; b < blocks; ++b) {
-    for (int w = 0; w < W; ++w) {
-      for (int64_t c = 0; c < C; ++c) total[w * C + c] = combine(w, total[w * C + c], partial[(b * W + w) * C + c]);
-    }
+    for (int64_t j = 0; j < W * C; ++j) total[j] += partial[b * W * C + j];
   }
   return total;
 }
 
-// Calls fn(i, c) for every element, in parallel over rows, innermost over the contiguous
-// dimension (H*W for NCHW, the channels for NHWC).
-template <typename F>
-void for_each_element(const Geometry& g, F fn) {
-  const int64_t grain = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(1, g.channels * g.inner));
+// fn(step, k) over every element, k = operands(channels) the step's per-channel operands,
+// in parallel over rows; steps of kWidth lanes along the contiguous dimension (H*W for
+// NCHW, the channels for NHWC).
+template <typename acc_t, typename Operands, typename F>
+void for_each_step(const Geometry& g, Operands operands, F fn) {
+  const int64_t C = g.channels;
+  const int64_t grain = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(1, C * g.inner));
   at::parallel_for(0, g.outer, grain, [&](int64_t first, int64_t end) {
-    const F fn_copy = fn;  // a local copy: its captures stay in registers, not re-read after stores
-    for (int64_t o = first; o < end; ++o) {
-      if (g.inner == 1) {
-#pragma GCC ivdep
-        for (int64_t c = 0; c < g.channels; ++c) fn_copy(o * g.channels + c, c);
-        continue;
+    // local copies: their captures stay in registers, not re-read after every store
+    const Operands operands_of = operands;
+    const F fn_of = fn;
+    if (g.inner == 1) {  // NHWC: row by row (a stream), the operands re-read from L1
+      for (int64_t r = first; r < end; ++r) {
+        for_channel_chunks<acc_t>(C, [&](auto channels, auto step) {
+          fn_of(step(r * C + channels.c0), operands_of(channels));
+        });
       }
-      for (int64_t c = 0; c < g.channels; ++c) {
-        const int64_t base = (o * g.channels + c) * g.inner;
-#pragma GCC ivdep
-        for (int64_t i = base; i < base + g.inner; ++i) fn_copy(i, c);
+      return;
+    }
+    for (int64_t o = first; o < end; ++o) {
+      for (int64_t c = 0; c < C; ++c) {
+        const auto k = operands_of(ChannelBroadcast<kWidth>{c});
+        for_run<acc_t, kWidth>((o * C + c) * g.inner, g.inner, [&](auto step) { fn_of(step, k); });
       }
     }
   });
@@ -177,10 +254,12 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& z, const OptTensor& bias) {
     std::vector<acc_t> shift(C);
     for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc_t>(data[c * g.inner]);
     const acc_t* sh = shift.data();
-    const auto sums = reduce_channels<acc_t, 2, 2>(g, [=](int64_t i, int64_t c) {
-      const acc_t d = static_cast<acc_t>(data[i]) - sh[c];
-      return std::array<acc_t, 2>{d, d * d};
-    });
+    const auto sums = reduce_channels<acc_t, 2>(
+        g, [=](auto channels) { return channels(sh); },
+        [=](auto at, auto channel_shift, auto (&sums)[2]) {
+          const auto d = at.load(data) - channel_shift;
+          sums[0] = d, sums[1] = d * d;
+        });
     const scalar_t* b = data_or_null<scalar_t>(bias);
     for (int64_t c = 0; c < C; ++c) {
       math::mean_var(sums[c], sums[C + c], static_cast<double>(shift[c]),
@@ -210,12 +289,15 @@ void normalize_act(const Tensor& z, const ChannelAffine& a, const OptTensor& res
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
     const auto s = static_cast<acc_t>(slope);
     with_flags([&](auto affine, auto add_residual) {
-      for_each_element(g, [=](int64_t i, int64_t c) {
-        acc_t v = static_cast<acc_t>(in[i]);
-        if constexpr (affine) v = v * sc[c] + sh[c];
-        if constexpr (add_residual) v += static_cast<acc_t>(res[i]);
-        y[i] = static_cast<scalar_t>(math::leaky_relu(v, s));
-      });
+      for_each_step<acc_t>(
+          g, [=](auto channels) { return std::array{channels(sc), channels(sh)}; },
+          [=](auto at, const auto& k) {
+            using V = std::decay_t<decltype(k[0])>;
+            V v = at.load(in);
+            if constexpr (affine) v = v * k[0] + k[1];
+            if constexpr (add_residual) v = v + at.load(res);
+            at.store(y, math::leaky_relu(v, V(s)));
+          });
     }, a.normalize || operands.bias != nullptr, res != nullptr);
   });
 }
@@ -246,13 +328,12 @@ void update_running_stats(const Tensor& running_mean, const Tensor& running_var,
   });
 }
 
-// BackwardView::Channel of every channel, stored field by field: the inner loops load each
-// field of consecutive channels (NHWC) with one vector load, where an array of structs would
-// need gathers.
+// BackwardView::Channel of every channel, stored field by field: a step loads each field of
+// consecutive channels (NHWC) with one vector load, where an array of structs would need
+// gathers.
 template <typename scalar_t>
 struct ChannelTable {
   using View = BackwardView<scalar_t>;
-  using Channel = typename View::Channel;
   using acc_t = typename View::acc_t;
   using rec_t = typename View::rec_t;
   std::vector<rec_t> recover_scale, recover_shift;
@@ -262,18 +343,23 @@ struct ChannelTable {
       : recover_scale(channels), recover_shift(channels), gamma(channels), beta(channels),
         invstd(channels), centre(channels) {
     for (int64_t c = 0; c < channels; ++c) {
-      const Channel ch = view.channel(c);
+      const typename View::Channel ch = view.channel(c);
       recover_scale[c] = ch.recover_scale, recover_shift[c] = ch.recover_shift;
       gamma[c] = ch.gamma, beta[c] = ch.beta, invstd[c] = ch.invstd, centre[c] = ch.centre;
     }
   }
 
-  // The fields' data, copied into lambdas that run the inner loops.
+  // The fields' data, copied into the lambdas of the passes.
   struct Pointers {
     const rec_t *recover_scale, *recover_shift;
     const acc_t *gamma, *beta, *invstd, *centre;
-    Channel operator[](int64_t c) const {
-      return {recover_scale[c], recover_shift[c], gamma[c], beta[c], invstd[c], centre[c]};
+    // A step's channels (ChannelLanes or ChannelBroadcast) as a BackwardChannel of lanes.
+    template <typename Channels>
+    auto operator()(Channels channels) const {
+      using A = decltype(channels(gamma));
+      using R = decltype(channels(recover_scale));
+      return BackwardChannel<A, R>{channels(recover_scale), channels(recover_shift), channels(gamma),
+                                   channels(beta),          channels(invstd),        channels(centre)};
     }
   };
   Pointers pointers() const {
@@ -281,6 +367,17 @@ struct ChannelTable {
             centre.data()};
   }
 };
+
+// The residual's lanes of a step, 0 without one.
+template <bool HasResidual, typename Step, typename scalar_t>
+auto residual_of(const Step& at, const scalar_t* res) {
+  using V = decltype(at.load(res));
+  if constexpr (HasResidual) {
+    return at.load(res);
+  } else {
+    return V(0);
+  }
+}
 
 std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
   RECORD_FUNCTION("vggbench::cpu::backward_reduce", {});  // the pass, in profiles
@@ -292,27 +389,22 @@ std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
     using acc_t = at::opmath_type<scalar_t>;
     const BackwardView<scalar_t> e(in);
     if (in.xhat) {  // sum(g), sum(g * xhat)
-      sums = reduce_channels<acc_t, 2, 2>(g, [=](int64_t i, int64_t c) {
-        const acc_t gi = e.g(i);
-        return std::array<acc_t, 2>{gi, gi * static_cast<acc_t>(e.xhat[i])};
+      sums = reduce_channels<acc_t, 2>(g, [](auto) { return 0; }, [=](auto at, int, auto (&terms)[2]) {
+        const auto gi = e.g_of(at.load(e.y), at.load(e.dy));
+        terms[0] = gi, terms[1] = gi * at.load(e.xhat);
       });
       return;
     }
     const ChannelTable<scalar_t> table(e, C);
-    const auto ch = table.pointers();
     with_flags([&](auto has_res) {  // the recovery rule's terms, sum(g) and sum(g * xhat) first
-      sums = reduce_channels<acc_t, kTerms, kTerms>(g, [=](int64_t i, int64_t c) {
-        acc_t t[kTerms];
-        e.template recovery_terms<has_res>(i, ch[c], t);
-        std::array<acc_t, kTerms> v;
-        for (int w = 0; w < kTerms; ++w) v[w] = t[w];
-        return v;
+      sums = reduce_channels<acc_t, kTerms>(g, table.pointers(), [=](auto at, const auto& ch, auto (&terms)[kTerms]) {
+        e.recovery_terms_of(at.load(e.y), at.load(e.dy), residual_of<has_res>(at, e.res), ch, terms);
       });
     }, in.residual.has_value());
     for (int64_t c = 0; c < C; ++c) {
       acc_t channel[kTerms];
       for (int w = 0; w < kTerms; ++w) channel[w] = static_cast<acc_t>(sums[w * C + c]);
-      flags[c] = e.recompute_flag(channel, static_cast<acc_t>(g.count()), ch[c]);
+      flags[c] = e.recompute_flag(channel, static_cast<acc_t>(g.count()), e.channel(c));
     }
   });
   return {channel_tensor(sums, 0, C, in.out), channel_tensor(sums, C, C, in.out),
@@ -342,19 +434,33 @@ void backward_apply(const BackwardInputs& in, const OptTensor& sum_g, const OptT
     const acc_t *kk = k.data(), *mg = mean_g.data(), *mgx = mean_gx.data();
     scalar_t* dz = grad_z.mutable_data_ptr<scalar_t>();
     scalar_t* dres = grad_residual ? grad_residual->mutable_data_ptr<scalar_t>() : nullptr;
-    with_flags([&](auto has_res, auto recover, auto write_dres) {
-      for_each_element(g, [=](int64_t i, int64_t c) {
-        const acc_t gi = e.g(i);
-        acc_t out = gi;
-        if constexpr (recover) {
-          out = math::bn_input_grad(gi, e.template recovered_xhat<has_res>(i, ch[c]), kk[c], mg[c], mgx[c]);
-        } else if (batch_norm) {
-          out = math::bn_input_grad(gi, static_cast<acc_t>(e.xhat[i]), kk[c], mg[c], mgx[c]);
-        }
-        dz[i] = static_cast<scalar_t>(out);
-        if constexpr (write_dres) dres[i] = static_cast<scalar_t>(gi);
-      });
-    }, in.residual.has_value(), recovering, dres != nullptr);
+    with_flags([&](auto bn, auto recover, auto has_res, auto write_dres) {
+      if constexpr (bn || !(recover || has_res)) {  // (recover needs BN, a residual only matters then)
+        const auto operands = [=](auto channels) {  // none without BN (its tables are empty)
+          if constexpr (bn) {
+            return std::pair{ch(channels), std::array{channels(kk), channels(mg), channels(mgx)}};
+          } else {
+            return 0;
+          }
+        };
+        for_each_step<acc_t>(g, operands, [=](auto at, const auto& operand) {
+          const auto y = at.load(e.y), gi = e.g_of(y, at.load(e.dy));
+          auto out = gi;
+          if constexpr (bn) {
+            const auto& [channel, coefficient] = operand;
+            std::remove_const_t<decltype(y)> xhat;
+            if constexpr (recover) {
+              xhat = e.recovered_xhat_of(y, residual_of<has_res>(at, e.res), channel);
+            } else {
+              xhat = at.load(e.xhat);
+            }
+            out = math::bn_input_grad(gi, xhat, coefficient[0], coefficient[1], coefficient[2]);
+          }
+          at.store(dz, out);
+          if constexpr (write_dres) at.store(dres, gi);
+        });
+      }
+    }, batch_norm, recovering, recovering && in.residual.has_value(), dres != nullptr);
   });
 }
 
@@ -362,13 +468,13 @@ void recover_xhat(const BackwardInputs& in, const Tensor& out) {
   RECORD_FUNCTION("vggbench::cpu::recover_xhat", {});  // the pass, in profiles
   const Geometry g = geometry_of(in.out);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, in.out.scalar_type(), "vggbench_recover_xhat", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const BackwardView<scalar_t> e(in);
     const ChannelTable<scalar_t> table(e, g.channels);
-    const auto ch = table.pointers();
     scalar_t* xhat = out.mutable_data_ptr<scalar_t>();
     with_flags([&](auto has_res) {
-      for_each_element(g, [=](int64_t i, int64_t c) {
-        xhat[i] = static_cast<scalar_t>(e.template recovered_xhat<has_res>(i, ch[c]));
+      for_each_step<acc_t>(g, table.pointers(), [=](auto at, const auto& channel) {
+        at.store(xhat, e.recovered_xhat_of(at.load(e.y), residual_of<has_res>(at, e.res), channel));
       });
     }, in.residual.has_value());
   });
