@@ -365,9 +365,9 @@ def test_cuda_graph_training_matches_eager(tmp_path):
             got, eager, fp32 = (rows[name][epoch][key] for name in ("graphs", "eager", "fp32"))
             assert abs(got - eager) <= abs(fp32 - eager) + 4 * 2**-8 * abs(eager), (key, epoch + 1, rows)
     step = graphed.train_step
-    assert step.graph is not None and step.warmup_left == 0
+    assert step.captures == 2 and step.warmup_left == 0
     assert step.captured_key == [rows["graphs"][1]["lr"]] != [rows["graphs"][0]["lr"]]  # captured again
-    assert graphed.eval_step.graph is not None
+    assert graphed.eval_step.captures == 1
     assert all(int(state["step"]) == 20 for state in graphed.optimizer.state.values())
     tracked = [b for name, b in graphed.model.named_buffers() if name.endswith("num_batches_tracked")]
     assert tracked and all(int(b) == 20 for b in tracked)
@@ -404,7 +404,7 @@ def test_cuda_graph_evaluation_matches_eager(tmp_path):
     eager.model.load_state_dict(graphed.model.state_dict())
     for _ in range(2):  # the second evaluation replays the graph for every full batch
         got = graphed.evaluate(graphed.splits.val, "validation")
-    assert graphed.eval_step.graph is not None
+    assert graphed.eval_step.captures == 1
     expected = eager.evaluate(eager.splits.val, "validation")
     assert got == (pytest.approx(expected[0], rel=1e-6), expected[1])
 
@@ -433,7 +433,7 @@ def test_cuda_graph_replays_make_no_host_sync(tmp_path):
             trainer.eval_step(images, targets)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert trainer.train_step.graph is not None and trainer.eval_step.graph is not None
+    assert trainer.train_step.captures == 2 and trainer.eval_step.captures == 1
 
 
 def test_benchmark_graph_variants_replay_without_host_syncs():

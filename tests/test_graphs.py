@@ -51,10 +51,38 @@ def test_static_buffer_steps_train_exactly_as_eager(tiny_args, tmp_path, precisi
     assert results[1] == results[0]
     torch.testing.assert_close(trainers[1].model.state_dict(), trainers[0].model.state_dict(), rtol=0, atol=0)
     torch.testing.assert_close(trainers[1].optimizer.state_dict(), trainers[0].optimizer.state_dict(), rtol=0, atol=0)
-    graphed = trainers[1].train_step
+    graphed, evaluation = trainers[1].train_step, trainers[1].eval_step
     assert isinstance(graphed, GraphedStep) and graphed.images.shape == (48, 3, 32, 32)
-    assert graphed.warmup_left == WARMUP_STEPS and graphed.graph is None  # nothing captured on the CPU
+    # warmed up, captured at epoch 1's 4th batch and again for epoch 2's learning rate (rows: the graphs run's)
+    assert graphed.warmup_left == 0 and graphed.captures == 2 and graphed.captured_key == [rows[1]["lr"]]
+    assert evaluation.warmup_left == 0 and evaluation.captures == 1  # 2 x 2 batches of 48, then the test's 4
     assert [w["step_end"] for w in trainers[1].recorder.windows] == [4, 8, 15, 19]  # 11 steps an epoch
+
+
+def test_graphed_step_warms_up_then_captures_once_per_key():
+    """GraphedStep's decisions (without capture: "replay" calls the step on the static buffers): WARMUP_STEPS
+    warm-up calls, a capture at the next full batch, replays while the key stays, a capture again when it
+    changes; a smaller batch runs on itself. Every call computes on its own batch."""
+    seen: list[tuple[int, float]] = []
+
+    def step(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        seen.append((images.data_ptr(), float(images.sum())))
+        return images.sum() + targets.sum()
+
+    lr = [0.1]
+    graphed = GraphedStep(step, batch_size=2, capture=False, key=lambda: list(lr))
+    captures = []
+    for value in range(1, 9):
+        if value == 7:
+            lr[0] = 0.05  # the scheduler's next epoch
+        images = torch.full((2, 3), float(value))
+        assert float(graphed(images, torch.ones(2))) == 6 * value + 2
+        captures.append(graphed.captures)
+    assert captures == [0] * WARMUP_STEPS + [1, 1, 1, 2, 2] and graphed.captured_key == [0.05]
+    assert {ptr for ptr, _ in seen} == {graphed.images.data_ptr()}  # always the static buffers
+    assert [total for _, total in seen] == [6.0 * value for value in range(1, 9)]
+    last = torch.full((1, 3), 9.0)
+    assert float(graphed(last, torch.ones(1))) == 28 and seen[-1][0] == last.data_ptr() and graphed.captures == 2
 
 
 def test_optimizer_state_loads_with_its_own_capturable_setting():

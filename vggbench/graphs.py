@@ -23,8 +23,9 @@ Decisions (README, "CUDA graphs"):
 - Capture is impossible, and refused by `check_capturable`, on a CPU, with fp16 (GradScaler
   reads an overflow flag on the host every step) and across ranks (DDP's all-reduce).
 
-Without capture (`capture=False`: the CPU, in tests) a GraphedStep makes the same copies and
-calls eagerly: the code the graph records, runnable anywhere.
+Without capture (`capture=False`: the CPU, in tests) a GraphedStep goes through the same
+warm-up, capture and re-capture decisions, but its warm-up runs on the current stream and its
+"replay" calls the step on the static buffers: the code the graph records, runnable anywhere.
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ def on_stream(fn: Callable[[], Any], stream: torch.cuda.Stream) -> Any:
     return output
 
 
-def capture(fn: Callable[[], Any], stream: torch.cuda.Stream) -> tuple[torch.cuda.CUDAGraph, Any]:
-    """fn() recorded on `stream` into a new CUDA graph (run nothing: replay it), and its output.
+def captured(fn: Callable[[], Any], stream: torch.cuda.Stream) -> Callable[[], Any]:
+    """fn() recorded on `stream` into a new CUDA graph (run nothing), as a function that replays the
+    graph and returns fn's output (the same tensors each time: the graph rewrites them).
 
     `fn` must have run on `stream` before (the fused op's reduction counters of a stream are
     created at its first call there, which a capture cannot do)."""
@@ -93,18 +95,22 @@ def capture(fn: Callable[[], Any], stream: torch.cuda.Stream) -> tuple[torch.cud
     # thread_local: DataLoader's pin-memory thread may call CUDA while this thread captures
     with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
         output = fn()
-    return graph, output
+
+    def replay() -> Any:
+        graph.replay()
+        return output
+
+    return replay
 
 
-def replayable(fn: Callable[[], Any], device: torch.device) -> Callable[[], None]:
+def replayable(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
     """The replay of `fn` captured after WARMUP_STEPS calls on the capture stream (RECOMPUTE "all"
     in all of them): a CUDA-graph variant of a benchmark's function. The warm-up calls run."""
     stream = torch.cuda.Stream(device)
     with recompute_all():
         for _ in range(WARMUP_STEPS):
             on_stream(fn, stream)
-        graph, _ = capture(fn, stream)
-    return graph.replay
+        return captured(fn, stream)
 
 
 class Totals:
@@ -132,7 +138,8 @@ class GraphedStep:
         step: device work only, returning a tensor or None (what the call returns; with a graph,
             the graph's static output, overwritten by the next replay).
         batch_size: the batch the graph takes; other batch sizes run `step` eagerly.
-        capture: capture and replay a CUDA graph (inputs on CUDA), or only copy and call.
+        capture: capture and replay a CUDA graph (inputs on CUDA), or take the same decisions
+            and call `step` on the static buffers where a graph would be replayed.
         key: captured again when its value changes (the learning rates baked into the graph).
     """
 
@@ -141,8 +148,8 @@ class GraphedStep:
         self.step, self.batch_size, self.capture, self.key = step, batch_size, capture, key
         self.images: Tensor | None = None
         self.targets: Tensor | None = None
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.output: Tensor | None = None
+        self.replay: Callable[[], Tensor | None] | None = None  # the captured step (or the step itself)
+        self.captures = 0  # how many times a step was captured
         self.warmup_left = WARMUP_STEPS
         self.captured_key: object = None
         self.stream: torch.cuda.Stream | None = None
@@ -153,20 +160,18 @@ class GraphedStep:
                 return self.step(images, targets)  # the epoch's smaller last batch
             if self.images is None:
                 self.images, self.targets = torch.empty_like(images), torch.empty_like(targets)
+                if self.capture:
+                    self.stream = torch.cuda.Stream(self.images.device)
             self.images.copy_(images)
             self.targets.copy_(targets)
-            if not self.capture:
-                return self.step(self.images, self.targets)
-            if self.stream is None:
-                self.stream = torch.cuda.Stream(self.images.device)
             static_step = partial(self.step, self.images, self.targets)
             if self.warmup_left:
                 self.warmup_left -= 1
-                return on_stream(static_step, self.stream)
+                return on_stream(static_step, self.stream) if self.capture else static_step()
             key = self.key() if self.key is not None else None
-            if self.graph is None or key != self.captured_key:
-                self.graph = self.output = None  # the previous graph's memory goes back first
-                self.graph, self.output = capture(static_step, self.stream)
+            if self.replay is None or key != self.captured_key:
+                self.replay = None  # the previous graph's memory goes back first
+                self.replay = captured(static_step, self.stream) if self.capture else static_step
                 self.captured_key = key
-            self.graph.replay()
-            return self.output
+                self.captures += 1
+            return self.replay()
