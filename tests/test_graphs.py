@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.helpers import set_option, without_timing
+from vggbench import launch
 from vggbench.config import ConfigError, TrainConfig
 from vggbench.graphs import WARMUP_STEPS, GraphedStep, check_capturable
 from vggbench.optim import load_optimizer_state, make_optimizer
@@ -33,6 +34,31 @@ def test_impossible_captures_are_refused(change, world_size, message):
     with pytest.raises(ConfigError, match=message):
         check_capturable(cfg, torch.device("cuda"), world_size)
     check_capturable(TrainConfig(**change), torch.device("cuda"), world_size)  # without --cuda-graphs: fine
+
+
+@pytest.mark.parametrize(("where", "message"), [
+    (["--nproc", "2"], "--cuda-graphs captures CUDA work and needs a CUDA device, not cpu"),
+    (["--slurm", "--executor", "local", "--gpus-per-node", "2"], "not DDP's across 2 ranks"),
+    (["--slurm", "--executor", "local", "--sweep", "SWEEP"], "needs a CUDA device, not cpu"),
+], ids=["launch-cpu", "slurm-two-gpus", "sweep-point"])
+def test_launches_refuse_impossible_captures_before_starting_anything(tiny_args, tmp_path, capsys, where, message):
+    """launch and its --slurm (or --sweep) submission check --cuda-graphs against their ranks and device
+    before any rank starts or job is queued, in one error line (exit 2)."""
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("grid:\n  cuda_graphs: [false, true]\n")
+    args = list(tiny_args)
+    if "--nproc" not in where:  # the tasks' device comes from the submission
+        del args[args.index("--device"):args.index("--device") + 2]
+    argv = [*(str(sweep) if arg == "SWEEP" else arg for arg in where), *args]
+    argv += [] if "--sweep" in where else ["--cuda-graphs"]
+    try:
+        code = launch.main(argv)
+    except SystemExit as exit_info:
+        code = exit_info.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "error:" in err
+    assert not (tmp_path / "run").exists() and "started rank pids" not in err
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

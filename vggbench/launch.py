@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import torch
 
 from vggbench.config import ConfigError, TrainConfig, explicit_options
+from vggbench.graphs import check_capturable
 from vggbench.train import build_parser as build_train_parser
 
 PROG = "python -m vggbench.launch"
@@ -117,6 +118,7 @@ def local_world(args: argparse.Namespace, cfg: TrainConfig, train_argv: list[str
                 if "CUDA_VISIBLE_DEVICES" in os.environ else ""
             raise LaunchError(f"--gpus {world}: CUDA is not available on this machine; use --nproc N --device cpu"
                               if visible == 0 else f"--gpus {world}: only {visible} GPU(s) are visible{where}")
+    check_capturable(cfg, torch.device(device), world)  # here, not once per rank
     extra = [] if "device" in given else ["--device", device]
     if "progress" not in given and sys.stderr.isatty():
         extra.append("--progress")  # rank 0's stderr is a pipe to us, not the terminal tqdm looks for

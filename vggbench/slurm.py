@@ -34,9 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import submitit
+import torch
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
-from vggbench.config import TrainConfig, explicit_options
+from vggbench.config import ConfigError, TrainConfig, explicit_options
+from vggbench.graphs import check_capturable
 from vggbench.joblogs import failed_task
 from vggbench.jobname import job_name
 from vggbench.resume import resumable_argv
@@ -114,6 +116,7 @@ def _submit(args: argparse.Namespace, train_argv: list[str]) -> int:
     tasks_per_node, device = _tasks_and_device(args, cfg, train_argv)
     train_argv = [*train_argv, "--device", device] if "device" not in explicit_options(train_argv) else train_argv
     runs = _runs(args, cfg, train_argv)
+    _check_capturable(runs, device, args.nodes * tasks_per_node)
     log_dir = (runs[0].run_dir.parent if args.sweep else runs[0].run_dir) / LOG_DIR
     name = f"vggbench-sweep-{Path(args.sweep).stem}" if args.sweep else job_name(cfg)
     executor = _executor(args, log_dir, tasks_per_node, name)
@@ -166,6 +169,16 @@ def _tasks_and_device(args: argparse.Namespace, cfg: TrainConfig, train_argv: li
     if given and device not in ("cpu", "auto"):
         raise SubmitError(f"--device {device} needs GPUs: request them with --gpus-per-node N")
     return args.ntasks_per_node or 1, "cpu"
+
+
+def _check_capturable(runs: list[SweepRun], device: str, world_size: int) -> None:
+    """Refuse now, not in the job, runs whose --cuda-graphs these tasks cannot capture."""
+    for run in runs:
+        try:
+            check_capturable(TrainConfig(**vars(build_parser().parse_args(run.train_argv))), torch.device(device),
+                             world_size)
+        except ConfigError as err:
+            raise SubmitError(str(err)) from None
 
 
 def _runs(args: argparse.Namespace, cfg: TrainConfig, train_argv: list[str]) -> list[SweepRun]:
