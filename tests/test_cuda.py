@@ -12,6 +12,7 @@ that include its backward, its deterministic algorithms.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable
 
 import pytest
@@ -393,7 +394,10 @@ def test_cuda_graph_training_resumes_like_uninterrupted(tmp_path):
     train_rows(eager_start, (1,))
     continued = study_trainer(tmp_path, "continued", *options, "--cuda-graphs")
     continued.load_state_dict(eager_start.state_dict())
-    assert continued.train_epoch(2)["train_loss"] > 0  # a capturable optimiser continues an eager run's state
+    row = continued.train_epoch(2)
+    assert row["train_loss"] > 0 and math.isfinite(row["train_loss"]), row
+    # a capturable optimiser continues an eager run's state: its step counts go on from epoch 1's 10 steps
+    assert all(int(state["step"]) == 20 for state in continued.optimizer.state.values())
 
 
 def test_cuda_graph_evaluation_matches_eager(tmp_path):
