@@ -12,6 +12,9 @@ then runs, each under its share of an overall time budget:
   bench       the GPU benchmark slice (python -m vggbench.bench --device cuda -k ...): the 32->32
               units and the model steps at batch 100, eager, fused and replayed from CUDA graphs
   launch      python -m vggbench.launch --gpus 1 (NCCL), 1 epoch of VGG08 BN+RC on synthetic data
+  graphs      python -m vggbench.train --cuda-graphs, 2 epochs of fused VGG08 BN+RC (bf16) on synthetic
+              data through the command line: DataLoader workers pinning memory while a step is
+              captured, a capture again for epoch 2's learning rate, checkpoints between replays
 
 and writes OUT_DIR/gpu-check.json and gpu-check.md (every step's command, status, time and
 the tail of its log; the logs themselves in OUT_DIR/logs/; the GPU targets against the
@@ -117,6 +120,10 @@ def plan(python: str, out: Path, capability: str) -> list[Step]:
         Step("launch", [python, "-m", "vggbench.launch", "--gpus", "1", "--model", "vgg08", "--variant", "bn_rc",
                         "--impl", "fused", "--dataset", "synthetic", "--epochs", "1", "--workers", "0",
                         "--no-progress", "--out-dir", str(out / "launch-run")], 90),
+        Step("graphs", [python, "-m", "vggbench.train", "--model", "vgg08", "--variant", "bn_rc", "--impl", "fused",
+                        "--precision", "bf16", "--channels-last", "--device", "cuda", "--cuda-graphs", "--dataset",
+                        "synthetic", "--epochs", "2", "--workers", "2", "--no-progress",
+                        "--out-dir", str(out / "graphs-run")], 60),
     ]
     return steps
 
