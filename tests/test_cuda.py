@@ -199,12 +199,16 @@ def test_side_streams_run_concurrently():
 
 # --- shapes that exercise the grid partitioning (csrc/cuda/grid_index.h) ----------------------
 SHAPES = {  # label: (activation dtype, make_sample options)
-    # channel reductions whose last part is shorter than the others (N*H*W = 9583, prime-ish)
+    # channel reductions whose last part is shorter than the others (N*H*W = 9583); contiguous,
+    # grid-stride threads that change channel as they loop (a stride of whole channel periods
+    # of 48 * 37 * 37 elements would take 4107 blocks of 1024)
     "uneven-chunks": (torch.float32, dict(n=7, c=16, k=48, size=37)),
     "uneven-chunks-channels_last": (torch.float32, dict(n=7, c=16, k=48, size=37, layout="channels_last")),
     "uneven-chunks-channels_last-float16": (torch.float16, dict(n=7, c=16, k=48, size=37, layout="channels_last")),
-    # contiguous outputs beyond one elementwise grid stride, H*W not dividing it; vectors of
-    # 4 (float32) or 8 (bfloat16/float16) along rows that straddle two channels (14x14, 7x7)
+    # contiguous outputs beyond one elementwise grid stride (a whole number of channel
+    # periods: each thread stays on one channel); vectors of 4 (float32) or 8
+    # (bfloat16/float16) along rows, straddling two channels where H*W is not a multiple
+    # (7x7, 14x14 in bfloat16)
     "28x28-contiguous": (torch.float32, dict(n=64, c=32, k=64, size=28)),
     "28x28-contiguous-bfloat16": (torch.bfloat16, dict(n=64, c=32, k=64, size=28)),
     "14x14-contiguous": (torch.float32, dict(n=64, c=64, k=128, size=14)),
@@ -228,7 +232,8 @@ SHAPES = {  # label: (activation dtype, make_sample options)
 def test_large_shapes_match_native(label):
     """Training then eval calls (residual, conv bias) match native against float64 at shapes
     with many blocks per channel, uneven last parts, up to 600 channels, grid-stride loops, and
-    vector visits across channels and along rows."""
+    vector visits across channels and along rows (tests/test_grid_index.py checks that the
+    shapes still reach these)."""
     dtype, shape = SHAPES[label]
     sample = make_sample(label, "cuda", dtype, True, bias=True, residual=True, **shape)
     ref = sample.cast(torch.float64)

@@ -3,9 +3,10 @@
 torch.ops.vggbench._grid_coverage_reduction / _elementwise run every (block, thread) of a
 grid through the same __host__ __device__ functions the kernels call, and record what each
 element and partial slot receives. Every element must be visited exactly once, by a lane that
-takes it for its own channel and sums it into its own channel's slot; every block's partial
-sums must land in slots of their own, and each tile's last block must read each of its slots
-once; for both layouts (NCHW is (outer, C, inner) = (N, C, H * W), NHWC (N * H * W, C, 1)) and
+takes it for its own channel (elementwise: applies its own channel's coefficients) and sums it
+into its own channel's slot; every block's partial sums must land in slots of their own, and
+each tile's last block must read each of its slots once, within the block's threads and shared
+buffer; for both layouts (NCHW is (outer, C, inner) = (N, C, H * W), NHWC (N * H * W, C, 1)) and
 every visit width.
 """
 
@@ -191,3 +192,46 @@ def test_looping_grid_covers_channels_whose_period_does_not_fit():
 def test_bad_arguments_are_refused(op, args, message):
     with pytest.raises(RuntimeError, match=message):
         getattr(torch.ops.vggbench, op)(*args)
+
+
+def test_a_tile_wider_than_the_block_is_caught():
+    # visits of 16 one-byte lanes (no dtype the kernels take) would make NHWC tiles of 32 * 16
+    # channels, more than a block's 256 threads store and finish: the check the kernels'
+    # widths pass is live
+    with pytest.raises(RuntimeError, match="more than the block's 256 threads"):
+        torch.ops.vggbench._grid_coverage_reduction(2, 512, 1, 16, 2)
+    check_reduction(2, 256, 1, 16)
+
+
+def test_cuda_test_shapes_reach_what_they_are_there_for():
+    # tests/test_cuda.py's SHAPES are chosen for what the grid does with them, which only a GPU
+    # runs: check here that the grid still does it (the heuristics may change under them)
+    from tests.test_cuda import SHAPES
+
+    reached = set()
+    for label, (dtype, shape) in SHAPES.items():
+        hw = shape["size"] ** 2  # 3x3 convs with padding 1: the output keeps the input's size
+        layout = "nhwc" if shape.get("layout") == "channels_last" else "nchw"
+        outer, channels, inner = geometry(layout, shape["n"], shape["k"], hw)
+        max_width = 16 // dtype.itemsize
+        parts, width = check_reduction(outer, channels, inner, max_width)
+        blocks, changes, lanes = check_elementwise(outer, channels, inner, max_width)
+        tile = min(32, 2 ** math.ceil(math.log2(channels // width))) * width if layout == "nhwc" else 1
+        reached |= {
+            (layout, "uneven last part") if outer * inner % math.ceil(outer * inner / parts) else None,
+            (layout, "vector reduction") if width > 1 else None,
+            (layout, "scalar reduction") if width == 1 else None,
+            ("nhwc", "several tiles, the last partial") if layout == "nhwc" and channels > tile and channels % tile else None,
+            ("nhwc", "idle threads in a tile") if layout == "nhwc" and channels < tile else None,
+            ("nchw", "threads change channel in the loop") if changes and layout == "nchw" else None,
+            ("nchw", f"{dtype.itemsize}-byte visits straddle rows") if lanes > 1 and inner % lanes else None,
+            (layout, "grid-stride loop") if outer * channels * inner > blocks * 256 * lanes else None,
+            (layout, "one visit per thread") if outer * channels * inner <= blocks * 256 * lanes else None,
+            (layout, "most parts") if parts == MAX_PARTS else None,
+        }
+    wanted = {(layout, what) for layout in ("nchw", "nhwc") for what in (
+        "uneven last part", "vector reduction", "scalar reduction", "grid-stride loop", "one visit per thread")}
+    wanted |= {("nhwc", "several tiles, the last partial"), ("nhwc", "idle threads in a tile"), ("nhwc", "most parts"),
+               ("nchw", "threads change channel in the loop"), ("nchw", "4-byte visits straddle rows"),
+               ("nchw", "2-byte visits straddle rows")}
+    assert wanted <= reached, wanted - reached

@@ -137,6 +137,16 @@ __device__ __forceinline__ BackwardLanes<scalar_t, V> load_backward(const Backwa
           load_optional<V>(v.xhat, i, n)};
 }
 
+// The view of `in` the backward passes read: the residual serves only to recover xhat, so
+// with xhat given it is not read (an activation-sized load less per visit, and its alignment
+// does not narrow the visits).
+template <typename scalar_t>
+BackwardView<scalar_t> backward_view(const BackwardInputs& in) {
+  BackwardView<scalar_t> v(in);
+  if (v.xhat) v.res = nullptr;
+  return v;
+}
+
 // Calls f(width) with the width (1 or a 16-byte vector) as a compile-time constant.
 template <typename scalar_t, typename F>
 void with_width(int width, const F& f) {
@@ -205,7 +215,8 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int W = Source::kSums;
   constexpr int kRow = grid::kWarpSize * V;  // a warp's sums: slot x * V + lane < tx * V
   static_assert(W <= grid::kWarps, "a tile's totals must fit the shared buffer");
-  __shared__ acc_t smem[grid::kWarps * kRow];
+  static_assert(kRow <= kThreads, "a tile's channels (at most kRow) must have a thread each");
+  __shared__ acc_t smem[grid::shared_sums(V)];
   __shared__ bool last;
   const int64_t tile = blockIdx.x, part = blockIdx.y;
   const int thread = threadIdx.x;
@@ -428,8 +439,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
          recompute = at::empty({g.channels}, options);
   VGGBENCH_DISPATCH(in.out.scalar_type(), "vggbench_backward_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    BackwardView<scalar_t> v(in);
-    if (v.xhat) v.res = nullptr;  // only the recovery reads it
+    const auto v = backward_view<scalar_t>(in);
     const grid::Reduction s = grid::reduction_of(
         g.outer, g.channels, g.inner, max_width<scalar_t>({v.dy, v.y, v.res, v.xhat}));
     with_width<scalar_t>(s.width, [&](auto width) {
@@ -452,44 +462,6 @@ std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
 
 // ---- Elementwise passes ----------------------------------------------------------------
 
-// The per-channel coefficients of a visit's lanes (grid::ChannelCursor::lane_channel),
-// computed when the thread's channel changes. kAcross (NHWC): lane k is channel c + k.
-template <typename Co, int V, bool kAcross>
-struct LaneCoefficients {
-  int64_t c = -1;
-  Co co[V];
-
-  template <typename PerChannel>
-  __device__ void update(const grid::ChannelCursor& cur, const PerChannel& per_channel) {
-    if (cur.c == c) return;
-    c = cur.c;
-#pragma unroll
-    for (int k = 0; k < V; ++k) co[k] = per_channel(cur.lane_channel(k));
-  }
-  __device__ Co of(const grid::ChannelCursor&, int k) const { return co[k]; }
-};
-
-// Along a row (NCHW): channel c, or for the lanes past the row's end the next channel
-// (computed when a visit first reaches it, kept for when the thread moves on to it).
-template <typename Co, int V>
-struct LaneCoefficients<Co, V, false> {
-  int64_t c = -1, next = -1;
-  Co co, next_co;
-
-  template <typename PerChannel>
-  __device__ void update(const grid::ChannelCursor& cur, const PerChannel& per_channel) {
-    if (cur.c != c) {
-      co = cur.c == next ? next_co : per_channel(cur.c);
-      c = cur.c;
-    }
-    const int64_t last = cur.lane_channel(V - 1);
-    if (last != c && last != next) next = last, next_co = per_channel(last);
-  }
-  __device__ Co of(const grid::ChannelCursor& cur, int k) const {
-    return cur.lane_channel(k) == c ? co : next_co;
-  }
-};
-
 // Grid-stride loop of an elementwise pass over a (outer, channels, inner) tensor
 // (grid::ElementCursor, visits of V lanes), kVisitsInFlight visits loaded at a time:
 // apply(index, lanes, load(index, lanes), coefficients) for every visit, with
@@ -500,7 +472,7 @@ __device__ void for_each_visit(int64_t numel, int64_t channels, int64_t inner,
                                const Apply& apply) {
   using Co = decltype(per_channel(int64_t{0}));
   using Visit = decltype(load(int64_t{0}, 0));
-  LaneCoefficients<Co, V, kAcross> co;
+  grid::LaneCoefficients<Co, V, kAcross> co;
   grid::ElementCursor cur(numel, channels, inner, blockIdx.x, threadIdx.x, gridDim.x,
                           blockDim.x, V);
   while (cur.valid()) {
@@ -519,16 +491,6 @@ __device__ void for_each_visit(int64_t numel, int64_t channels, int64_t inner,
             [&](int k) { return co.of(at[u].channel, k); });
     }
   }
-}
-
-// Calls f(width, across) with the elementwise kernels' visit as compile-time constants:
-// scalar, or 16-byte vectors across channels (NHWC) or along rows (NCHW).
-template <typename scalar_t, typename F>
-void with_visit(int width, int64_t inner, const F& f) {
-  using Vector = std::integral_constant<int, kVector<scalar_t>>;
-  if (width == 1) return f(std::integral_constant<int, 1>{}, std::false_type{});
-  if (inner == 1) return f(Vector{}, std::true_type{});
-  f(Vector{}, std::false_type{});
 }
 
 // Grid of the elementwise passes (grid::elementwise_blocks).
@@ -577,7 +539,7 @@ void normalize_act(const Tensor& z, const ChannelAffine& affine, const OptTensor
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
     const int width =
         grid::elementwise_width(g.channels, g.inner, max_width<scalar_t>({zs, res, y}));
-    with_visit<scalar_t>(width, g.inner, [&](auto lanes, auto across) {
+    grid::with_visit<kVector<scalar_t>>(width, g.inner, [&](auto lanes, auto across) {
       normalize_act_kernel<scalar_t, decltype(lanes)::value, decltype(across)::value>
           <<<elementwise_blocks(g, width), kThreads, 0, stream>>>(
               zs, AffineOperands<scalar_t>(affine), res, static_cast<acc_t>(slope), y, numel,
@@ -646,12 +608,12 @@ void backward_apply(const BackwardInputs& in, const OptTensor& sum_g, const OptT
   const auto stream = c10::cuda::getCurrentCUDAStream();
   VGGBENCH_DISPATCH(in.out.scalar_type(), "vggbench_backward_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const BackwardView<scalar_t> v(in);
+    const auto v = backward_view<scalar_t>(in);
     scalar_t* dz = grad_z.mutable_data_ptr<scalar_t>();
     scalar_t* dres = grad_residual ? grad_residual->mutable_data_ptr<scalar_t>() : nullptr;
     const int width = grid::elementwise_width(
         g.channels, g.inner, max_width<scalar_t>({v.dy, v.y, v.res, v.xhat, dz, dres}));
-    with_visit<scalar_t>(width, g.inner, [&](auto lanes, auto across) {
+    grid::with_visit<kVector<scalar_t>>(width, g.inner, [&](auto lanes, auto across) {
       const auto launch = [&](auto xhat) {
         backward_apply_kernel<scalar_t, decltype(lanes)::value, decltype(across)::value,
                               decltype(xhat)::value>

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <numeric>
+#include <type_traits>
 
 namespace vggbench::grid {
 
@@ -80,6 +81,10 @@ struct Reduction {
     return (w * parts + p) * channels + c;
   }
 };
+
+// A reduction block's shared buffer, in sums: a row of kWarpSize * width slots per warp for
+// the combine, reused by the finish for its tasks (grid::Finish::tasks).
+constexpr int shared_sums(int width) { return kWarps * kWarpSize * width; }
 
 inline int64_t power_of_2_at_least(int64_t v) {
   int64_t p = 1;
@@ -172,6 +177,16 @@ inline int64_t elementwise_blocks(int64_t outer, int64_t channels, int64_t inner
   return unit <= blocks ? blocks / unit * unit : blocks;
 }
 
+// Calls f(lanes, across) with an elementwise pass's visit as compile-time constants, for a
+// width elementwise_width gave with vectors of V: scalar, or V-wide vectors across channels
+// (NHWC) or along rows (NCHW).
+template <int V, typename F>
+void with_visit(int width, int64_t inner, const F& f) {
+  if (width == 1) return f(std::integral_constant<int, 1>{}, std::false_type{});
+  if (inner == 1) return f(std::integral_constant<int, V>{}, std::true_type{});
+  f(std::integral_constant<int, V>{}, std::false_type{});
+}
+
 // The channel (idx / inner) % channels of a grid-stride index, kept up to date as idx
 // advances by `stride`: two divisions per thread rather than per element.
 struct ChannelCursor {
@@ -197,6 +212,43 @@ struct ChannelCursor {
     if (inner == 1) return c + k;
     if (i + k < inner) return c;
     return c + 1 == channels ? 0 : c + 1;
+  }
+};
+
+// The per-channel coefficients of a visit's lanes: lane k takes per_channel(lane_channel(k)),
+// computed when the thread's channel changes. kAcross (NHWC): lane k is channel c + k.
+template <typename Co, int V, bool kAcross>
+struct LaneCoefficients {
+  int64_t c = -1;
+  Co co[V]{};
+
+  template <typename PerChannel>
+  VGGBENCH_HD void update(const ChannelCursor& cur, const PerChannel& per_channel) {
+    if (cur.c == c) return;
+    c = cur.c;
+    for (int k = 0; k < V; ++k) co[k] = per_channel(cur.lane_channel(k));
+  }
+  VGGBENCH_HD Co of(const ChannelCursor&, int k) const { return co[k]; }
+};
+
+// Along a row (NCHW): channel c, or for the lanes past the row's end the next channel
+// (computed when a visit first reaches it, kept for when the thread moves on to it).
+template <typename Co, int V>
+struct LaneCoefficients<Co, V, false> {
+  int64_t c = -1, next = -1;
+  Co co{}, next_co{};
+
+  template <typename PerChannel>
+  VGGBENCH_HD void update(const ChannelCursor& cur, const PerChannel& per_channel) {
+    if (cur.c != c) {
+      co = cur.c == next ? next_co : per_channel(cur.c);
+      c = cur.c;
+    }
+    const int64_t last = cur.lane_channel(V - 1);
+    if (last != c && last != next) next = last, next_co = per_channel(last);
+  }
+  VGGBENCH_HD Co of(const ChannelCursor& cur, int k) const {
+    return cur.lane_channel(k) == c ? co : next_co;
   }
 };
 
