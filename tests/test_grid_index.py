@@ -209,7 +209,7 @@ def test_cuda_test_shapes_reach_what_they_are_there_for():
     from tests.test_cuda import SHAPES
 
     reached = set()
-    for label, (dtype, shape) in SHAPES.items():
+    for dtype, shape in SHAPES.values():
         hw = shape["size"] ** 2  # 3x3 convs with padding 1: the output keeps the input's size
         layout = "nhwc" if shape.get("layout") == "channels_last" else "nchw"
         outer, channels, inner = geometry(layout, shape["n"], shape["k"], hw)
@@ -221,7 +221,8 @@ def test_cuda_test_shapes_reach_what_they_are_there_for():
             (layout, "uneven last part") if outer * inner % math.ceil(outer * inner / parts) else None,
             (layout, "vector reduction") if width > 1 else None,
             (layout, "scalar reduction") if width == 1 else None,
-            ("nhwc", "several tiles, the last partial") if layout == "nhwc" and channels > tile and channels % tile else None,
+            ("nhwc", "several tiles, the last partial")
+            if layout == "nhwc" and channels > tile and channels % tile else None,
             ("nhwc", "idle threads in a tile") if layout == "nhwc" and channels < tile else None,
             ("nchw", "threads change channel in the loop") if changes and layout == "nchw" else None,
             ("nchw", f"{dtype.itemsize}-byte visits straddle rows") if lanes > 1 and inner % lanes else None,
