@@ -8,14 +8,16 @@ exactly as nn.Conv2d -> nn.BatchNorm2d -> (+ residual) -> F.leaky_relu do, inclu
 BatchNorm2d's running-statistics update. It keeps only its input and output for
 backward (the native chain also keeps the conv and BN outputs).
 
-The kernels live in csrc/ (schemas defined once in C++, a CPU and a CUDA backend); this
-module adds the parts PyTorch wants in Python: fake (meta) implementations so
-torch.compile and torch.export can trace the ops, and the autograd formula.
+The kernels live in csrc/ (schemas defined once in C++, a CPU and a CUDA backend, and
+conv_bn_act's autograd in csrc/autograd.cpp: no Python runs per call); this module adds the
+fake (meta) implementations PyTorch wants in Python so torch.compile and torch.export can
+trace the ops.
 
 Ops (torch.ops.vggbench; csrc/ops.cpp holds their schemas):
   conv_bn_act            functional forward -> (out, mean, var)
   update_running_stats_  BatchNorm2d's running-statistics update (mutates its inputs)
   _conv_bn_act_backward  its gradients (internal)
+  _set_recompute         the backward policy (internal: assign RECOMPUTE instead)
   _conv_stats, _bn_act, _conv_bn_act_backward_sums
                          training-mode BN split where ranks merge statistics and sums
                          (internal; synchronised BN: vggbench.models.sync_fused)
@@ -26,7 +28,8 @@ csrc/fused_unit_math.h proves every gradient stays within its factor of native's
 and recomputes it with the conv otherwise (reading one host bit per unit: free on the CPU,
 a small blocking copy on CUDA). "all" always recomputes it (no host read at all: safe
 under CUDA graph capture; native's numerics, one more conv per unit). "auto" (default):
-"rule" on the CPU, "all" on CUDA.
+"rule" on the CPU, "all" on CUDA. Assigning vggbench.ops.RECOMPUTE sets the policy of the
+C++ backward (_set_recompute), which reads it when it runs; an unknown policy raises ValueError.
 """
 
 from __future__ import annotations
