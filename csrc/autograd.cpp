@@ -1,5 +1,6 @@
-// conv_bn_act's autograd, in C++ so that a call pays no Python on its way to the kernels (a
-// Python autograd.Function cost ~0.2 ms per call, as much as the op itself on small maps).
+// conv_bn_act's autograd, in C++ so that a call runs no Python on its way to the kernels (the
+// Python autograd.Function of torch.library.register_autograd cost ~0.1 ms per forward and
+// backward: as much as the op's own forward on the study's 8x8 maps).
 // The forward redispatches to the backend below autograd and saves only its output, its
 // input, the parameters and the statistics that normalised (the running ones in eval: an
 // in-place update before backward is caught by autograd's version check, as with native
