@@ -1,9 +1,9 @@
 // The vggbench ops: what they compute, as registered with PyTorch (torch.ops.vggbench.*).
-// Read this first. Then: checks.cpp (every argument check), fused_unit.cpp (the shared
-// orchestration: which backend passes run around the conv, the backward's control flow), and the
-// backends (cpu/fused_unit_kernel.cpp, cuda/fused_unit_kernel.cu) whose per-element and
-// per-channel maths live in fused_unit_math.h. vggbench/ops.py adds the fake (meta)
-// implementations and the autograd formula.
+// Read this first. Then: checks.cpp (every argument check), autograd.cpp (conv_bn_act's
+// autograd, and the backward policy), fused_unit.cpp (the shared orchestration: which backend
+// passes run around the conv, the backward's control flow), and the backends
+// (cpu/fused_unit_kernel.cpp, cuda/fused_unit_kernel.cu) whose per-element and per-channel maths
+// live in fused_unit_math.h. vggbench/ops.py adds the fake (meta) implementations.
 //
 // Ops whose names start with an underscore are internal: the backward, and the halves
 // synchronised BatchNorm (vggbench/models/sync_fused.py) runs with collectives between.

@@ -120,10 +120,26 @@ def test_policies_agree_with_native(policy, monkeypatch):
         assert fused <= 4 * max(native, floor), name
 
 
-def test_unknown_policy_is_refused(monkeypatch):
-    monkeypatch.setattr(ops, "RECOMPUTE", "sometimes")
-    sample = make_sample("policy-bad", "cpu", torch.float32, True)
-    out = ops.conv_bn_act(**sample.kwargs())
+def test_unknown_policy_is_refused_and_the_policy_kept(monkeypatch):
+    monkeypatch.setattr(ops, "RECOMPUTE", "all")
     with pytest.raises(ValueError, match="RECOMPUTE must be one of"):
+        ops.RECOMPUTE = "sometimes"
+    assert ops.RECOMPUTE == "all"
+    with pytest.raises(ValueError, match="the policy must be auto, rule or all"):  # the C++ side checks too
+        torch.ops.vggbench._set_recompute("sometimes")
+
+
+@pytest.mark.parametrize("policy", ["rule", "all"])
+def test_the_backward_reads_the_policy_when_it_runs(policy, monkeypatch):
+    """The policy the C++ backward follows is the one set when it runs, not at the forward."""
+    sample = make_sample("policy-late", "cpu", torch.float32, True, n=4, c=8, k=4, size=8,
+                         gamma=[1.0, -1.0, 0.8, 1.2])
+    sample.bn_bias = torch.zeros_like(sample.bn_bias).requires_grad_()  # xhat recoverable: "rule" recovers
+    monkeypatch.setattr(ops, "RECOMPUTE", "rule" if policy == "all" else "all")
+    out = ops.conv_bn_act(**sample.kwargs())
+    monkeypatch.setattr(ops, "RECOMPUTE", policy)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         out.sum().backward()
+    recomputes = [e.name for e in prof.events()].count("vggbench::recompute_xhat")
+    assert recomputes == (1 if policy == "all" else 0)
 

@@ -305,6 +305,29 @@ def test_gradcheck(device, label):
     assert torch.autograd.gradcheck(fn, tuple(sample.grad_inputs().values()))
 
 
+@pytest.mark.parametrize("label", SAMPLE_LABELS)
+def test_each_gradient_alone_is_the_full_backwards(label):
+    """A backward asked for one input's gradient (autograd.grad) computes that one, equal to the
+    full backward's, whichever optional inputs are present (autograd's edges skip absent ones)."""
+    sample = get_sample(label, "cpu", requires_grad=True)
+    inputs = sample.grad_inputs()
+    out = ops.conv_bn_act(**sample.kwargs())
+    grad_out = torch.randn_like(out)
+    full = torch.autograd.grad(out, list(inputs.values()), grad_out, retain_graph=True)
+    for (name, tensor), expected in zip(inputs.items(), full):
+        (alone,) = torch.autograd.grad(out, [tensor], grad_out, retain_graph=True)
+        assert torch.equal(alone, expected), name
+
+
+def test_double_backward_is_refused():
+    """The backward is not differentiable: a second derivative raises instead of coming out wrong."""
+    sample = get_sample("train-residual-bias", "cpu", torch.float64, requires_grad=True)
+    out = ops.conv_bn_act(**sample.kwargs())
+    (grad_input,) = torch.autograd.grad(out.square().sum(), [sample.input], create_graph=True)
+    with pytest.raises(RuntimeError, match="conv_bn_act has no double backward"):
+        grad_input.sum().backward()
+
+
 # --- 3. equivalence with the native chain ---------------------------------------------------
 def assert_close_scaled(actual: Tensor, expected: Tensor, tol: Tolerance, what: str,
                         scale: Tensor | None = None, norm: bool = False) -> None:

@@ -8,14 +8,16 @@ exactly as nn.Conv2d -> nn.BatchNorm2d -> (+ residual) -> F.leaky_relu do, inclu
 BatchNorm2d's running-statistics update. It keeps only its input and output for
 backward (the native chain also keeps the conv and BN outputs).
 
-The kernels live in csrc/ (schemas defined once in C++, a CPU and a CUDA backend); this
-module adds the parts PyTorch wants in Python: fake (meta) implementations so
-torch.compile and torch.export can trace the ops, and the autograd formula.
+The kernels live in csrc/ (schemas defined once in C++, a CPU and a CUDA backend, and
+conv_bn_act's autograd in csrc/autograd.cpp: no Python runs per call); this module adds the
+fake (meta) implementations PyTorch wants in Python so torch.compile and torch.export can
+trace the ops.
 
 Ops (torch.ops.vggbench; csrc/ops.cpp holds their schemas):
   conv_bn_act            functional forward -> (out, mean, var)
   update_running_stats_  BatchNorm2d's running-statistics update (mutates its inputs)
   _conv_bn_act_backward  its gradients (internal)
+  _set_recompute         the backward policy (internal: assign RECOMPUTE instead)
   _conv_stats, _bn_act, _conv_bn_act_backward_sums
                          training-mode BN split where ranks merge statistics and sums
                          (internal; synchronised BN: vggbench.models.sync_fused)
@@ -26,10 +28,14 @@ csrc/fused_unit_math.h proves every gradient stays within its factor of native's
 and recomputes it with the conv otherwise (reading one host bit per unit: free on the CPU,
 a small blocking copy on CUDA). "all" always recomputes it (no host read at all: safe
 under CUDA graph capture; native's numerics, one more conv per unit). "auto" (default):
-"rule" on the CPU, "all" on CUDA.
+"rule" on the CPU, "all" on CUDA. Assigning vggbench.ops.RECOMPUTE sets the policy of the
+C++ backward (_set_recompute), which reads it when it runs; an unknown policy raises ValueError.
 """
 
 from __future__ import annotations
+
+import sys
+import types
 
 import torch
 from torch import Tensor
@@ -43,22 +49,29 @@ except ImportError as err:  # pragma: no cover - depends on the install
         f"(import error: {err})"
     ) from err
 
-_SCHEMA = torch.ops.vggbench.conv_bn_act.default._schema
-_ARGUMENTS = [argument.name for argument in _SCHEMA.arguments]
-
 # The differentiable inputs, in the order _conv_bn_act_backward returns their gradients.
 GRAD_INPUTS = ("input", "weight", "bias", "bn_weight", "bn_bias", "residual")
-# conv_bn_act's options after its tensors, as _conv_bn_act_backward takes them.
-_OPTIONS = ("stride", "padding", "use_batch_stats", "eps", "negative_slope")
 
 RECOMPUTE_POLICIES = ("auto", "rule", "all")
 RECOMPUTE = "auto"  # the backward policy (module doc); set vggbench.ops.RECOMPUTE to change it
 
 
+class _OpsModule(types.ModuleType):
+    """This module, whose RECOMPUTE assignments also reach the C++ backward (csrc/autograd.cpp)."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "RECOMPUTE":
+            if value not in RECOMPUTE_POLICIES:
+                raise ValueError(f"vggbench.ops.RECOMPUTE must be one of {RECOMPUTE_POLICIES}, got {value!r}")
+            torch.ops.vggbench._set_recompute(value)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _OpsModule
+
+
 def recompute_all(device: torch.device) -> bool:
     """Whether the backward recomputes xhat for every channel (RECOMPUTE on this device)."""
-    if RECOMPUTE not in RECOMPUTE_POLICIES:
-        raise ValueError(f"vggbench.ops.RECOMPUTE must be one of {RECOMPUTE_POLICIES}, got {RECOMPUTE!r}")
     return RECOMPUTE == "all" or (RECOMPUTE == "auto" and device.type != "cpu")
 
 
@@ -232,44 +245,3 @@ def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, b
                                momentum, batch_count=-1):
     _check_devices("update_running_stats_", batch_mean, running_mean=running_mean, running_var=running_var,
                    num_batches_tracked=num_batches_tracked, batch_var=batch_var, count=count)
-
-
-# --- autograd ------------------------------------------------------------------------
-# Positions in conv_bn_act's schema of the differentiable inputs and the options.
-_GRAD_POSITIONS = tuple(_ARGUMENTS.index(name) for name in GRAD_INPUTS)
-_OPTION_POSITIONS = tuple(_ARGUMENTS.index(name) for name in _OPTIONS)
-_RUNNING_POSITIONS = (_ARGUMENTS.index("running_mean"), _ARGUMENTS.index("running_var"))
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    input, weight, bias, bn_weight, bn_bias, residual = (inputs[i] for i in _GRAD_POSITIONS)
-    out, mean, var = output
-    ctx.mark_non_differentiable(mean, var)
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for mean and var
-    if bn_weight is not None and not inputs[_ARGUMENTS.index("use_batch_stats")]:
-        # eval: the running statistics normalised (an in-place update before backward is
-        # caught by autograd's version check, as with native BatchNorm)
-        mean, var = (inputs[i] for i in _RUNNING_POSITIONS)
-    # The output and the input: nothing else activation-sized (residual is another
-    # layer's input or output, saved there anyway).
-    ctx.save_for_backward(out, input, weight, bias, bn_weight, bn_bias, residual, mean, var)
-    ctx.options = tuple(inputs[i] for i in _OPTION_POSITIONS)
-
-
-def _backward(ctx, grad_out, _grad_mean, _grad_var):
-    out, input, weight, bias, bn_weight, bn_bias, residual, mean, var = ctx.saved_tensors
-    if grad_out is None:  # the output did not reach the loss
-        return (None,) * len(_ARGUMENTS)
-    mean, var = mean.to(stats_dtype(input.dtype)), var.to(stats_dtype(input.dtype))  # eval: running statistics
-    mask = [ctx.needs_input_grad[i] for i in _GRAD_POSITIONS]
-    grads = torch.ops.vggbench._conv_bn_act_backward(
-        grad_out, out, input, weight, bias, bn_weight, bn_bias, residual, mean, var, *ctx.options,
-        recompute_all(out.device), mask,
-    )
-    result: list[Tensor | None] = [None] * len(_ARGUMENTS)
-    for position, wanted, grad in zip(_GRAD_POSITIONS, mask, grads):
-        result[position] = grad if wanted else None
-    return tuple(result)
-
-
-torch.library.register_autograd("vggbench::conv_bn_act", _backward, setup_context=_setup_context)
