@@ -199,14 +199,15 @@ BackwardInputs backward_inputs(const Tensor& grad_out, const Tensor& out, const 
                                double eps, double slope) {
   const auto stats = mean.scalar_type();
   return {grad_out.contiguous(fmt), out.contiguous(fmt),
-          residual ? OptTensor(residual->contiguous(fmt)) : std::nullopt, std::nullopt,
+          residual ? OptTensor(residual->contiguous(fmt)) : std::nullopt, std::nullopt, std::nullopt,
           bn_weight ? as_stats(*bn_weight, stats) : Tensor(), bn_bias ? as_stats(*bn_bias, stats) : Tensor(),
           bn_weight ? as_stats(mean, stats) : Tensor(), bn_weight ? as_stats(var, stats) : Tensor(), eps, slope};
 }
 
 // Training-mode BN backward's recompute of xhat = (conv(x) + bias - mean) / sqrt(var + eps):
-// the conv, then the normalise pass with slope 1 (the identity), in place; for every
-// channel, or (some) only for those the rule flagged, the others recovered.
+// the conv, normalised in the backward passes' registers where the backend can
+// (Kernels::reads_xhat_affine), else by the normalise pass with slope 1 (the identity), in
+// place; for every channel, or (some) only for those the rule flagged, the others recovered.
 struct Recompute {
   const Kernels& k;
   const Tensor& x;
@@ -219,7 +220,11 @@ struct Recompute {
     RECORD_FUNCTION("vggbench::recompute_xhat", {});  // so profiles count the recomputes
     const Tensor z = conv(k, x, weight, stride, padding, fmt);
     const ChannelAffine xhat{true, {}, {}, in.mean, in.var, contiguous(bias), in.eps};
-    k.normalize_act(z, xhat, std::nullopt, 1.0, z);
+    if (k.reads_xhat_affine) {
+      in.xhat_affine = xhat;
+    } else {
+      k.normalize_act(z, xhat, std::nullopt, 1.0, z);
+    }
     in.xhat = z;
   }
 

@@ -61,11 +61,14 @@ struct ChannelAffine {
 // operands (statistics dtype; undefined without it). xhat (the normalised conv output) is
 // recovered element by element from the output when `xhat` is absent:
 //   pre = y > 0 ? y : y / slope,   xhat = (pre - residual) / gamma - beta / gamma
-// (math::recovery_coefficients), under the recovery rule of fused_unit_math.h.
+// (math::recovery_coefficients), under the recovery rule of fused_unit_math.h. When
+// `xhat_affine` is set, `xhat` holds the conv output z and the passes normalise it in their
+// registers, as normalize_act would: xhat = z * scale + shift (never rounded to z's dtype).
 struct BackwardInputs {
   Tensor grad_out, out;
   OptTensor residual;
   OptTensor xhat;
+  std::optional<ChannelAffine> xhat_affine;
   Tensor gamma, beta, mean, var;
   double eps, slope;
 };
@@ -122,6 +125,9 @@ struct Kernels {
   // shape, layout and dtype), for a recompute of the flagged channels only; null where the
   // backend recomputes whole units (CUDA, whose default policy recomputes every unit).
   void (*recover_xhat)(const BackwardInputs& in, const Tensor& out);
+  // Whether backward_reduce and backward_apply take in.xhat_affine (a recompute then skips
+  // its normalise pass); without it they need xhat itself.
+  bool reads_xhat_affine;
 };
 
 // Registers the vggbench ops for the backend whose TORCH_LIBRARY_IMPL block calls it.
