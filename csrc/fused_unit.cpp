@@ -3,7 +3,8 @@
 // The conv and the passes, with their per-channel maths, come from the backend's Kernels
 // (cpu/, cuda/); around them this file dispatches no op that computes, so a training unit
 // with BN and a residual costs (fused_unit.h): forward = conv + batch_stats + normalize_act
-// (+ update_running_stats_, called by vggbench/ops.py); backward = backward_reduce +
+// (the conv and batch_stats one pass where the backend has conv_stats; + update_running_stats_,
+// called by vggbench/ops.py); backward = backward_reduce +
 // backward_apply + the conv's backward; eval = conv + normalize_act. The conv runs without
 // its bias: the bias enters the normalisation's shift (and the batch mean).
 //
@@ -139,6 +140,11 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats(const Kernels& k, const Tensor& in
                                               const Tensor& weight, const OptTensor& bias,
                                               int64_t stride, int64_t padding) {
   const auto fmt = memory_format_of(input, weight);
+  if (k.conv_stats) {  // (its own "vggbench::conv" profiler scope)
+    if (auto fused = k.conv_stats(input.contiguous(fmt), weight, contiguous(bias), stride, padding)) {
+      return *fused;
+    }
+  }
   const Tensor z = conv(k, input, weight, stride, padding, fmt);
   auto [mean, var] = k.batch_stats(z, contiguous(bias));
   return {z, mean, var};

@@ -86,8 +86,9 @@ std::tuple<Tensor, Tensor, Tensor> aten_conv_backward(const Tensor& grad_z, cons
 // with its per-channel finish (on the CPU one function; on CUDA one kernel, whose last block
 // per channel finishes a reduction), computing the per-channel maths itself with the formulas
 // of fused_unit_math.h: the orchestration (fused_unit.cpp) dispatches no other op around
-// them. A training unit: forward = conv + batch_stats + normalize_act (+ the running-stats
-// update, a fourth member); backward = backward_reduce + backward_apply + conv_backward.
+// them. A training unit: forward = conv + batch_stats + normalize_act (conv_stats: the first
+// two in one pass; + the running-stats update, a fourth member); backward = backward_reduce +
+// backward_apply + conv_backward.
 struct Kernels {
   // The conv and its backward (with aten_conv's and aten_conv_backward's contracts).
   Tensor (*conv)(const Tensor& x, const Tensor& weight, const OptTensor& bias, int64_t stride,
@@ -99,6 +100,12 @@ struct Kernels {
   // Per-channel mean and biased variance of z + bias (0 and 0 for an empty batch), in the
   // statistics dtype; bias (z's dtype) may be absent.
   std::tuple<Tensor, Tensor> (*batch_stats)(const Tensor& z, const OptTensor& bias);
+  // The conv without its bias and batch_stats of its output in one pass, (z, mean, var),
+  // where the backend has that for these operands; nullopt (or a null member): the caller
+  // runs conv, then batch_stats.
+  std::optional<std::tuple<Tensor, Tensor, Tensor>> (*conv_stats)(const Tensor& x, const Tensor& weight,
+                                                                  const OptTensor& bias, int64_t stride,
+                                                                  int64_t padding);
   // out = leaky_relu(z * scale[c] + shift[c] + residual, slope), (scale, shift) from
   // `affine`. `out` may be `z`.
   void (*normalize_act)(const Tensor& z, const ChannelAffine& affine, const OptTensor& residual,
