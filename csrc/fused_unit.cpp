@@ -3,7 +3,8 @@
 // The conv and the passes, with their per-channel maths, come from the backend's Kernels
 // (cpu/, cuda/); around them this file dispatches no op that computes, so a training unit
 // with BN and a residual costs (fused_unit.h): forward = conv + batch_stats + normalize_act
-// (+ update_running_stats_, called by vggbench/ops.py); backward = backward_reduce +
+// (the conv and batch_stats one pass where the backend has conv_stats; + update_running_stats_,
+// called by vggbench/ops.py); backward = backward_reduce +
 // backward_apply + the conv's backward; eval = conv + normalize_act. The conv runs without
 // its bias: the bias enters the normalisation's shift (and the batch mean).
 //
@@ -139,6 +140,11 @@ std::tuple<Tensor, Tensor, Tensor> conv_stats(const Kernels& k, const Tensor& in
                                               const Tensor& weight, const OptTensor& bias,
                                               int64_t stride, int64_t padding) {
   const auto fmt = memory_format_of(input, weight);
+  if (k.conv_stats) {  // (its own "vggbench::conv" profiler scope)
+    if (auto fused = k.conv_stats(input.contiguous(fmt), weight, contiguous(bias), stride, padding)) {
+      return *fused;
+    }
+  }
   const Tensor z = conv(k, input, weight, stride, padding, fmt);
   auto [mean, var] = k.batch_stats(z, contiguous(bias));
   return {z, mean, var};
@@ -199,14 +205,15 @@ BackwardInputs backward_inputs(const Tensor& grad_out, const Tensor& out, const 
                                double eps, double slope) {
   const auto stats = mean.scalar_type();
   return {grad_out.contiguous(fmt), out.contiguous(fmt),
-          residual ? OptTensor(residual->contiguous(fmt)) : std::nullopt, std::nullopt,
+          residual ? OptTensor(residual->contiguous(fmt)) : std::nullopt, std::nullopt, std::nullopt,
           bn_weight ? as_stats(*bn_weight, stats) : Tensor(), bn_bias ? as_stats(*bn_bias, stats) : Tensor(),
           bn_weight ? as_stats(mean, stats) : Tensor(), bn_weight ? as_stats(var, stats) : Tensor(), eps, slope};
 }
 
 // Training-mode BN backward's recompute of xhat = (conv(x) + bias - mean) / sqrt(var + eps):
-// the conv, then the normalise pass with slope 1 (the identity), in place; for every
-// channel, or (some) only for those the rule flagged, the others recovered.
+// the conv, normalised in the backward passes' registers where the backend can
+// (Kernels::reads_xhat_affine), else by the normalise pass with slope 1 (the identity), in
+// place; for every channel, or (some) only for those the rule flagged, the others recovered.
 struct Recompute {
   const Kernels& k;
   const Tensor& x;
@@ -219,7 +226,11 @@ struct Recompute {
     RECORD_FUNCTION("vggbench::recompute_xhat", {});  // so profiles count the recomputes
     const Tensor z = conv(k, x, weight, stride, padding, fmt);
     const ChannelAffine xhat{true, {}, {}, in.mean, in.var, contiguous(bias), in.eps};
-    k.normalize_act(z, xhat, std::nullopt, 1.0, z);
+    if (k.reads_xhat_affine) {
+      in.xhat_affine = xhat;
+    } else {
+      k.normalize_act(z, xhat, std::nullopt, 1.0, z);
+    }
     in.xhat = z;
   }
 

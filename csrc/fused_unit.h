@@ -61,11 +61,14 @@ struct ChannelAffine {
 // operands (statistics dtype; undefined without it). xhat (the normalised conv output) is
 // recovered element by element from the output when `xhat` is absent:
 //   pre = y > 0 ? y : y / slope,   xhat = (pre - residual) / gamma - beta / gamma
-// (math::recovery_coefficients), under the recovery rule of fused_unit_math.h.
+// (math::recovery_coefficients), under the recovery rule of fused_unit_math.h. When
+// `xhat_affine` is set, `xhat` holds the conv output z and the passes normalise it in their
+// registers, as normalize_act would: xhat = z * scale + shift (never rounded to z's dtype).
 struct BackwardInputs {
   Tensor grad_out, out;
   OptTensor residual;
   OptTensor xhat;
+  std::optional<ChannelAffine> xhat_affine;
   Tensor gamma, beta, mean, var;
   double eps, slope;
 };
@@ -83,8 +86,9 @@ std::tuple<Tensor, Tensor, Tensor> aten_conv_backward(const Tensor& grad_z, cons
 // with its per-channel finish (on the CPU one function; on CUDA one kernel, whose last block
 // per channel finishes a reduction), computing the per-channel maths itself with the formulas
 // of fused_unit_math.h: the orchestration (fused_unit.cpp) dispatches no other op around
-// them. A training unit: forward = conv + batch_stats + normalize_act (+ the running-stats
-// update, a fourth member); backward = backward_reduce + backward_apply + conv_backward.
+// them. A training unit: forward = conv + batch_stats + normalize_act (conv_stats: the first
+// two in one pass; + the running-stats update, a fourth member); backward = backward_reduce +
+// backward_apply + conv_backward.
 struct Kernels {
   // The conv and its backward (with aten_conv's and aten_conv_backward's contracts).
   Tensor (*conv)(const Tensor& x, const Tensor& weight, const OptTensor& bias, int64_t stride,
@@ -96,6 +100,12 @@ struct Kernels {
   // Per-channel mean and biased variance of z + bias (0 and 0 for an empty batch), in the
   // statistics dtype; bias (z's dtype) may be absent.
   std::tuple<Tensor, Tensor> (*batch_stats)(const Tensor& z, const OptTensor& bias);
+  // The conv without its bias and batch_stats of its output in one pass, (z, mean, var),
+  // where the backend has that for these operands; nullopt (or a null member): the caller
+  // runs conv, then batch_stats.
+  std::optional<std::tuple<Tensor, Tensor, Tensor>> (*conv_stats)(const Tensor& x, const Tensor& weight,
+                                                                  const OptTensor& bias, int64_t stride,
+                                                                  int64_t padding);
   // out = leaky_relu(z * scale[c] + shift[c] + residual, slope), (scale, shift) from
   // `affine`. `out` may be `z`.
   void (*normalize_act)(const Tensor& z, const ChannelAffine& affine, const OptTensor& residual,
@@ -122,6 +132,9 @@ struct Kernels {
   // shape, layout and dtype), for a recompute of the flagged channels only; null where the
   // backend recomputes whole units (CUDA, whose default policy recomputes every unit).
   void (*recover_xhat)(const BackwardInputs& in, const Tensor& out);
+  // Whether backward_reduce and backward_apply take in.xhat_affine (a recompute then skips
+  // its normalise pass); without it they need xhat itself.
+  bool reads_xhat_affine;
 };
 
 // Registers the vggbench ops for the backend whose TORCH_LIBRARY_IMPL block calls it.

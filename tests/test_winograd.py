@@ -131,6 +131,40 @@ def test_same_bits_on_every_path_and_thread_count(conv: str, dtype: torch.dtype)
                 assert torch.equal(fused(isa), expected), (isa, count)
 
 
+def batch_stats(z: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance."""
+    var, mean = torch.var_mean(z, dim=(0, 2, 3), unbiased=False)
+    return mean, var
+
+
+@pytest.mark.skipif("avx2" not in ISAS, reason="this CPU has no AVX2+FMA: the kernels do not run")
+@pytest.mark.parametrize("offset", [0.0, 40.0], ids=["centred", "offset"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-C{}-K{}-H{}".format(*s))
+def test_batch_statistics_taken_in_the_conv(shape: tuple[int, int, int, int], offset: float) -> None:
+    """The fused unit's training forward takes BN's batch statistics from the Winograd conv's
+    output as it is written (_conv_stats, the forward's first half): z is the conv's, bit for
+    bit; mean and variance are as close to float64's as native float32's (conv, then
+    var_mean) within 4x (+ FLOOR), also when |mean| >> std (offset inputs: the sums run from a
+    shift near the mean); and bitwise the same for any thread count."""
+    x, w, b, _ = operands(*shape)
+    x = (x + offset).contiguous(memory_format=torch.channels_last)
+    with torch_threads(1):
+        z, mean, var = torch.ops.vggbench._conv_stats(x, w, b, 1, 1)
+    assert torch.equal(z, torch.ops.vggbench.winograd_conv(x, w, None, False, WIDEST))
+    truth = batch_stats(F.conv2d(x.double(), w.double(), b.double(), padding=1))
+    native = batch_stats(F.conv2d(x, w, b, padding=1))
+    scale = truth[1].sqrt()  # errors in units of each channel's standard deviation; the variance's relative
+    for name, fused, reference, true, unit in (("mean", mean, native[0], truth[0], scale),
+                                              ("var", var, native[1], truth[1], truth[1])):
+        fused_error = ((fused.double() - true).abs() / unit).max().item()
+        native_error = ((reference.double() - true).abs() / unit).max().item()
+        assert fused_error <= 4 * native_error + FLOOR, (name, fused_error, native_error)
+    for count in (2, 3):
+        with torch_threads(count):
+            again = torch.ops.vggbench._conv_stats(x, w, b, 1, 1)
+        assert all(torch.equal(a, e) for a, e in zip(again, (z, mean, var))), count
+
+
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=os.environ | {"PYTHONPATH": str(ROOT)} | env, check=False)
@@ -170,8 +204,9 @@ def test_forced_avx2_process_gives_the_same_unit_results(tmp_path: Path) -> None
 
 
 # The ATen convs a fused BN+residual unit's training step and eval forward call (3x3, 32
-# channels, 8x8 maps) in $LAYOUT, under CPU autocast to $DTYPE (float32: no autocast), printed
-# as a JSON list.
+# channels, 8x8 maps) in $LAYOUT, under CPU autocast to $DTYPE (float32: no autocast), and
+# whether a batch-statistics pass ran (not with the Winograd conv, which takes them as it
+# writes its output), printed as a JSON list.
 UNIT_CONVS = """
 import json, os, torch
 from vggbench import ops
@@ -188,10 +223,10 @@ with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as
     torch.autograd.grad(out, [x, w, gamma], grad_out.to(out.dtype))
     ops.conv_bn_act(x, w, None, gamma, beta, torch.zeros(32), torch.ones(32), residual=res, padding=1,
                     training=False)
-convs = {"aten::convolution", "aten::convolution_backward"}
+convs = {"aten::convolution", "aten::convolution_backward", "vggbench::cpu::batch_stats"}
 print(json.dumps(sorted({event.name for event in prof.events()} & convs)))
 """
-ATEN_CONVS = ["aten::convolution", "aten::convolution_backward"]
+ATEN_CONVS = ["aten::convolution", "aten::convolution_backward", "vggbench::cpu::batch_stats"]
 AVX2_CPU = {"VGGBENCH_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
@@ -204,9 +239,9 @@ AVX2_CPU = {"VGGBENCH_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_M
     ("bfloat16", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, True),  # oneDNN without AMX
 ], ids=["float32", "bfloat16", "bfloat16-avx2", "bfloat16-no-amx"])
 def test_fused_unit_convs_run_on_winograd(dtype: str, env: dict[str, str], on_winograd: bool) -> None:
-    """channels_last, the fused unit's forward, input- and weight-gradient convs all run on
-    these kernels where they apply; contiguous ones go through ATen (which shows the profile
-    would see an ATen conv)."""
+    """channels_last, the fused unit's forward (with its batch statistics), input- and
+    weight-gradient convs all run on these kernels where they apply; contiguous ones go
+    through ATen and a statistics pass (which shows the profile would see them)."""
     for layout, expected in (("channels_last", [] if on_winograd else ATEN_CONVS),
                              ("contiguous_format", ATEN_CONVS)):
         result = run_python(UNIT_CONVS, DTYPE=dtype, LAYOUT=layout, **env)

@@ -25,6 +25,33 @@ Tensor conv(const Tensor& x, const Tensor& weight, const OptTensor& bias, int64_
   return aten_conv(x, weight, bias, stride, padding);
 }
 
+// The Winograd conv with batch_stats taken from its output as it is written (no pass over
+// z); other convs: nullopt (conv, then batch_stats).
+std::optional<std::tuple<Tensor, Tensor, Tensor>> conv_stats(const Tensor& x, const Tensor& weight,
+                                                             const OptTensor& bias, int64_t stride,
+                                                             int64_t padding) {
+  if (!cpu::winograd_applies(x, weight, stride, padding)) return std::nullopt;
+  RECORD_FUNCTION("vggbench::conv", {});  // one scope, as the orchestration's conv
+  cpu::ChannelSums sums;
+  Tensor z = cpu::winograd_conv_sums(x, weight, sums);
+  const Geometry g = geometry_of(z);
+  const int64_t C = g.channels;
+  std::vector<double> mean(C, 0.0), var(C, 0.0);  // an empty batch: 0 and 0
+  if (g.count() > 0) {
+    for (int64_t c = 0; c < C; ++c) {
+      math::mean_var(sums.sum[c], sums.sum_sq[c], sums.shift[c], static_cast<double>(g.count()), mean[c],
+                     var[c]);
+    }
+  }
+  if (bias && g.count() > 0) {  // the bias is in z's dtype, as batch_stats takes it
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, bias->scalar_type(), "vggbench_conv_stats_bias", [&] {
+      const scalar_t* b = bias->const_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c) mean[c] += static_cast<double>(b[c]);
+    });
+  }
+  return std::tuple{z, channel_tensor(mean, 0, C, z), channel_tensor(var, 0, C, z)};
+}
+
 std::tuple<Tensor, Tensor, Tensor> conv_backward(const Tensor& grad_z, const Tensor& x,
                                                  const Tensor& weight, bool has_bias,
                                                  int64_t stride, int64_t padding,
@@ -50,14 +77,19 @@ Kernels cpu_kernels() {
   } catch (const c10::Error&) {
     isa = __builtin_cpu_supports("avx2") ? cpu::Isa::kAvx2 : cpu::Isa::kNone;
   }
+  Kernels kernels;
   switch (isa) {
     case cpu::Isa::kAvx512:
-      return cpu::with_avx512_passes(&conv, &conv_backward);
+      kernels = cpu::with_avx512_passes(&conv, &conv_backward);
+      break;
     case cpu::Isa::kAvx2:
-      return cpu::with_avx2_passes(&conv, &conv_backward);
+      kernels = cpu::with_avx2_passes(&conv, &conv_backward);
+      break;
     default:
-      return with_passes(&conv, &conv_backward);
+      kernels = with_passes(&conv, &conv_backward);
   }
+  kernels.conv_stats = &conv_stats;
+  return kernels;
 }
 
 const Kernels kCpuKernels = cpu_kernels();

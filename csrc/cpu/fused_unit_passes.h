@@ -379,6 +379,22 @@ auto residual_of(const Step& at, const scalar_t* res) {
   }
 }
 
+// Per channel (scale, shift) giving xhat = in.xhat * scale + shift: in.xhat_affine's, as
+// normalize_act computes them, or (1, 0) when in.xhat holds xhat itself.
+template <typename scalar_t>
+std::array<std::vector<at::opmath_type<scalar_t>>, 2> xhat_coefficients(const BackwardInputs& in,
+                                                                        int64_t channels) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::array<std::vector<acc_t>, 2> k{std::vector<acc_t>(channels, acc_t(1)), std::vector<acc_t>(channels, acc_t(0))};
+  if (!in.xhat_affine) return k;
+  const AffineOperands<scalar_t> affine(*in.xhat_affine);
+  for (int64_t c = 0; c < channels; ++c) {
+    const auto coefficients = affine.of(c);
+    k[0][c] = coefficients.scale, k[1][c] = coefficients.shift;
+  }
+  return k;
+}
+
 std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
   RECORD_FUNCTION("vggbench::cpu::backward_reduce", {});  // the pass, in profiles
   const Geometry g = geometry_of(in.out);
@@ -389,10 +405,14 @@ std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
     using acc_t = at::opmath_type<scalar_t>;
     const BackwardView<scalar_t> e(in);
     if (in.xhat) {  // sum(g), sum(g * xhat)
-      sums = reduce_channels<acc_t, 2>(g, [](auto) { return 0; }, [=](auto at, int, auto (&terms)[2]) {
-        const auto gi = e.g_of(at.load(e.y), at.load(e.dy));
-        terms[0] = gi, terms[1] = gi * at.load(e.xhat);
-      });
+      const auto [scale, shift] = xhat_coefficients<scalar_t>(in, C);
+      const acc_t *sc = scale.data(), *sh = shift.data();
+      sums = reduce_channels<acc_t, 2>(
+          g, [=](auto channels) { return std::array{channels(sc), channels(sh)}; },
+          [=](auto at, const auto& k, auto (&terms)[2]) {
+            const auto gi = e.g_of(at.load(e.y), at.load(e.dy));
+            terms[0] = gi, terms[1] = gi * (at.load(e.xhat) * k[0] + k[1]);
+          });
       return;
     }
     const ChannelTable<scalar_t> table(e, C);
@@ -422,6 +442,7 @@ void backward_apply(const BackwardInputs& in, const OptTensor& sum_g, const OptT
     const int64_t C = batch_norm ? g.channels : 0;
     const ChannelTable<scalar_t> table(e, C);
     std::vector<acc_t> k(C), mean_g(C), mean_gx(C);  // field by field, as the table
+    const auto [xhat_scale, xhat_shift] = xhat_coefficients<scalar_t>(in, C);
     if (batch_norm) {
       const acc_t n = count ? *count->const_data_ptr<acc_t>() : static_cast<acc_t>(g.count());
       const acc_t *sg = sum_g->const_data_ptr<acc_t>(), *sgx = sum_gx->const_data_ptr<acc_t>();
@@ -432,13 +453,15 @@ void backward_apply(const BackwardInputs& in, const OptTensor& sum_g, const OptT
     }
     const auto ch = table.pointers();
     const acc_t *kk = k.data(), *mg = mean_g.data(), *mgx = mean_gx.data();
+    const acc_t *sc = xhat_scale.data(), *sh = xhat_shift.data();
     scalar_t* dz = grad_z.mutable_data_ptr<scalar_t>();
     scalar_t* dres = grad_residual ? grad_residual->mutable_data_ptr<scalar_t>() : nullptr;
     with_flags([&](auto bn, auto recover, auto has_res, auto write_dres) {
       if constexpr (bn || !(recover || has_res)) {  // (recover needs BN, a residual only matters then)
         const auto operands = [=](auto channels) {  // none without BN (its tables are empty)
           if constexpr (bn) {
-            return std::pair{ch(channels), std::array{channels(kk), channels(mg), channels(mgx)}};
+            return std::pair{ch(channels), std::array{channels(kk), channels(mg), channels(mgx), channels(sc),
+                                                      channels(sh)}};
           } else {
             return 0;
           }
@@ -452,7 +475,7 @@ void backward_apply(const BackwardInputs& in, const OptTensor& sum_g, const OptT
             if constexpr (recover) {
               xhat = e.recovered_xhat_of(y, residual_of<has_res>(at, e.res), channel);
             } else {
-              xhat = at.load(e.xhat);
+              xhat = at.load(e.xhat) * coefficient[3] + coefficient[4];
             }
             out = math::bn_input_grad(gi, xhat, coefficient[0], coefficient[1], coefficient[2]);
           }
@@ -489,7 +512,8 @@ Kernels with_passes(decltype(Kernels::conv) conv, decltype(Kernels::conv_backwar
           .update_running_stats = &update_running_stats,
           .backward_reduce = &backward_reduce,
           .backward_apply = &backward_apply,
-          .recover_xhat = &recover_xhat};
+          .recover_xhat = &recover_xhat,
+          .reads_xhat_affine = true};
 }
 
 }  // namespace

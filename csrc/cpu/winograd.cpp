@@ -199,8 +199,32 @@ bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, int64_t str
          x.numel() > 0 && x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-at::Tensor winograd_conv(const at::Tensor& x, const at::Tensor& weight,
-                         const std::optional<at::Tensor>& bias, bool transposed_weight, Isa isa) {
+namespace {
+
+// z[0, k, 0, 0] of conv2d(x, weight, padding=1), in double: a value near channel k's
+// outputs, the shift of ChannelSums.
+std::vector<double> first_outputs(const at::Tensor& x, const at::Tensor& weight) {
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  const float* wd = w.const_data_ptr<float>();
+  const int64_t K = w.size(0), C = w.size(1), H = x.size(2), W = x.size(3);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const auto input = [&](int64_t c, int64_t h, int64_t col) {  // x[0, c, h, col], channels_last
+    const int64_t i = (h * W + col) * C + c;
+    return bf16 ? static_cast<double>(static_cast<float>(x.const_data_ptr<at::BFloat16>()[i]))
+                : static_cast<double>(x.const_data_ptr<float>()[i]);
+  };
+  std::vector<double> z(K, 0.0);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 1; i < 3 && i - 1 < H; ++i)
+        for (int64_t j = 1; j < 3 && j - 1 < W; ++j)
+          z[k] += input(c, i - 1, j - 1) * static_cast<double>(wd[((k * C + c) * 3 + i) * 3 + j]);
+  return z;
+}
+
+// winograd_conv, and with `sums` its output's ChannelSums.
+at::Tensor conv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                bool transposed_weight, Isa isa, ChannelSums* sums) {
   const int64_t C = x.size(1), K = transposed_weight ? weight.size(1) : weight.size(0);
   TORCH_INTERNAL_ASSERT(C == (transposed_weight ? weight.size(0) : weight.size(1)));
   const Kernels& kernels = kernels_for(isa, C, K);
@@ -210,10 +234,20 @@ at::Tensor winograd_conv(const at::Tensor& x, const at::Tensor& weight,
   const at::Tensor b = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bias_data = bias ? b.const_data_ptr<float>() : nullptr;
   const int64_t blocks = (tl.count() + kBlockTiles - 1) / kBlockTiles;
+  std::vector<float> shift;
+  std::vector<double> block_sums;  // blocks x 2 x K
+  if (sums) {
+    TORCH_INTERNAL_ASSERT(!transposed_weight && !bias);
+    const std::vector<double> first = first_outputs(x, weight);
+    shift.assign(first.begin(), first.end());
+    sums->shift.assign(shift.begin(), shift.end());  // the float values the kernels subtract
+    block_sums.resize(blocks * 2 * K);
+  }
   const auto run = [&](const auto& typed, const auto* in, auto* out) {
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       const auto v = scratch(kPoints * kBlockTiles * C), m = scratch(kPoints * kBlockTiles * K);
-      typed.conv_blocks(in, u.data(), bias_data, C, K, tl, begin, end, out, v.get(), m.get());
+      typed.conv_blocks(in, u.data(), bias_data, C, K, tl, begin, end, out, v.get(), m.get(),
+                        sums ? shift.data() : nullptr, block_sums.data());
     });
   };
   if (x.scalar_type() == at::kBFloat16) {
@@ -221,7 +255,25 @@ at::Tensor winograd_conv(const at::Tensor& x, const at::Tensor& weight,
   } else {
     run(kernels.f32, x.const_data_ptr<float>(), y.mutable_data_ptr<float>());
   }
+  if (sums) {
+    sums->sum.assign(K, 0.0), sums->sum_sq.assign(K, 0.0);
+    for (int64_t block = 0; block < blocks; ++block) {
+      const double* partial = block_sums.data() + block * 2 * K;
+      for (int64_t k = 0; k < K; ++k) sums->sum[k] += partial[k], sums->sum_sq[k] += partial[K + k];
+    }
+  }
   return y;
+}
+
+}  // namespace
+
+at::Tensor winograd_conv(const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, bool transposed_weight, Isa isa) {
+  return conv(x, weight, bias, transposed_weight, isa, nullptr);
+}
+
+at::Tensor winograd_conv_sums(const at::Tensor& x, const at::Tensor& weight, ChannelSums& sums, Isa isa) {
+  return conv(x, weight, std::nullopt, /*transposed_weight=*/false, isa, &sums);
 }
 
 namespace {

@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <vector>
 
 namespace vggbench::cpu {
 
@@ -41,6 +42,19 @@ bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, int64_t str
 at::Tensor winograd_conv(const at::Tensor& x, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias, bool transposed_weight,
                          Isa isa = winograd_isa());
+
+// What batch statistics need of a conv's output z, per output channel k, from
+// winograd_conv_sums: the sums over z's values (as stored) of z - shift[k] and of its
+// square, in float64 (each block of tiles summed in float, the blocks added in order: the
+// same for any thread count), with shift[k] near the channel's values (z at the first
+// pixel, computed directly), so that the squares carry no cancellation when |mean| >> std.
+struct ChannelSums {
+  std::vector<double> shift, sum, sum_sq;
+};
+
+// winograd_conv(x, weight, no bias) and its output's ChannelSums, in one pass.
+at::Tensor winograd_conv_sums(const at::Tensor& x, const at::Tensor& weight, ChannelSums& sums,
+                              Isa isa = winograd_isa());
 
 // The weight gradient of conv2d(x, W, stride=1, padding=1) given its output gradient
 // grad (N, K, H, W), both channels_last and of one dtype: shape (K, C, 3, 3), contiguous,

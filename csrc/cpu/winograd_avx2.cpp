@@ -40,6 +40,11 @@ struct V {
   static type keep_if(type v, bool keep) {
     return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(-static_cast<int>(keep))));
   }
+  // acc[l] += lane l, in double
+  static void add_to(double* acc, type v) {
+    _mm256_storeu_pd(acc, _mm256_add_pd(_mm256_loadu_pd(acc), _mm256_cvtps_pd(_mm256_castps256_ps128(v))));
+    _mm256_storeu_pd(acc + 4, _mm256_add_pd(_mm256_loadu_pd(acc + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1))));
+  }
 };
 
 #include "winograd_simd.h"

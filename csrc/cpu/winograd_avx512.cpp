@@ -42,6 +42,12 @@ struct V {
   static type keep_if(type v, bool keep) {
     return _mm512_maskz_mov_ps(static_cast<__mmask16>(-static_cast<int>(keep)), v);
   }
+  // acc[l] += lane l, in double
+  static void add_to(double* acc, type v) {
+    const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    _mm512_storeu_pd(acc, _mm512_add_pd(_mm512_loadu_pd(acc), _mm512_cvtps_pd(_mm512_castps512_ps256(v))));
+    _mm512_storeu_pd(acc + 8, _mm512_add_pd(_mm512_loadu_pd(acc + 8), _mm512_cvtps_pd(high)));
+  }
 };
 
 #include "winograd_simd.h"

@@ -27,9 +27,12 @@ struct Tiles {
 template <typename T>
 struct Typed {
   // y for the tiles of blocks [begin, end): U holds the transformed weights
-  // [point][in][out]; v, m: scratch of kPoints * kBlockTiles * C (resp. K) floats.
+  // [point][in][out]; v, m: scratch of kPoints * kBlockTiles * C (resp. K) floats. With
+  // `shift` (K floats), block b also writes its outputs' per-channel sums of y - shift and
+  // of its square to sums[b][0][k] and sums[b][1][k] (sums: blocks x 2 x K).
   void (*conv_blocks)(const T* x, const float* u, const float* bias, int64_t C, int64_t K,
-                      const Tiles& tl, int64_t begin, int64_t end, T* y, float* v, float* m);
+                      const Tiles& tl, int64_t begin, int64_t end, T* y, float* v, float* m,
+                      const float* shift, double* sums);
   // partial[p] (C x K) = sum of V[p]^T E[p] over the tiles of blocks [begin, end) (begin <
   // end); v, e: scratch as above.
   void (*weight_grad_blocks)(const T* x, const T* g, int64_t C, int64_t K, const Tiles& tl,

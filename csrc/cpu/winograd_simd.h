@@ -149,24 +149,40 @@ inline void transform_grads(const T* g, int64_t K, const Tiles& tl, int64_t firs
   }
 }
 
+// The value stored at p: a float as it is; bfloat16 rounded, so read back.
+inline vec stored(const float*, vec value) { return value; }
+inline vec stored(const uint16_t* p, vec) { return V::load(p); }
+
 // y = A^T m A (+ bias) for each tile's 36 products, written where the tile is in the image.
-template <typename T>
+// Stats: also each channel's sums of d = y - shift and of d^2 over the values written (as
+// stored), in float per tile, added in tile order in double to sums[k] and sums[K + k].
+template <bool Stats, typename T>
 inline void transform_outputs(const float* m, int64_t K, const float* bias, const Tiles& tl,
-                              int64_t first, int64_t count, T* y) {
-  for (int64_t t = 0; t < count; ++t) {
-    int64_t n, top, left;
-    tl.locate(first + t, n, top, left);
-    const int64_t rows = lesser(kTile, tl.h - top), cols = lesser(kTile, tl.w - left);
-    T* corner = y + ((n * tl.h + top) * tl.w + left) * K;
-    const bool whole = rows == kTile && cols == kTile;
-    for (int64_t k = 0; k < K; k += kWidth) {
+                              int64_t first, int64_t count, T* y, const float* shift, double* sums) {
+  for (int64_t k = 0; k < K; k += kWidth) {
+    const vec b = bias ? V::load(bias + k) : V::zero();
+    const vec s = Stats ? V::load(shift + k) : V::zero();
+    for (int64_t t = 0; t < count; ++t) {
+      vec sum = V::zero(), sum_sq = V::zero();
+      int64_t n, top, left;
+      tl.locate(first + t, n, top, left);
+      const int64_t rows = lesser(kTile, tl.h - top), cols = lesser(kTile, tl.w - left);
+      T* corner = y + ((n * tl.h + top) * tl.w + left) * K + k;
+      const bool whole = rows == kTile && cols == kTile;
       const float* group = m + slot(t, k);
-      const vec b = bias ? V::load(bias + k) : V::zero();
       transform_2d<kWindow, kTile, output_1d>(
           [&](int i, int j) { return V::load(group + (i * kWindow + j) * kWidth); },
           [&](int i, int j, vec value) {
-            if (whole || (i < rows && j < cols)) V::store(corner + (i * tl.w + j) * K + k, add(value, b));
+            if (whole || (i < rows && j < cols)) {
+              T* out = corner + (i * tl.w + j) * K;
+              V::store(out, add(value, b));
+              if constexpr (Stats) {
+                const vec d = sub(stored(out, add(value, b)), s);
+                sum = add(sum, d), sum_sq = V::fmadd(d, d, sum_sq);
+              }
+            }
           });
+      if constexpr (Stats) V::add_to(sums + k, sum), V::add_to(sums + K + k, sum_sq);
     }
   }
 }
@@ -230,7 +246,8 @@ VGGBENCH_INLINE void gemm(int64_t rows, int64_t cols, int64_t depth, RowsOf a_ro
 
 template <typename T>
 void conv_blocks(const T* x, const float* u, const float* bias, int64_t C, int64_t K,
-                 const Tiles& tl, int64_t begin, int64_t end, T* y, float* v, float* m) {
+                 const Tiles& tl, int64_t begin, int64_t end, T* y, float* v, float* m,
+                 const float* shift, double* sums) {
   for (int64_t block = begin; block < end; ++block) {
     const int64_t first = block * kBlockTiles;
     const int64_t count = lesser(kBlockTiles, tl.count() - first);
@@ -242,7 +259,13 @@ void conv_blocks(const T* x, const float* u, const float* bias, int64_t C, int64
       gemm<V::kRows, false>(count, K, C, tiles, kTileStride, {1, kGroupStride}, u + p * C * K, kWidth,
                             {K, kWidth * K}, m + p * kWidth, kTileStride, kGroupStride);
     }
-    transform_outputs(m, K, bias, tl, first, count, y);
+    if (shift) {
+      double* block_sums = sums + block * 2 * K;
+      for (int64_t i = 0; i < 2 * K; ++i) block_sums[i] = 0;
+      transform_outputs<true>(m, K, bias, tl, first, count, y, shift, block_sums);
+    } else {
+      transform_outputs<false>(m, K, bias, tl, first, count, y, nullptr, nullptr);
+    }
   }
 }
 

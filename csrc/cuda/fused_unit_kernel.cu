@@ -428,6 +428,7 @@ struct RecoveredXhatSums : BackwardSums<scalar_t, V> {
 std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
   // recovering xhat needs training-mode BN's operands
   TORCH_INTERNAL_ASSERT(in.xhat || in.gamma.defined(), "backward_reduce: no xhat and no BN");
+  TORCH_INTERNAL_ASSERT(!in.xhat_affine, "backward_reduce: the CUDA passes take xhat itself");
   const c10::cuda::CUDAGuard guard(in.out.device());
   const Geometry g = geometry_of(in.out);
   const auto options = in.out.options().dtype(stats_dtype(in.out.scalar_type()));
@@ -685,6 +686,7 @@ const Kernels kCudaKernels{
     .backward_reduce = &backward_reduce,
     .backward_apply = &backward_apply,
     .recover_xhat = nullptr,  // a flagged unit recomputes every channel
+    .reads_xhat_affine = false,
 };
 
 }  // namespace
