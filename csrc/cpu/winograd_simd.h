@@ -159,22 +159,22 @@ inline vec stored(const uint16_t* p, vec) { return V::load(p); }
 template <bool Stats, typename T>
 inline void transform_outputs(const float* m, int64_t K, const float* bias, const Tiles& tl,
                               int64_t first, int64_t count, T* y, const float* shift, double* sums) {
-  for (int64_t k = 0; k < K; k += kWidth) {
-    const vec b = bias ? V::load(bias + k) : V::zero();
-    const vec s = Stats ? V::load(shift + k) : V::zero();
-    for (int64_t t = 0; t < count; ++t) {
-      vec sum = V::zero(), sum_sq = V::zero();
-      int64_t n, top, left;
-      tl.locate(first + t, n, top, left);
-      const int64_t rows = lesser(kTile, tl.h - top), cols = lesser(kTile, tl.w - left);
-      T* corner = y + ((n * tl.h + top) * tl.w + left) * K + k;
-      const bool whole = rows == kTile && cols == kTile;
+  for (int64_t t = 0; t < count; ++t) {
+    int64_t n, top, left;
+    tl.locate(first + t, n, top, left);
+    const int64_t rows = lesser(kTile, tl.h - top), cols = lesser(kTile, tl.w - left);
+    T* corner = y + ((n * tl.h + top) * tl.w + left) * K;
+    const bool whole = rows == kTile && cols == kTile;
+    for (int64_t k = 0; k < K; k += kWidth) {
       const float* group = m + slot(t, k);
+      const vec b = bias ? V::load(bias + k) : V::zero();
+      const vec s = Stats ? V::load(shift + k) : V::zero();
+      vec sum = V::zero(), sum_sq = V::zero();
       transform_2d<kWindow, kTile, output_1d>(
           [&](int i, int j) { return V::load(group + (i * kWindow + j) * kWidth); },
           [&](int i, int j, vec value) {
             if (whole || (i < rows && j < cols)) {
-              T* out = corner + (i * tl.w + j) * K;
+              T* out = corner + (i * tl.w + j) * K + k;
               V::store(out, add(value, b));
               if constexpr (Stats) {
                 const vec d = sub(stored(out, add(value, b)), s);
