@@ -45,9 +45,10 @@ at::Tensor winograd_conv(const at::Tensor& x, const at::Tensor& weight,
 
 // What batch statistics need of a conv's output z, per output channel k, from
 // winograd_conv_sums: the sums over z's values (as stored) of z - shift[k] and of its
-// square, in float64 (each block of tiles summed in float, the blocks added in order: the
-// same for any thread count), with shift[k] near the channel's values (z at the first
-// pixel, computed directly), so that the squares carry no cancellation when |mean| >> std.
+// square, in float64 (each tile's 16 values summed in float, the tiles and then the blocks
+// of tiles added in order: the same for any thread count), with shift[k] near the channel's
+// values (z at the first pixel, computed directly), so that the squares carry no
+// cancellation when |mean| >> std.
 struct ChannelSums {
   std::vector<double> shift, sum, sum_sq;
 };
