@@ -50,6 +50,10 @@
 #pragma GCC target("avx2,avx512f,avx512bw,avx512vl,prefer-vector-width=512")
 #endif
 
+// A pass's per-step function: always inlined into its loop. (GCC otherwise calls the larger
+// ones once per step, their operands and results going through memory.)
+#define VGGBENCH_STEP __attribute__((always_inline))
+
 namespace vggbench {
 namespace {
 
@@ -256,7 +260,7 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& z, const OptTensor& bias) {
     const acc_t* sh = shift.data();
     const auto sums = reduce_channels<acc_t, 2>(
         g, [=](auto channels) { return channels(sh); },
-        [=](auto at, auto channel_shift, auto (&sums)[2]) {
+        [=](auto at, auto channel_shift, auto (&sums)[2]) VGGBENCH_STEP {
           const auto d = at.load(data) - channel_shift;
           sums[0] = d, sums[1] = d * d;
         });
@@ -291,7 +295,7 @@ void normalize_act(const Tensor& z, const ChannelAffine& a, const OptTensor& res
     with_flags([&](auto affine, auto add_residual) {
       for_each_step<acc_t>(
           g, [=](auto channels) { return std::array{channels(sc), channels(sh)}; },
-          [=](auto at, const auto& k) {
+          [=](auto at, const auto& k) VGGBENCH_STEP {
             using V = std::decay_t<decltype(k[0])>;
             V v = at.load(in);
             if constexpr (affine) v = v * k[0] + k[1];
@@ -409,7 +413,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
       const acc_t *sc = scale.data(), *sh = shift.data();
       sums = reduce_channels<acc_t, 2>(
           g, [=](auto channels) { return std::array{channels(sc), channels(sh)}; },
-          [=](auto at, const auto& k, auto (&terms)[2]) {
+          [=](auto at, const auto& k, auto (&terms)[2]) VGGBENCH_STEP {
             const auto gi = e.g_of(at.load(e.y), at.load(e.dy));
             terms[0] = gi, terms[1] = gi * (at.load(e.xhat) * k[0] + k[1]);
           });
@@ -417,9 +421,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
     }
     const ChannelTable<scalar_t> table(e, C);
     with_flags([&](auto has_res) {  // the recovery rule's terms, sum(g) and sum(g * xhat) first
-      sums = reduce_channels<acc_t, kTerms>(g, table.pointers(), [=](auto at, const auto& ch, auto (&terms)[kTerms]) {
-        e.recovery_terms_of(at.load(e.y), at.load(e.dy), residual_of<has_res>(at, e.res), ch, terms);
-      });
+      sums = reduce_channels<acc_t, kTerms>(
+          g, table.pointers(), [=](auto at, const auto& ch, auto (&terms)[kTerms]) VGGBENCH_STEP {
+            e.recovery_terms_of(at.load(e.y), at.load(e.dy), residual_of<has_res>(at, e.res), ch, terms);
+          });
     }, in.residual.has_value());
     for (int64_t c = 0; c < C; ++c) {
       acc_t channel[kTerms];
@@ -466,7 +471,7 @@ void backward_apply(const BackwardInputs& in, const OptTensor& sum_g, const OptT
             return 0;
           }
         };
-        for_each_step<acc_t>(g, operands, [=](auto at, const auto& operand) {
+        for_each_step<acc_t>(g, operands, [=](auto at, const auto& operand) VGGBENCH_STEP {
           const auto y = at.load(e.y), gi = e.g_of(y, at.load(e.dy));
           auto out = gi;
           if constexpr (bn) {
@@ -496,7 +501,7 @@ void recover_xhat(const BackwardInputs& in, const Tensor& out) {
     const ChannelTable<scalar_t> table(e, g.channels);
     scalar_t* xhat = out.mutable_data_ptr<scalar_t>();
     with_flags([&](auto has_res) {
-      for_each_step<acc_t>(g, table.pointers(), [=](auto at, const auto& channel) {
+      for_each_step<acc_t>(g, table.pointers(), [=](auto at, const auto& channel) VGGBENCH_STEP {
         at.store(xhat, e.recovered_xhat_of(at.load(e.y), residual_of<has_res>(at, e.res), channel));
       });
     }, in.residual.has_value());
@@ -522,3 +527,5 @@ Kernels with_passes(decltype(Kernels::conv) conv, decltype(Kernels::conv_backwar
 #if defined(VGGBENCH_CPU_PASSES_AVX2) || defined(VGGBENCH_CPU_PASSES_AVX512)
 #pragma GCC pop_options
 #endif
+
+#undef VGGBENCH_STEP
