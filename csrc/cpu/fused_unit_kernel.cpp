@@ -34,22 +34,9 @@ std::optional<std::tuple<Tensor, Tensor, Tensor>> conv_stats(const Tensor& x, co
   RECORD_FUNCTION("vggbench::conv", {});  // one scope, as the orchestration's conv
   cpu::ChannelSums sums;
   Tensor z = cpu::winograd_conv_sums(x, weight, sums);
-  const Geometry g = geometry_of(z);
-  const int64_t C = g.channels;
-  std::vector<double> mean(C, 0.0), var(C, 0.0);  // an empty batch: 0 and 0
-  if (g.count() > 0) {
-    for (int64_t c = 0; c < C; ++c) {
-      math::mean_var(sums.sum[c], sums.sum_sq[c], sums.shift[c], static_cast<double>(g.count()), mean[c],
-                     var[c]);
-    }
-  }
-  if (bias && g.count() > 0) {  // the bias is in z's dtype, as batch_stats takes it
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, bias->scalar_type(), "vggbench_conv_stats_bias", [&] {
-      const scalar_t* b = bias->const_data_ptr<scalar_t>();
-      for (int64_t c = 0; c < C; ++c) mean[c] += static_cast<double>(b[c]);
-    });
-  }
-  return std::tuple{z, channel_tensor(mean, 0, C, z), channel_tensor(var, 0, C, z)};
+  auto [mean, var] =
+      stats_from_sums(sums.sum.data(), sums.sum_sq.data(), sums.shift.data(), geometry_of(z).count(), bias, z);
+  return std::tuple{z, mean, var};
 }
 
 std::tuple<Tensor, Tensor, Tensor> conv_backward(const Tensor& grad_z, const Tensor& x,

@@ -246,32 +246,48 @@ Tensor channel_tensor(const std::vector<double>& values, int64_t offset, int64_t
   return t;
 }
 
+// Per-channel mean (plus the bias, in z's dtype) and biased variance of z from the sums of
+// d = z - shift and of d^2 over `count` values per channel (an empty batch: 0 and 0), as z's
+// statistics tensors: batch_stats's finish, and the Winograd conv_stats'.
+std::tuple<Tensor, Tensor> stats_from_sums(const double* sum, const double* sum_sq, const double* shift,
+                                           int64_t count, const OptTensor& bias, const Tensor& z) {
+  const int64_t C = geometry_of(z).channels;
+  std::vector<double> mean(C, 0.0), var(C, 0.0);
+  if (count > 0) {
+    for (int64_t c = 0; c < C; ++c) {
+      math::mean_var(sum[c], sum_sq[c], shift[c], static_cast<double>(count), mean[c], var[c]);
+    }
+    if (bias) {
+      AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, bias->scalar_type(), "vggbench_stats_bias", [&] {
+        const scalar_t* b = bias->const_data_ptr<scalar_t>();
+        for (int64_t c = 0; c < C; ++c) mean[c] += static_cast<double>(b[c]);
+      });
+    }
+  }
+  return {channel_tensor(mean, 0, C, z), channel_tensor(var, 0, C, z)};
+}
+
 std::tuple<Tensor, Tensor> batch_stats(const Tensor& z, const OptTensor& bias) {
   RECORD_FUNCTION("vggbench::cpu::batch_stats", {});  // the pass, in profiles
   const Geometry g = geometry_of(z);
   const int64_t C = g.channels;
-  std::vector<double> mean(C, 0.0), var(C, 0.0);  // an empty batch: 0 and 0
+  std::vector<double> sums(2 * C, 0.0), shift(C, 0.0);
   if (g.count() > 0) AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "vggbench_batch_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* data = z.const_data_ptr<scalar_t>();
     // sums of z - shift, shift = one sample of the channel: no cancellation when |mean| >> std
-    std::vector<acc_t> shift(C);
-    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc_t>(data[c * g.inner]);
-    const acc_t* sh = shift.data();
-    const auto sums = reduce_channels<acc_t, 2>(
+    std::vector<acc_t> channel_shift(C);
+    for (int64_t c = 0; c < C; ++c) channel_shift[c] = static_cast<acc_t>(data[c * g.inner]);
+    const acc_t* sh = channel_shift.data();
+    sums = reduce_channels<acc_t, 2>(
         g, [=](auto channels) { return channels(sh); },
-        [=](auto at, auto channel_shift, auto (&sums)[2]) VGGBENCH_STEP {
-          const auto d = at.load(data) - channel_shift;
-          sums[0] = d, sums[1] = d * d;
+        [=](auto at, auto lanes_shift, auto (&terms)[2]) VGGBENCH_STEP {
+          const auto d = at.load(data) - lanes_shift;
+          terms[0] = d, terms[1] = d * d;
         });
-    const scalar_t* b = data_or_null<scalar_t>(bias);
-    for (int64_t c = 0; c < C; ++c) {
-      math::mean_var(sums[c], sums[C + c], static_cast<double>(shift[c]),
-                     static_cast<double>(g.count()), mean[c], var[c]);
-      if (b) mean[c] += static_cast<double>(b[c]);
-    }
+    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<double>(channel_shift[c]);
   });
-  return {channel_tensor(mean, 0, C, z), channel_tensor(var, 0, C, z)};
+  return stats_from_sums(sums.data(), sums.data() + C, shift.data(), g.count(), bias, z);
 }
 
 void normalize_act(const Tensor& z, const ChannelAffine& a, const OptTensor& residual, double slope,
