@@ -249,6 +249,57 @@ def test_fused_unit_convs_run_on_winograd(dtype: str, env: dict[str, str], on_wi
         assert json.loads(result.stdout.splitlines()[-1]) == expected, layout
 
 
+# The 3->32 entry unit's training step under CPU autocast to bfloat16 (N=4, 16x16, ATen's
+# conv: 3 channels): the dtypes ATen's conv and conv backward got, and the relative-norm
+# errors of the output and of the input and weight gradients against the native chain in
+# float64 on the same bfloat16 values, printed as JSON.
+ENTRY_BF16 = """
+import json, torch
+import torch.nn.functional as F
+from vggbench import ops
+gen = torch.Generator().manual_seed(0)
+x = torch.randn(4, 3, 16, 16, generator=gen).bfloat16().contiguous(memory_format=torch.channels_last)
+w, gamma = torch.randn(32, 3, 3, 3, generator=gen).bfloat16() / 5, torch.rand(32, generator=gen).add(0.5)
+beta, grad_out = torch.randn(32, generator=gen), torch.randn(4, 32, 16, 16, generator=gen).bfloat16()
+x.requires_grad_(), w.requires_grad_()
+def native(x, w, gamma, beta):
+    return F.leaky_relu(F.batch_norm(F.conv2d(x, w, padding=1), None, None, gamma, beta, training=True), 0.01)
+def errors(out, grads):  # relative-norm errors against float64
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    out64 = native(x64, w64, gamma.double(), beta.double())
+    expected = [out64, *torch.autograd.grad(out64, [x64, w64], grad_out.double())]
+    return [((a.double() - e).norm() / e.norm()).item() for a, e in zip([out, *grads], expected, strict=True)]
+with torch.profiler.profile(record_shapes=True) as prof, torch.autocast("cpu", dtype=torch.bfloat16):
+    out = ops.conv_bn_act(x, w, None, gamma, beta, padding=1, training=True)
+    grads = torch.autograd.grad(out, [x, w], grad_out)
+dtypes = sorted({str(e.input_dtypes[0]) for e in prof.events() if e.name.startswith("aten::convolution")})
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    out_native = native(x, w, gamma, beta)
+    native_errors = errors(out_native, torch.autograd.grad(out_native, [x, w], grad_out))
+print(json.dumps({"dtypes": dtypes, "fused": errors(out, grads), "native": native_errors}))
+"""
+
+
+@pytest.mark.skipif("avx2" not in ISAS, reason="this CPU has no AVX2+FMA: the kernels do not run")
+@pytest.mark.parametrize(("env", "widened"), [
+    ({"ONEDNN_MAX_CPU_ISA": ""}, not CPU_FLAGS & {"avx512_bf16", "amx_bf16"}),
+    (AVX2_CPU, True),  # as on an AVX2-only CPU: ATen's bfloat16 conv is a direct one there
+    *([({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, True)] if "avx512f" in CPU_FLAGS else []),  # no AVX512-BF16
+], ids=lambda value: value if isinstance(value, bool) else "-".join(value.values()) or "default")
+def test_bfloat16_aten_convs_run_in_float32_without_bf16_dot_products(env: dict[str, str], widened: bool) -> None:
+    """A bfloat16 conv the Winograd kernels do not take (the 3-channel entry conv) goes through
+    ATen in float32 where ATen's bfloat16 conv would lack bfloat16 dot products (10-18x slower
+    than float32 on an AVX2 CPU), else in bfloat16; either way the output and the input and
+    weight gradients stay within 1.5x native bfloat16's own error against float64 (plus one
+    bfloat16 unit roundoff, 2^-8: both are about that size, and differ by where they round)."""
+    result = run_python(ENTRY_BF16, **env)
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout.splitlines()[-1])
+    assert found["dtypes"] == ["float" if widened else "c10::BFloat16"]
+    for fused, native in zip(found["fused"], found["native"], strict=True):
+        assert fused <= 1.5 * native + 2**-8, found
+
+
 @pytest.mark.parametrize(("value", "message"), [
     ("sse2", "VGGBENCH_CPU_ISA must be avx2 or avx512 (or unset: the widest this CPU has), got 'sse2'"),
     *([("avx512", "VGGBENCH_CPU_ISA=avx512: this CPU lacks it")] if cpu_widest() == "avx2" else []),

@@ -1,7 +1,8 @@
 // CPU backend of the fused unit (see ../fused_unit.h): the passes over activations
 // (fused_unit_passes.h, in the widest build the CPU has), and the convs: 3x3 stride-1
 // channels_last ones in float32, and in bfloat16 where ATen's bfloat16 convs do not run on AMX,
-// as Winograd F(4x4, 3x3) (winograd.h), others through ATen.
+// as Winograd F(4x4, 3x3) (winograd.h), others through ATen (in float32 for bfloat16 where
+// ATen's bfloat16 conv has no bfloat16 dot products).
 #include "fused_unit_passes.h"
 #include "winograd.h"
 
@@ -17,10 +18,23 @@ Kernels with_avx512_passes(decltype(Kernels::conv) conv, decltype(Kernels::conv_
 
 namespace {
 
+// Whether a bfloat16 conv that ATen computes runs in float32 instead: where ATen's bfloat16
+// conv lacks bfloat16 dot products (cpu::native_bf16_dot_products), so that bfloat16 is not
+// slower than float32. Sums are in float32 either way, rounded once to bfloat16.
+bool widened(const Tensor& x) {
+  return x.scalar_type() == at::kBFloat16 && !cpu::native_bf16_dot_products();
+}
+
+Tensor float32_of(const Tensor& t) { return t.to(at::kFloat); }
+
 Tensor conv(const Tensor& x, const Tensor& weight, const OptTensor& bias, int64_t stride,
             int64_t padding) {
   if (cpu::winograd_applies(x, weight, stride, padding)) {
     return cpu::winograd_conv(x, weight, bias, /*transposed_weight=*/false);
+  }
+  if (widened(x)) {
+    const OptTensor b = bias ? OptTensor(float32_of(*bias)) : std::nullopt;
+    return aten_conv(float32_of(x), float32_of(weight), b, stride, padding).to(x.scalar_type());
   }
   return aten_conv(x, weight, bias, stride, padding);
 }
@@ -45,7 +59,13 @@ std::tuple<Tensor, Tensor, Tensor> conv_backward(const Tensor& grad_z, const Ten
                                                  std::array<bool, 3> mask) {
   if (!cpu::winograd_applies(x, weight, stride, padding) ||
       !cpu::winograd_applies(grad_z, weight.transpose(0, 1), stride, padding)) {
-    return aten_conv_backward(grad_z, x, weight, has_bias, stride, padding, mask);
+    if (!widened(x)) return aten_conv_backward(grad_z, x, weight, has_bias, stride, padding, mask);
+    auto [grad_x, grad_w, grad_b] =
+        aten_conv_backward(float32_of(grad_z), float32_of(x), float32_of(weight), has_bias, stride, padding, mask);
+    const auto to = [](const Tensor& grad, const Tensor& like) {
+      return grad.defined() ? grad.to(like.scalar_type()) : grad;
+    };
+    return {to(grad_x, x), to(grad_w, weight), to(grad_b, grad_z)};
   }
   // the input gradient is the conv of grad_z with the flipped, transposed weight
   return {mask[0] ? cpu::winograd_conv(grad_z, weight, std::nullopt, /*transposed_weight=*/true)

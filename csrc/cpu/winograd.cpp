@@ -13,12 +13,14 @@
 
 #include "winograd_kernels.h"
 
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdlib>
+#include <initializer_list>
 #include <memory>
 #include <string>
 #include <vector>
@@ -121,9 +123,20 @@ bool cpu_has_avx512() {
 #endif
 }
 
+// Whether ONEDNN_MAX_CPU_ISA (read by oneDNN; the forced-AVX2 runs set it) lets oneDNN use an
+// instruction set whose name has one of `markers` (unset, ALL or DEFAULT: no cap).
+bool onednn_allows(std::initializer_list<const char*> markers) {
+  const char* cap = std::getenv("ONEDNN_MAX_CPU_ISA");
+  if (cap == nullptr || *cap == '\0') return true;
+  const std::string name(cap);
+  if (name == "ALL" || name == "DEFAULT") return true;
+  return std::any_of(markers.begin(), markers.end(),
+                     [&](const char* marker) { return name.find(marker) != std::string::npos; });
+}
+
 // Whether oneDNN runs ATen's bfloat16 convs on AMX tiles: the CPU has AMX-BF16 (CPUID leaf 7
-// EDX bit 22), the OS saves the tile state (XCR0 bits 17-18), and ONEDNN_MAX_CPU_ISA (read
-// by oneDNN; the forced-AVX2 runs set it) does not cap oneDNN below AMX. There native
+// EDX bit 22), the OS saves the tile state (XCR0 bits 17-18), and ONEDNN_MAX_CPU_ISA does not
+// cap oneDNN below AMX. There native
 // bfloat16 took 0.3-0.45x the time of these kernels' float32 arithmetic at the study's shapes
 // (N=100, 32 channels, 32x32 to 8x8 maps, one thread); without AMX (ONEDNN_MAX_CPU_ISA=
 // AVX512_CORE_BF16 or AVX2) native bfloat16 took 2.5x to over 10x their time.
@@ -134,10 +147,19 @@ bool native_bf16_on_amx() {
   unsigned xcr0_low = 0, xcr0_high = 0;
   asm volatile("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
   if ((xcr0_low & (3u << 17)) != (3u << 17)) return false;
-  const char* cap = std::getenv("ONEDNN_MAX_CPU_ISA");
-  if (cap == nullptr || *cap == '\0') return true;
-  const std::string name(cap);
-  return name == "ALL" || name == "DEFAULT" || name.find("AMX") != std::string::npos;
+  return onednn_allows({"AMX"});
+#else
+  return false;
+#endif
+}
+
+// Whether oneDNN may use AVX512-BF16's dot products (CPUID leaf 7 subleaf 1 EAX bit 5): the
+// AVX512_CORE_BF16 set or a later one (every later name has BF16, FP16, AMX or AVX10 in it).
+bool onednn_avx512_bf16() {
+#if VGGBENCH_WINOGRAD
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return cpu_has_avx512() && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax & (1u << 5)) &&
+         onednn_allows({"BF16", "FP16", "AMX", "AVX10"});
 #else
   return false;
 #endif
@@ -186,6 +208,11 @@ const char* isa_name(Isa isa) {
 Isa winograd_isa() {
   static const Isa isa = detect_isa();
   return isa;
+}
+
+bool native_bf16_dot_products() {
+  static const bool cpu = onednn_avx512_bf16() || native_bf16_on_amx();
+  return cpu && at::globalContext().userEnabledMkldnn();
 }
 
 bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, int64_t stride,

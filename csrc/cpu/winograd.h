@@ -34,6 +34,13 @@ Isa winograd_isa();
 bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
                       int64_t padding);
 
+// Whether ATen's bfloat16 convs have bfloat16 dot products here: oneDNN is enabled
+// (torch.backends.mkldnn) and may use AVX512-BF16 or AMX-BF16 on this CPU (ONEDNN_MAX_CPU_ISA
+// not capping it below them). Without them ATen's bfloat16 conv is slower than its float32
+// one: 2x with AVX-512 F/BW/VL alone, 10-18x on an AVX2 CPU (a direct conv; 3->32 entry conv,
+// N=100, 32x32 and 8x8, 2 threads).
+bool native_bf16_dot_products();
+
 // conv2d(x, weight, bias, stride=1, padding=1), channels_last. `transposed_weight`: use
 // weight (C, K, 3, 3) flipped and transposed, i.e. compute the input gradient of a conv
 // whose weight is `weight` from its output gradient x. `isa`: the kernels to use (at most
