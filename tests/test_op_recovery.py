@@ -18,8 +18,9 @@ import itertools
 import pytest
 import torch
 
-from tests.test_ops import make_sample, reference
+from tests.test_ops import Sample, assert_matches_native, make_sample, reference
 from vggbench import ops
+from vggbench.bench.scaling import torch_threads
 
 GAMMAS = {
     "issue": [1e-3, -1e-4, 1.0, 0.7],  # the issue's example: fp32 slope 1 lost 100x on channels 0 and 1
@@ -82,14 +83,9 @@ def test_every_gradient_within_4x_native(dtype, layout, gammas, slope, residual)
                 f"N={n}: grad of {name}: fused error {fused:.3g} > 4 x max(native {native:.3g}, floor {floor:.3g})")
 
 
-@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_recompute_of_the_flagged_channels_only(dtype, layout, residual):
-    """Two of 32 channels flagged (tiny BN weights, a BN bias 1e5 times larger): only 8
-    channels (those and the next ones: the conv's register blocks) are recomputed, by one conv
-    over their weights, the others recovered into a tensor (the recover_xhat pass); every
-    gradient stays within 4x native's error."""
+def partial_sample(dtype: torch.dtype, layout: str, residual: bool) -> Sample:
+    """32 output channels, two of them flagged by the rule (tiny BN weights, a BN bias 1e5
+    times larger), the others not."""
     gamma = [1e-6, -1e-5] + [(-1) ** c * (0.6 + 0.05 * c) for c in range(30)]
     sample = make_sample(f"partial-{dtype}-{layout}-{residual}", "cpu", dtype, True, n=4, c=8, k=32, size=8,
                          residual=residual, slope=0.01, layout=layout, gamma=gamma)
@@ -97,6 +93,18 @@ def test_recompute_of_the_flagged_channels_only(dtype, layout, residual):
         sample.bn_bias.fill_(0.1)
         if residual:
             sample.residual.mul_(0.1)
+    return sample
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_recompute_of_the_flagged_channels_only(dtype, layout, residual):
+    """Two of 32 channels flagged: only 8 channels (those and the next ones: the conv's
+    register blocks) are recomputed, by one conv over their weights, the others recovered into
+    a tensor (the recover_xhat pass); every gradient stays within 4x native's error, and
+    within the dtype's tolerance against float64."""
+    sample = partial_sample(dtype, layout, residual)
     out = ops.conv_bn_act(**sample.kwargs())
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
         torch.autograd.grad(out, [sample.input], torch.ones_like(out))
@@ -107,6 +115,44 @@ def test_recompute_of_the_flagged_channels_only(dtype, layout, residual):
     for name, (fused, native, floor) in gradient_errors(sample, 1e-4).items():
         assert fused <= 4 * max(native, floor), (
             f"grad of {name}: fused error {fused:.3g} > 4 x max(native {native:.3g}, floor {floor:.3g})")
+    assert_matches_native(sample, sample.cast(torch.float64))
+
+
+def bn_backward(sample: Sample, policy: str, threads: int, monkeypatch) -> tuple[dict[str, torch.Tensor], int]:
+    """The gradients of one training step on a copy of `sample`, under the backward policy, on
+    `threads` threads, and how many recomputes of xhat the backward ran."""
+    monkeypatch.setattr(ops, "RECOMPUTE", policy)
+    sample = sample.cast(sample.input.dtype)
+    with torch_threads(threads):
+        out = ops.conv_bn_act(**sample.kwargs())
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.dtype)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            grads = torch.autograd.grad(out, list(sample.grad_inputs().values()), grad_out)
+    recomputes = [e.name for e in prof.events()].count("vggbench::recompute_xhat")
+    return dict(zip(sample.grad_inputs(), grads)), recomputes
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_partial_recompute_keeps_the_bits_of_recompute_and_recovery(layout, residual, monkeypatch):
+    """The partial recompute's xhat (float32) is, bit for bit, the whole recompute's (policy
+    "all") in the 8 recomputed channels and the recovery's in the others (the same unit with
+    ordinary BN weights in the flagged channels: nothing recomputed): so are the BN weight
+    gradients (per channel sum(g * xhat)). Every gradient is bitwise the same for 1 and 2
+    threads. (In float64 the rule flags one of this sample's ordinary channels too; bfloat16
+    recomputes whole units.)"""
+    sample = partial_sample(torch.float32, layout, residual)
+    partial, _ = bn_backward(sample, "rule", 1, monkeypatch)
+    again, _ = bn_backward(sample, "rule", 2, monkeypatch)
+    assert all(torch.equal(partial[name], again[name]) for name in partial), "thread count changed the bits"
+    recomputed, _ = bn_backward(sample, "all", 2, monkeypatch)
+    assert torch.equal(partial["bn_weight"][:8], recomputed["bn_weight"][:8])
+    assert torch.equal(partial["bn_bias"], recomputed["bn_bias"])
+    with torch.no_grad():
+        sample.bn_weight[:2] = torch.tensor([0.6, -0.6])
+    recovered, recomputes = bn_backward(sample, "rule", 2, monkeypatch)
+    assert recomputes == 0
+    assert torch.equal(partial["bn_weight"][8:], recovered["bn_weight"][8:])
 
 
 @pytest.mark.parametrize("policy", ["rule", "all"])
