@@ -246,7 +246,7 @@ VGGBENCH_INLINE void gemm(int64_t rows, int64_t cols, int64_t depth, RowsOf a_ro
 
 // Software prefetch of the image rows that a block's transforms will read or write, issued
 // in kParts parts between the products, which hide its latency (forward conv at 32x32, one
-// thread: ~9% faster, AVX2 and AVX-512 alike; the output rows' share is most of it: the
+// thread: 5-9% faster, AVX2 and AVX-512 alike; the output rows' share is most of it: the
 // stores no longer wait for their lines). The hardware's prefetchers do little here: they
 // stay within 4 KB pages, one row of a 32x32 map of 32 floats.
 class Prefetch {
