@@ -7,7 +7,8 @@
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
+// prfchw: PREFETCHW, the prefetch for writing (a no-op on the CPUs that lack it)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,prfchw")
 // GCC 12 flags the deliberately undefined pass-through operand of unmasked AVX-512 integer
 // intrinsics (_mm512_undefined_epi32) as "may be used uninitialized": a false positive
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"

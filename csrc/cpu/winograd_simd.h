@@ -244,16 +244,58 @@ VGGBENCH_INLINE void gemm(int64_t rows, int64_t cols, int64_t depth, RowsOf a_ro
   }
 }
 
+// Software prefetch of the image rows that a block's transforms will read or write, issued
+// in kParts parts between the products, which hide its latency (forward conv at 32x32, one
+// thread: 5-9% faster, AVX2 and AVX-512 alike; the output rows' share is most of it: the
+// stores no longer wait for their lines). The hardware's prefetchers do little here: they
+// stay within 4 KB pages, one row of a 32x32 map of 32 floats.
+class Prefetch {
+ public:
+  // Plan the lines of the rows of `a` (`channels` per pixel) that tiles [first, first +
+  // count) cover, from `above` rows above the first tile's top to `below` rows below the
+  // last tile's, clamped to the image, less those planned before (tiles come in order).
+  template <typename T>
+  void plan(const T* a, int64_t channels, const Tiles& tl, int64_t first, int64_t count, int above, int below) {
+    int64_t n0, top0, n1, top1, left;
+    tl.locate(first, n0, top0, left);
+    tl.locate(first + count - 1, n1, top1, left);
+    const int64_t row_bytes = tl.w * channels * static_cast<int64_t>(sizeof(T));
+    const char* base = reinterpret_cast<const char*>(a);
+    const char* begin = base + (n0 * tl.h + clamp(top0 - above, 0, tl.h - 1)) * row_bytes;
+    const char* end = base + (n1 * tl.h + clamp(top1 + below, 0, tl.h - 1) + 1) * row_bytes;
+    next_ = begin > reached_ ? begin : reached_;
+    end_ = end;
+    if (end > reached_) reached_ = end;
+    per_part_ = next_ < end_ ? ((end_ - next_) / kLine + kParts) / kParts : 0;
+  }
+  // The next of kParts parts of the planned lines, for reading (Write: for writing).
+  template <bool Write>
+  VGGBENCH_INLINE void part() {
+    for (int64_t i = 0; i < per_part_ && next_ < end_; ++i, next_ += kLine) __builtin_prefetch(next_, Write, 2);
+  }
+  static constexpr int kParts = kPoints;
+
+ private:
+  static constexpr int64_t kLine = 64;
+  const char *next_ = nullptr, *end_ = nullptr, *reached_ = nullptr;
+  int64_t per_part_ = 0;
+};
+
 template <typename T>
 void conv_blocks(const T* x, const float* u, const float* bias, int64_t C, int64_t K,
                  const Tiles& tl, int64_t begin, int64_t end, T* y, float* v, float* m,
                  const float* shift, double* sums) {
+  Prefetch inputs, outputs;  // the next block's input windows, this block's outputs
   for (int64_t block = begin; block < end; ++block) {
     const int64_t first = block * kBlockTiles;
     const int64_t count = lesser(kBlockTiles, tl.count() - first);
     transform_inputs(x, C, tl, first, count, v);
+    const int64_t next = first + kBlockTiles;
+    if (block + 1 < end) inputs.plan(x, C, tl, next, lesser(kBlockTiles, tl.count() - next), 1, kWindow - 2);
+    outputs.plan(y, K, tl, first, count, 0, kTile - 1);
     // per point p: M_p (tiles x K) = V_p (tiles x C) @ U_p (C x K), U_p rows of K floats
     for (int p = 0; p < kPoints; ++p) {
+      inputs.part<false>(), outputs.part<true>();
       const float* vp = v + p * kWidth;
       const auto tiles = [&](int64_t t) { return vp + t * kTileStride; };
       gemm<V::kRows, false>(count, K, C, tiles, kTileStride, {1, kGroupStride}, u + p * C * K, kWidth,
