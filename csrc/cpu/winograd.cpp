@@ -57,50 +57,20 @@ Tiles tiles_of(const at::Tensor& t) {
 // their buffers (~14 KB of doubles) stay in L1, and the loops over filters vectorise.
 constexpr int64_t kFilterStep = 64;
 
-// The weight transforms' double arithmetic is compiled for AVX2+FMA, which every CPU the
-// kernels run on has: a conv's fixed cost (32->32, one thread) fell from ~29 to ~19 us, the
-// weight gradient's from ~41 to ~26 us (with its sums in registers), against the default
-// target's SSE2. One function for both kernel paths: the same bits on both.
-#if VGGBENCH_WINOGRAD
-#define VGGBENCH_WEIGHT_MATH __attribute__((target("avx2,fma")))
-#else
-#define VGGBENCH_WEIGHT_MATH
-#endif
-
-// U for `count` filters of taps g[t][i] (tap t of filter i): out[(a*6+b) * filters + i] =
-// (G g G^T)[a][b], in double, one side at a time.
-VGGBENCH_WEIGHT_MATH void transform_filters(const double (&g)[9][kFilterStep], int64_t count, float* out,
-                                            int64_t filters) {
-  double half[kWindow][3][kFilterStep];  // G g
-  for (int a = 0; a < kWindow; ++a)
-    for (int j = 0; j < 3; ++j)
-      for (int64_t i = 0; i < count; ++i)
-        half[a][j][i] = kG[a][0] * g[j][i] + kG[a][1] * g[3 + j][i] + kG[a][2] * g[6 + j][i];
-  for (int a = 0; a < kWindow; ++a)
-    for (int b = 0; b < kWindow; ++b) {
-      float* point = out + (a * kWindow + b) * filters;
-      for (int64_t i = 0; i < count; ++i)
-        point[i] = static_cast<float>(half[a][0][i] * kG[b][0] + half[a][1][i] * kG[b][1] + half[a][2][i] * kG[b][2]);
-    }
-}
-
-// Uninitialised scratch for the kernels (zeroing it would cost a pass over memory).
-std::unique_ptr<float[]> scratch(int64_t floats) { return std::unique_ptr<float[]>(new float[floats]); }
-
-// U[a*6+b][c][k] = (G w G^T)[a][b] for each 3x3 filter w from channel c to k (filters
-// innermost so that the compiler vectorises across them). Serial below ~16K filters: for
-// the study's 32x32 it takes a few microseconds, less than starting the threads costs on
-// a busy machine.
-std::unique_ptr<float[]> transform_weight(const at::Tensor& weight, bool transposed) {
+// U[a*6+b][c][k] = (G w G^T)[a][b] for each 3x3 filter w from channel c to k (double, one
+// side at a time, filters innermost so that the compiler vectorises across them). Serial
+// below ~16K filters: for the study's 32x32 it takes a few microseconds, less than
+// starting the threads costs on a busy machine.
+std::vector<float> transform_weight(const at::Tensor& weight, bool transposed) {
   const at::Tensor w = weight.to(at::kFloat).contiguous();
   const float* data = w.const_data_ptr<float>();
   const int64_t K = w.size(0), C = w.size(1), filters = K * C;
   // the conv's output and input channels: swapped for the transposed (input-gradient) conv
   const int64_t out_ch = transposed ? C : K;
-  auto u = scratch(kPoints * filters);
+  std::vector<float> u(kPoints * filters);
   const int64_t steps = (filters + kFilterStep - 1) / kFilterStep;
   at::parallel_for(0, steps, 256, [&](int64_t begin, int64_t end) {
-    double g[9][kFilterStep];
+    double g[9][kFilterStep], half[kWindow][3][kFilterStep];  // g, then G g
     for (int64_t step = begin; step < end; ++step) {
       // filter f of U's [in][out] order: (row, col) = (c, k), transposed (k, c)
       const int64_t first = step * kFilterStep, count = std::min(kFilterStep, filters - first);
@@ -109,7 +79,17 @@ std::unique_ptr<float[]> transform_weight(const at::Tensor& weight, bool transpo
         const float* f = data + (transposed ? row * C + col : col * C + row) * 9;
         for (int t = 0; t < 9; ++t) g[t][i] = transposed ? f[8 - t] : f[t];  // flipped: tap 8 - t
       }
-      transform_filters(g, count, u.get() + first, filters);
+      for (int a = 0; a < kWindow; ++a)
+        for (int j = 0; j < 3; ++j)
+          for (int64_t i = 0; i < count; ++i)
+            half[a][j][i] = kG[a][0] * g[j][i] + kG[a][1] * g[3 + j][i] + kG[a][2] * g[6 + j][i];
+      for (int a = 0; a < kWindow; ++a)
+        for (int b = 0; b < kWindow; ++b) {
+          float* out = u.data() + (a * kWindow + b) * filters + first;
+          for (int64_t i = 0; i < count; ++i)
+            out[i] = static_cast<float>(half[a][0][i] * kG[b][0] + half[a][1][i] * kG[b][1] +
+                                        half[a][2][i] * kG[b][2]);
+        }
     }
   });
   return u;
@@ -122,6 +102,9 @@ const uint16_t* bits_of(const at::Tensor& t) {
 uint16_t* mutable_bits_of(const at::Tensor& t) {
   return reinterpret_cast<uint16_t*>(t.mutable_data_ptr<at::BFloat16>());
 }
+
+// Uninitialised scratch for the kernels (zeroing it would cost a pass over memory).
+std::unique_ptr<float[]> scratch(int64_t floats) { return std::unique_ptr<float[]>(new float[floats]); }
 
 bool cpu_has_avx2_fma() {
 #if VGGBENCH_WINOGRAD
@@ -274,7 +257,7 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& weight, const std::option
   const Kernels& kernels = kernels_for(isa, C, K);
   const Tiles tl = tiles_of(x);
   at::Tensor y = at::empty({tl.n, K, tl.h, tl.w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  const auto u = transform_weight(weight, transposed_weight);
+  const std::vector<float> u = transform_weight(weight, transposed_weight);
   const at::Tensor b = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bias_data = bias ? b.const_data_ptr<float>() : nullptr;
   const int64_t blocks = (tl.count() + kBlockTiles - 1) / kBlockTiles;
@@ -290,7 +273,7 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& weight, const std::option
   const auto run = [&](const auto& typed, const auto* in, auto* out) {
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       const auto v = scratch(kPoints * kBlockTiles * C), m = scratch(kPoints * kBlockTiles * K);
-      typed.conv_blocks(in, u.get(), bias_data, C, K, tl, begin, end, out, v.get(), m.get(),
+      typed.conv_blocks(in, u.data(), bias_data, C, K, tl, begin, end, out, v.get(), m.get(),
                         sums ? shift.data() : nullptr, block_sums.data());
     });
   };
@@ -341,39 +324,6 @@ Runs runs_of(int64_t blocks, int64_t partial_floats) {
   return {blocks, std::max<int64_t>(1, std::min({wanted, affordable, blocks}))};
 }
 
-// dW[k][c] (out: K x C x 3 x 3) for input channel c: the runs' sums M (each entry in run
-// order, in double), then G^T M G, output channels innermost so that the compiler
-// vectorises across them; total, half, dw: scratch of 36, 18 and 9 times K doubles.
-VGGBENCH_WEIGHT_MATH void weight_of_channel(const float* partial, int64_t runs, int64_t C, int64_t K, int64_t c,
-                                            double* total, double* half, double* dw, float* out) {
-  std::fill(total, total + kPoints * K, 0.0);
-  for (int64_t run = 0; run < runs; ++run) {
-    for (int p = 0; p < kPoints; ++p) {
-      const float* row = partial + (run * kPoints + p) * C * K + c * K;
-      double* sum = total + p * K;
-      for (int64_t k = 0; k < K; ++k) sum[k] += row[k];
-    }
-  }
-  // half[a][j] = sum_b M[a][b] G[b][j], then dW[i][j] = sum_a G[a][i] half[a][j]; each sum
-  // in a register (through memory, its additions waited on each other's stores)
-  for (int a = 0; a < kWindow; ++a)
-    for (int j = 0; j < 3; ++j)
-      for (int64_t k = 0; k < K; ++k) {
-        double sum = 0;
-        for (int b = 0; b < kWindow; ++b) sum += total[(a * kWindow + b) * K + k] * kG[b][j];
-        half[(a * 3 + j) * K + k] = sum;
-      }
-  for (int i = 0; i < 3; ++i)
-    for (int j = 0; j < 3; ++j)
-      for (int64_t k = 0; k < K; ++k) {
-        double sum = 0;
-        for (int a = 0; a < kWindow; ++a) sum += kG[a][i] * half[(a * 3 + j) * K + k];
-        dw[(i * 3 + j) * K + k] = sum;
-      }
-  for (int64_t k = 0; k < K; ++k)
-    for (int t = 0; t < 9; ++t) out[(k * C + c) * 9 + t] = static_cast<float>(dw[t * K + k]);
-}
-
 }  // namespace
 
 at::Tensor winograd_weight_grad(const at::Tensor& x, const at::Tensor& grad, Isa isa) {
@@ -401,10 +351,38 @@ at::Tensor winograd_weight_grad(const at::Tensor& x, const at::Tensor& grad, Isa
   }
   at::Tensor w = at::empty({K, C, 3, 3}, x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
   float* out = w.mutable_data_ptr<float>();
+  // per input channel: the runs' sums (each entry in run order), then dW = G^T M G, output
+  // channels innermost so that the compiler vectorises across them
   at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> total(kPoints * K), half(kWindow * 3 * K), dw(9 * K);
-    for (int64_t c = begin; c < end; ++c)
-      weight_of_channel(partial.get(), runs.count, C, K, c, total.data(), half.data(), dw.data(), out);
+    for (int64_t c = begin; c < end; ++c) {
+      std::fill(total.begin(), total.end(), 0.0);
+      for (int64_t run = 0; run < runs.count; ++run) {
+        for (int p = 0; p < kPoints; ++p) {
+          const float* row = partial.get() + run * size + (p * C + c) * K;
+          double* sum = total.data() + p * K;
+          for (int64_t k = 0; k < K; ++k) sum[k] += row[k];
+        }
+      }
+      std::fill(half.begin(), half.end(), 0.0);  // half[a][j] = sum_b M[a][b] G[b][j]
+      for (int a = 0; a < kWindow; ++a)
+        for (int j = 0; j < 3; ++j)
+          for (int b = 0; b < kWindow; ++b) {
+            const double* m = total.data() + (a * kWindow + b) * K;
+            double* h = half.data() + (a * 3 + j) * K;
+            for (int64_t k = 0; k < K; ++k) h[k] += m[k] * kG[b][j];
+          }
+      std::fill(dw.begin(), dw.end(), 0.0);  // dW[i][j] = sum_a G[a][i] half[a][j]
+      for (int i = 0; i < 3; ++i)
+        for (int j = 0; j < 3; ++j)
+          for (int a = 0; a < kWindow; ++a) {
+            const double* h = half.data() + (a * 3 + j) * K;
+            double* d = dw.data() + (i * 3 + j) * K;
+            for (int64_t k = 0; k < K; ++k) d[k] += kG[a][i] * h[k];
+          }
+      for (int64_t k = 0; k < K; ++k)
+        for (int t = 0; t < 9; ++t) out[(k * C + c) * 9 + t] = static_cast<float>(dw[t * K + k]);
+    }
   });
   return bf16 ? w.to(at::kBFloat16) : w;  // rounded once, from the float32 sums
 }
