@@ -10,6 +10,7 @@ errors on bad inputs, NaN/Inf propagation, and the backward's recompute fallback
 from __future__ import annotations
 
 import dataclasses
+import random
 import zlib
 from collections.abc import Iterator
 
@@ -448,6 +449,43 @@ def test_matches_native_chain(device, dtype, layout, unit):
     assert_matches_native(sample, ref, seed=1)
     sample.training = ref.training = False
     assert_matches_native(sample, ref, seed=2)
+
+
+def random_configuration(seed: int) -> dict:
+    """make_sample's options drawn at random (seeded): shapes the study does not use, every BN
+    mode, odd and Winograd-sized channel counts, partial tiles, strides and kernel sizes. With
+    batch statistics, the weight gradient is a cancellation down to what eps leaves where the
+    conv is affine in one input value (one channel, 1x1) or BN sees few values (a 2x2 output of
+    one image, say), which float32 resolves only to its terms' rounding (native's own error
+    there varies 10x between draws): such draws get 16 values per channel and 2 taps."""
+    rng = random.Random(seed)
+    n, kernel, stride = rng.choice([1, 2, 3]), rng.choice([1, 3, 3, 5]), rng.choice([1, 1, 2])
+    bn = rng.choice(["train", "eval", "batch", "none"])
+    size, c = rng.randint(2, 11), rng.choice([1, 3, 5, 8, 16])
+    if bn in ("train", "batch"):
+        while n * ((size - 1) // stride + 1) ** 2 < 16:  # the output size: padding is kernel // 2
+            size += 1
+        c = max(c, 2 // kernel**2)
+    return dict(n=n, c=c, k=rng.choice([1, 4, 7, 8, 16]), size=size, kernel=kernel,
+                stride=stride, bn=bn, bias=rng.random() < 0.5, residual=rng.random() < 0.4,
+                slope=rng.choice([0.01, 0.2, 0.0, 1.0]), layout=rng.choice(["contiguous", "channels_last", "strided"]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("seed", range(64))
+@pytest.mark.parametrize("device", DEVICES)
+def test_random_configurations_match_native(device, seed, dtype):
+    """Random combinations of the op's options (random_configuration) match the native chain in
+    float64 within the dtype's tolerance, trained and then evaluated as test_matches_native_chain.
+    (bfloat16's tolerances are relative norms, which a single-channel sum of a few values can
+    exceed by chance, for native bfloat16 too: the structured cases above cover it.)"""
+    config = random_configuration(seed)
+    sample = make_sample(f"random-{seed}", device, dtype, True, **config)
+    ref = sample.cast(torch.float64)
+    assert_matches_native(sample, ref, seed=seed)
+    if config["bn"] == "train":
+        sample.training = ref.training = False
+        assert_matches_native(sample, ref, seed=seed + 100)
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
