@@ -465,7 +465,8 @@ def random_configuration(seed: int) -> dict:
     if bn in ("train", "batch"):
         while n * ((size - 1) // stride + 1) ** 2 < 16:  # the output size: padding is kernel // 2
             size += 1
-        c = max(c, 2 // kernel**2)
+        if kernel == 1:  # a 1x1 conv of one channel is affine in one input value
+            c = max(c, 2)
     return dict(n=n, c=c, k=rng.choice([1, 4, 7, 8, 16]), size=size, kernel=kernel,
                 stride=stride, bn=bn, bias=rng.random() < 0.5, residual=rng.random() < 0.4,
                 slope=rng.choice([0.01, 0.2, 0.0, 1.0]), layout=rng.choice(["contiguous", "channels_last", "strided"]))
