@@ -58,23 +58,34 @@ VGGBENCH_INLINE void grad_1d(const vec* e, int s, vec* r, int rs) {
 
 // out = M in M^T for a 1-D transform M from In to Out entries, in(i, j) = load(i, j),
 // out(i, j) passed to store(i, j, value): columns first, each as it is loaded, then rows,
-// each stored as it is transformed, so that few registers are live at a time.
-template <int In, int Out, void (*Transform)(const vec*, int, vec*, int), typename Load, typename Store>
+// each stored as it is transformed, so that few registers are live at a time. In Parts
+// parts of Out / Parts rows of out, each loading every column again (the unused entries of
+// its column transforms are optimised away): the input transform's 6x6 intermediate
+// otherwise goes through the stack (halves: forward conv ~2.5% faster, AVX2 and AVX-512).
+template <int In, int Out, void (*Transform)(const vec*, int, vec*, int), int Parts = 1, typename Load,
+          typename Store>
 VGGBENCH_INLINE void transform_2d(Load load, Store store) {
-  vec half[Out][In];
+  static_assert(Out % Parts == 0, "parts of equal rows");
+  constexpr int kRowsPerPart = Out / Parts;
 #pragma GCC unroll 6
-  for (int j = 0; j < In; ++j) {
-    vec column[In];
+  for (int part = 0; part < Parts; ++part) {
+    vec half[kRowsPerPart][In];
 #pragma GCC unroll 6
-    for (int i = 0; i < In; ++i) column[i] = load(i, j);
-    Transform(column, 1, &half[0][j], In);
-  }
+    for (int j = 0; j < In; ++j) {
+      vec column[In], transformed[Out];
 #pragma GCC unroll 6
-  for (int i = 0; i < Out; ++i) {
-    vec row[Out];
-    Transform(half[i], 1, row, 1);
+      for (int i = 0; i < In; ++i) column[i] = load(i, j);
+      Transform(column, 1, transformed, 1);
 #pragma GCC unroll 6
-    for (int j = 0; j < Out; ++j) store(i, j, row[j]);
+      for (int i = 0; i < kRowsPerPart; ++i) half[i][j] = transformed[part * kRowsPerPart + i];
+    }
+#pragma GCC unroll 6
+    for (int i = 0; i < kRowsPerPart; ++i) {
+      vec row[Out];
+      Transform(half[i], 1, row, 1);
+#pragma GCC unroll 6
+      for (int j = 0; j < Out; ++j) store(part * kRowsPerPart + i, j, row[j]);
+    }
   }
 }
 
@@ -106,7 +117,7 @@ VGGBENCH_INLINE void transform_input_tile(const T* x, int64_t C, const Tiles& tl
   }
   for (int64_t c = 0; c < C; c += kWidth) {
     float* group = v + slot(t, c);
-    transform_2d<kWindow, kWindow, input_1d>(
+    transform_2d<kWindow, kWindow, input_1d, 2>(
         [&](int i, int j) {
           const vec d = V::load(row[i] + col[j] + c);
           return Inside ? d : V::keep_if(d, row_in[i] && col_in[j]);
