@@ -35,7 +35,7 @@
 namespace vggbench::cpu {
 namespace {
 
-using winograd::kBlockTiles, winograd::kPoints, winograd::kTile,
+using winograd::kBlockTiles, winograd::kGradBlockTiles, winograd::kPoints, winograd::kTile,
     winograd::kWindow, winograd::Kernels, winograd::Tiles;
 
 constexpr double kThird = 1.0 / 3, kFifteenth = 1.0 / 15;
@@ -305,20 +305,21 @@ at::Tensor winograd_conv_sums(const at::Tensor& x, const at::Tensor& weight, Cha
 
 namespace {
 
-// The weight gradient's partial sums: `count` runs of consecutive blocks, run i from
-// blocks * i / count, so they differ by at most one block. The split depends on the shape
-// only, never on the threads, which keeps the sums (and so the result) the same for any
-// thread count. ~64 blocks per run, an even number of runs (so that two threads get equal
-// shares: the 8x8 maps of a batch of 100 have only 23 blocks), while the runs' partial sums
-// stay within ~64 MB. (Runs cost a pass over their partial sums each: with ~16 blocks per
-// run, summing the 24 runs of a 32x32 map of a batch of 100 took ~10% of the gradient's time.)
+// The weight gradient's partial sums: `count` runs of consecutive blocks (of
+// kGradBlockTiles tiles), run i from blocks * i / count, so they differ by at most one
+// block. The split depends on the shape only, never on the threads, which keeps the sums (and
+// so the result) the same for any thread count. ~1152 tiles per run, an even number of runs
+// (so that two threads get equal shares: the 8x8 maps of a batch of 100 have only 12
+// blocks), while the runs' partial sums stay within ~64 MB. (Runs cost a pass over their
+// partial sums each: with ~288 tiles per run, summing the 24 runs of a 32x32 map of a batch
+// of 100 took ~10% of the gradient's time.)
 struct Runs {
   int64_t blocks, count;
   int64_t first(int64_t run) const { return blocks * run / count; }
 };
 
 Runs runs_of(int64_t blocks, int64_t partial_floats) {
-  constexpr int64_t kRunBlocks = 64, kBudgetFloats = int64_t{16} << 20;
+  constexpr int64_t kRunBlocks = 1152 / kGradBlockTiles, kBudgetFloats = int64_t{16} << 20;
   const int64_t wanted = ((blocks + kRunBlocks - 1) / kRunBlocks + 1) / 2 * 2;
   const int64_t affordable = std::max<int64_t>(1, kBudgetFloats / partial_floats);
   return {blocks, std::max<int64_t>(1, std::min({wanted, affordable, blocks}))};
@@ -331,13 +332,13 @@ at::Tensor winograd_weight_grad(const at::Tensor& x, const at::Tensor& grad, Isa
   const Kernels& kernels = kernels_for(isa, C, K);
   const Tiles tl = tiles_of(grad);
   const int64_t size = kPoints * C * K;
-  const Runs runs = runs_of((tl.count() + kBlockTiles - 1) / kBlockTiles, size);
+  const Runs runs = runs_of((tl.count() + kGradBlockTiles - 1) / kGradBlockTiles, size);
   // one float partial per run, summed in run order in double: the same result for any
   // number of threads
   const auto partial = scratch(runs.count * size);
   const auto sum_runs = [&](const auto& typed, const auto* in, const auto* g) {
     at::parallel_for(0, runs.count, 1, [&](int64_t begin, int64_t end) {
-      const auto v = scratch(kPoints * kBlockTiles * C), e = scratch(kPoints * kBlockTiles * K);
+      const auto v = scratch(kPoints * kGradBlockTiles * C), e = scratch(kPoints * kGradBlockTiles * K);
       for (int64_t run = begin; run < end; ++run)
         typed.weight_grad_blocks(in, g, C, K, tl, runs.first(run), runs.first(run + 1),
                                  partial.get() + run * size, v.get(), e.get());

@@ -90,13 +90,17 @@ VGGBENCH_INLINE void transform_2d(Load load, Store store) {
 }
 
 // A block's transformed tiles are laid out [channel group][tile slot][point][lane], a group
-// being kWidth channels and a block having kBlockTiles slots: one register's 36 points are
-// contiguous, and every stride but the number of groups is known to the compiler, so the
-// transforms and the products' register tiles need no address arithmetic.
-constexpr int64_t kTileStride = kPoints * kWidth, kGroupStride = kBlockTiles * kTileStride;
+// being kWidth channels and a block having Slots slots (kBlockTiles, or the weight
+// gradient's kGradBlockTiles): one register's 36 points are contiguous, and every stride but
+// the number of groups is known to the compiler, so the transforms and the products' register
+// tiles need no address arithmetic.
+constexpr int64_t kTileStride = kPoints * kWidth;
+template <int64_t Slots>
+constexpr int64_t kGroupStride = Slots * kTileStride;
 
 // Where tile slot t's group of channels c..c+kWidth starts (c a multiple of kWidth).
-inline int64_t slot(int64_t t, int64_t c) { return c / kWidth * kGroupStride + t * kTileStride; }
+template <int64_t Slots>
+inline int64_t slot(int64_t t, int64_t c) { return c / kWidth * kGroupStride<Slots> + t * kTileStride; }
 
 // Activations are T: float, or bfloat16 as its bits (uint16_t), widened to float on load
 // and rounded to nearest even on store (V::load, V::store); everything between is float.
@@ -104,7 +108,7 @@ inline int64_t slot(int64_t t, int64_t c) { return c / kWidth * kGroupStride + t
 // V for tile slot t: B^T d B of its 6x6 input window (zero outside the image: the conv's
 // padding). Inside: the window lies in the image; otherwise positions outside read a
 // clamped (valid) address and are masked to zero, which keeps the loads branch-free.
-template <bool Inside, typename T>
+template <bool Inside, int64_t Slots, typename T>
 VGGBENCH_INLINE void transform_input_tile(const T* x, int64_t C, const Tiles& tl, int64_t n, int64_t top,
                                           int64_t left, float* v, int64_t t) {
   const T* row[kWindow];  // the window's rows, clamped into the image
@@ -116,7 +120,7 @@ VGGBENCH_INLINE void transform_input_tile(const T* x, int64_t C, const Tiles& tl
     row[i] = x + (n * tl.h + clamp(h, 0, tl.h - 1)) * tl.w * C, col[i] = clamp(w, 0, tl.w - 1) * C;
   }
   for (int64_t c = 0; c < C; c += kWidth) {
-    float* group = v + slot(t, c);
+    float* group = v + slot<Slots>(t, c);
     transform_2d<kWindow, kWindow, input_1d, 2>(
         [&](int i, int j) {
           const vec d = V::load(row[i] + col[j] + c);
@@ -126,22 +130,23 @@ VGGBENCH_INLINE void transform_input_tile(const T* x, int64_t C, const Tiles& tl
   }
 }
 
-// V for the tiles [first, first + count).
-template <typename T>
+// V for the tiles [first, first + count), in a block of Slots slots.
+template <int64_t Slots, typename T>
 inline void transform_inputs(const T* x, int64_t C, const Tiles& tl, int64_t first, int64_t count,
                              float* v) {
   for (int64_t t = 0; t < count; ++t) {
     int64_t n, top, left;
     tl.locate(first + t, n, top, left);
     if (top >= 1 && top + kWindow - 1 <= tl.h && left >= 1 && left + kWindow - 1 <= tl.w) {
-      transform_input_tile<true>(x, C, tl, n, top, left, v, t);
+      transform_input_tile<true, Slots>(x, C, tl, n, top, left, v, t);
     } else {
-      transform_input_tile<false>(x, C, tl, n, top, left, v, t);
+      transform_input_tile<false, Slots>(x, C, tl, n, top, left, v, t);
     }
   }
 }
 
-// E = A g A^T of each tile's 4x4 block of output gradients (zero outside).
+// E = A g A^T of each tile's 4x4 block of output gradients (zero outside), in a block of
+// kGradBlockTiles slots.
 template <typename T>
 inline void transform_grads(const T* g, int64_t K, const Tiles& tl, int64_t first, int64_t count,
                             float* e) {
@@ -149,7 +154,7 @@ inline void transform_grads(const T* g, int64_t K, const Tiles& tl, int64_t firs
     int64_t n, top, left;
     tl.locate(first + t, n, top, left);
     for (int64_t k = 0; k < K; k += kWidth) {
-      float* group = e + slot(t, k);
+      float* group = e + slot<kGradBlockTiles>(t, k);
       transform_2d<kTile, kWindow, grad_1d>(
           [&](int i, int j) {
             const int64_t h = top + i, w = left + j;
@@ -177,7 +182,7 @@ inline void transform_outputs(const float* m, int64_t K, const float* bias, cons
     T* corner = y + ((n * tl.h + top) * tl.w + left) * K;
     const bool whole = rows == kTile && cols == kTile;
     for (int64_t k = 0; k < K; k += kWidth) {
-      const float* group = m + slot(t, k);
+      const float* group = m + slot<kBlockTiles>(t, k);
       const vec b = bias ? V::load(bias + k) : V::zero();
       const vec s = Stats ? V::load(shift + k) : V::zero();
       vec sum = V::zero(), sum_sq = V::zero();
@@ -300,7 +305,7 @@ void conv_blocks(const T* x, const float* u, const float* bias, int64_t C, int64
   for (int64_t block = begin; block < end; ++block) {
     const int64_t first = block * kBlockTiles;
     const int64_t count = lesser(kBlockTiles, tl.count() - first);
-    transform_inputs(x, C, tl, first, count, v);
+    transform_inputs<kBlockTiles>(x, C, tl, first, count, v);
     const int64_t next = first + kBlockTiles;
     if (block + 1 < end) inputs.plan(x, C, tl, next, lesser(kBlockTiles, tl.count() - next), 1, kWindow - 2);
     outputs.plan(y, K, tl, first, count, 0, kTile - 1);
@@ -309,8 +314,8 @@ void conv_blocks(const T* x, const float* u, const float* bias, int64_t C, int64
       inputs.part<false>(), outputs.part<true>();
       const float* vp = v + p * kWidth;
       const auto tiles = [&](int64_t t) { return vp + t * kTileStride; };
-      gemm<V::kRows, false>(count, K, C, tiles, kTileStride, {1, kGroupStride}, u + p * C * K, kWidth,
-                            {K, kWidth * K}, m + p * kWidth, kTileStride, kGroupStride);
+      gemm<V::kRows, false>(count, K, C, tiles, kTileStride, {1, kGroupStride<kBlockTiles>}, u + p * C * K,
+                            kWidth, {K, kWidth * K}, m + p * kWidth, kTileStride, kGroupStride<kBlockTiles>);
     }
     if (shift) {
       double* block_sums = sums + block * 2 * K;
@@ -327,22 +332,21 @@ void weight_grad_blocks(const T* x, const T* g, int64_t C, int64_t K, const Tile
                         int64_t begin, int64_t end, float* partial, float* v, float* e) {
   static_assert(kWidth % V::kGradRows == 0, "a register tile's channels lie in one group");
   for (int64_t block = begin; block < end; ++block) {
-    const int64_t first = block * kBlockTiles;
-    const int64_t count = lesser(kBlockTiles, tl.count() - first);
-    transform_inputs(x, C, tl, first, count, v);
+    const int64_t first = block * kGradBlockTiles;
+    const int64_t count = lesser(kGradBlockTiles, tl.count() - first);
+    transform_inputs<kGradBlockTiles>(x, C, tl, first, count, v);
     transform_grads(g, K, tl, first, count, e);
     // per point p: partial_p (C x K) (+)= V_p^T (C x tiles) @ E_p (tiles x K)
+    constexpr int64_t kGroup = kGroupStride<kGradBlockTiles>;
     for (int p = 0; p < kPoints; ++p) {
       const float* vp = v + p * kWidth;
-      const auto channels = [&](int64_t c) { return vp + slot(0, c) + c % kWidth; };
+      const auto channels = [&](int64_t c) { return vp + slot<kGradBlockTiles>(0, c) + c % kWidth; };
       const Steps tiles{kTileStride, kWidth * kTileStride};
       float* out = partial + p * C * K;
       if (block == begin) {  // the first block sets the sums: no zeroing pass
-        gemm<V::kGradRows, false>(C, K, count, channels, 1, tiles, e + p * kWidth, kGroupStride, tiles, out, K,
-                                  kWidth);
+        gemm<V::kGradRows, false>(C, K, count, channels, 1, tiles, e + p * kWidth, kGroup, tiles, out, K, kWidth);
       } else {
-        gemm<V::kGradRows, true>(C, K, count, channels, 1, tiles, e + p * kWidth, kGroupStride, tiles, out, K,
-                                 kWidth);
+        gemm<V::kGradRows, true>(C, K, count, channels, 1, tiles, e + p * kWidth, kGroup, tiles, out, K, kWidth);
       }
     }
   }
