@@ -99,6 +99,22 @@ def test_matches_float64_like_native(isa: str, conv: str, shape: tuple[int, int,
     assert relative_error(out, truth) <= 4 * native_error + FLOOR
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_weights_of_any_layout_give_the_same_bits(isa: str) -> None:
+    """The weight transform reads the weight through its strides (no copy): a channels_last or
+    a strided weight gives the bits of a contiguous one, forward and input gradient; the
+    weight gradient comes back channels_last, the layout the fused unit returns it in."""
+    x, w, b, gy = operands(2, 16, 24, 5)
+    layouts = {"channels_last": w.contiguous(memory_format=torch.channels_last),
+               "strided": w.transpose(2, 3).contiguous().transpose(2, 3)}
+    for transposed, inp, bias in ((False, x, b), (True, gy, None)):
+        want = torch.ops.vggbench.winograd_conv(inp, w, bias, transposed, isa)
+        for name, weight in layouts.items():
+            got = torch.ops.vggbench.winograd_conv(inp, weight, bias, transposed, isa)
+            assert torch.equal(got, want), (name, transposed)
+    assert torch.ops.vggbench.winograd_weight_grad(x, gy, isa).is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-C{}-K{}-H{}".format(*s))
 @pytest.mark.parametrize("conv", CONVS)
 @pytest.mark.parametrize("isa", ISAS)

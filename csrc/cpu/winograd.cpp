@@ -62,9 +62,10 @@ constexpr int64_t kFilterStep = 64;
 // below ~16K filters: for the study's 32x32 it takes a few microseconds, less than
 // starting the threads costs on a busy machine.
 std::vector<float> transform_weight(const at::Tensor& weight, bool transposed) {
-  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  const at::Tensor w = weight.to(at::kFloat);  // read through its strides: no copy
   const float* data = w.const_data_ptr<float>();
   const int64_t K = w.size(0), C = w.size(1), filters = K * C;
+  const auto stride = w.strides();
   // the conv's output and input channels: swapped for the transposed (input-gradient) conv
   const int64_t out_ch = transposed ? C : K;
   std::vector<float> u(kPoints * filters);
@@ -76,8 +77,12 @@ std::vector<float> transform_weight(const at::Tensor& weight, bool transposed) {
       const int64_t first = step * kFilterStep, count = std::min(kFilterStep, filters - first);
       for (int64_t i = 0; i < count; ++i) {
         const int64_t row = (first + i) / out_ch, col = (first + i) % out_ch;
-        const float* f = data + (transposed ? row * C + col : col * C + row) * 9;
-        for (int t = 0; t < 9; ++t) g[t][i] = transposed ? f[8 - t] : f[t];  // flipped: tap 8 - t
+        const int64_t k = transposed ? row : col, c = transposed ? col : row;
+        const float* f = data + k * stride[0] + c * stride[1];
+        for (int t = 0; t < 9; ++t) {
+          const int tap = transposed ? 8 - t : t;  // flipped: tap 8 - t
+          g[t][i] = f[tap / 3 * stride[2] + tap % 3 * stride[3]];
+        }
       }
       for (int a = 0; a < kWindow; ++a)
         for (int j = 0; j < 3; ++j)
@@ -231,8 +236,9 @@ namespace {
 // z[0, k, 0, 0] of conv2d(x, weight, padding=1), in double: a value near channel k's
 // outputs, the shift of ChannelSums.
 std::vector<double> first_outputs(const at::Tensor& x, const at::Tensor& weight) {
-  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  const at::Tensor w = weight.to(at::kFloat);  // read through its strides: no copy
   const float* wd = w.const_data_ptr<float>();
+  const auto stride = w.strides();
   const int64_t K = w.size(0), C = w.size(1), H = x.size(2), W = x.size(3);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   const auto input = [&](int64_t c, int64_t h, int64_t col) {  // x[0, c, h, col], channels_last
@@ -245,7 +251,8 @@ std::vector<double> first_outputs(const at::Tensor& x, const at::Tensor& weight)
     for (int64_t c = 0; c < C; ++c)
       for (int64_t i = 1; i < 3 && i - 1 < H; ++i)
         for (int64_t j = 1; j < 3 && j - 1 < W; ++j)
-          z[k] += input(c, i - 1, j - 1) * static_cast<double>(wd[((k * C + c) * 3 + i) * 3 + j]);
+          z[k] += input(c, i - 1, j - 1) *
+                  static_cast<double>(wd[k * stride[0] + c * stride[1] + i * stride[2] + j * stride[3]]);
   return z;
 }
 
@@ -350,7 +357,8 @@ at::Tensor winograd_weight_grad(const at::Tensor& x, const at::Tensor& grad, Isa
   } else {
     sum_runs(kernels.f32, x.const_data_ptr<float>(), grad.const_data_ptr<float>());
   }
-  at::Tensor w = at::empty({K, C, 3, 3}, x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
+  // channels_last, as the activations: the layout the caller returns it in (no copy there)
+  at::Tensor w = at::empty({K, C, 3, 3}, x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
   float* out = w.mutable_data_ptr<float>();
   // per input channel: the runs' sums (each entry in run order), then dW = G^T M G, output
   // channels innermost so that the compiler vectorises across them
@@ -382,7 +390,7 @@ at::Tensor winograd_weight_grad(const at::Tensor& x, const at::Tensor& grad, Isa
             for (int64_t k = 0; k < K; ++k) d[k] += kG[a][i] * h[k];
           }
       for (int64_t k = 0; k < K; ++k)
-        for (int t = 0; t < 9; ++t) out[(k * C + c) * 9 + t] = static_cast<float>(dw[t * K + k]);
+        for (int t = 0; t < 9; ++t) out[(k * 9 + t) * C + c] = static_cast<float>(dw[t * K + k]);
     }
   });
   return bf16 ? w.to(at::kBFloat16) : w;  // rounded once, from the float32 sums

@@ -65,7 +65,7 @@ at::Tensor winograd_conv_sums(const at::Tensor& x, const at::Tensor& weight, Cha
                               Isa isa = winograd_isa());
 
 // The weight gradient of conv2d(x, W, stride=1, padding=1) given its output gradient
-// grad (N, K, H, W), both channels_last and of one dtype: shape (K, C, 3, 3), contiguous,
+// grad (N, K, H, W), both channels_last and of one dtype: shape (K, C, 3, 3), channels_last,
 // in that dtype (summed in float32, rounded once). Deterministic.
 at::Tensor winograd_weight_grad(const at::Tensor& x, const at::Tensor& grad,
                                 Isa isa = winograd_isa());
