@@ -19,6 +19,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <initializer_list>
 #include <memory>
@@ -53,6 +54,26 @@ Tiles tiles_of(const at::Tensor& t) {
   return {t.size(0), h, w, (h + kTile - 1) / kTile, (w + kTile - 1) / kTile};
 }
 
+// A conv weight (K, C, 3, 3) in float32, read through its strides: a float32 weight of any
+// layout is not copied.
+class FloatWeight {
+ public:
+  explicit FloatWeight(const at::Tensor& weight)
+      : w_(weight.to(at::kFloat)), data_(w_.const_data_ptr<float>()),
+        stride_{w_.stride(0), w_.stride(1), w_.stride(2), w_.stride(3)} {}
+  int64_t outputs() const { return w_.size(0); }
+  int64_t inputs() const { return w_.size(1); }
+  // tap (i, j) of the filter from input channel c to output channel k
+  float operator()(int64_t k, int64_t c, int64_t i, int64_t j) const {
+    return data_[k * stride_[0] + c * stride_[1] + i * stride_[2] + j * stride_[3]];
+  }
+
+ private:
+  at::Tensor w_;
+  const float* data_;
+  std::array<int64_t, 4> stride_;
+};
+
 // Filters per step of the transforms between 3x3 filters and their 6x6 Winograd points:
 // their buffers (~14 KB of doubles) stay in L1, and the loops over filters vectorise.
 constexpr int64_t kFilterStep = 64;
@@ -62,10 +83,8 @@ constexpr int64_t kFilterStep = 64;
 // below ~16K filters: for the study's 32x32 it takes a few microseconds, less than
 // starting the threads costs on a busy machine.
 std::vector<float> transform_weight(const at::Tensor& weight, bool transposed) {
-  const at::Tensor w = weight.to(at::kFloat);  // read through its strides: no copy
-  const float* data = w.const_data_ptr<float>();
-  const int64_t K = w.size(0), C = w.size(1), filters = K * C;
-  const auto stride = w.strides();
+  const FloatWeight w(weight);
+  const int64_t K = w.outputs(), C = w.inputs(), filters = K * C;
   // the conv's output and input channels: swapped for the transposed (input-gradient) conv
   const int64_t out_ch = transposed ? C : K;
   std::vector<float> u(kPoints * filters);
@@ -78,10 +97,9 @@ std::vector<float> transform_weight(const at::Tensor& weight, bool transposed) {
       for (int64_t i = 0; i < count; ++i) {
         const int64_t row = (first + i) / out_ch, col = (first + i) % out_ch;
         const int64_t k = transposed ? row : col, c = transposed ? col : row;
-        const float* f = data + k * stride[0] + c * stride[1];
         for (int t = 0; t < 9; ++t) {
           const int tap = transposed ? 8 - t : t;  // flipped: tap 8 - t
-          g[t][i] = f[tap / 3 * stride[2] + tap % 3 * stride[3]];
+          g[t][i] = w(k, c, tap / 3, tap % 3);
         }
       }
       for (int a = 0; a < kWindow; ++a)
@@ -236,10 +254,8 @@ namespace {
 // z[0, k, 0, 0] of conv2d(x, weight, padding=1), in double: a value near channel k's
 // outputs, the shift of ChannelSums.
 std::vector<double> first_outputs(const at::Tensor& x, const at::Tensor& weight) {
-  const at::Tensor w = weight.to(at::kFloat);  // read through its strides: no copy
-  const float* wd = w.const_data_ptr<float>();
-  const auto stride = w.strides();
-  const int64_t K = w.size(0), C = w.size(1), H = x.size(2), W = x.size(3);
+  const FloatWeight w(weight);
+  const int64_t K = w.outputs(), C = w.inputs(), H = x.size(2), W = x.size(3);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   const auto input = [&](int64_t c, int64_t h, int64_t col) {  // x[0, c, h, col], channels_last
     const int64_t i = (h * W + col) * C + c;
@@ -251,8 +267,7 @@ std::vector<double> first_outputs(const at::Tensor& x, const at::Tensor& weight)
     for (int64_t c = 0; c < C; ++c)
       for (int64_t i = 1; i < 3 && i - 1 < H; ++i)
         for (int64_t j = 1; j < 3 && j - 1 < W; ++j)
-          z[k] += input(c, i - 1, j - 1) *
-                  static_cast<double>(wd[k * stride[0] + c * stride[1] + i * stride[2] + j * stride[3]]);
+          z[k] += input(c, i - 1, j - 1) * static_cast<double>(w(k, c, i, j));
   return z;
 }
 
@@ -315,9 +330,9 @@ namespace {
 // The weight gradient's partial sums: `count` runs of consecutive blocks (of
 // kGradBlockTiles tiles), run i from blocks * i / count, so they differ by at most one
 // block. The split depends on the shape only, never on the threads, which keeps the sums (and
-// so the result) the same for any thread count. ~1152 tiles per run, an even number of runs
-// (so that two threads get equal shares: the 8x8 maps of a batch of 100 have only 12
-// blocks), while the runs' partial sums stay within ~64 MB. (Runs cost a pass over their
+// so the result) the same for any thread count. ~kRunTiles (1152) tiles per run, an even
+// number of runs (so that two threads get equal shares: the 8x8 maps of a batch of 100 have
+// only 12 blocks), while the runs' partial sums stay within ~64 MB. (Runs cost a pass over their
 // partial sums each: with ~288 tiles per run, summing the 24 runs of a 32x32 map of a batch
 // of 100 took ~10% of the gradient's time.)
 struct Runs {
@@ -326,7 +341,8 @@ struct Runs {
 };
 
 Runs runs_of(int64_t blocks, int64_t partial_floats) {
-  constexpr int64_t kRunBlocks = 1152 / kGradBlockTiles, kBudgetFloats = int64_t{16} << 20;
+  constexpr int64_t kRunTiles = 1152, kRunBlocks = kRunTiles / kGradBlockTiles;
+  constexpr int64_t kBudgetFloats = int64_t{16} << 20;
   const int64_t wanted = ((blocks + kRunBlocks - 1) / kRunBlocks + 1) / 2 * 2;
   const int64_t affordable = std::max<int64_t>(1, kBudgetFloats / partial_floats);
   return {blocks, std::max<int64_t>(1, std::min({wanted, affordable, blocks}))};
