@@ -5,7 +5,8 @@
 // with BN and a residual costs (fused_unit.h): forward = conv + batch_stats + normalize_act
 // (the conv and batch_stats one pass where the backend has conv_stats; + update_running_stats_,
 // called by vggbench/ops.py); backward = backward_reduce +
-// backward_apply + the conv's backward; eval = conv + normalize_act. The conv runs without
+// backward_apply + the conv's backward (or backward_reduce + apply_weight_grad, where the
+// backend has it and only the weight's gradient is wanted); eval = conv + normalize_act. The conv runs without
 // its bias: the bias enters the normalisation's shift (and the batch mean).
 //
 // Forward saves nothing activation-sized besides its input and output: backward recovers
@@ -327,6 +328,7 @@ Grads backward(const Kernels& k, const Tensor& grad_out, const Tensor& out, cons
   OptTensor grad_residual;
   if (residual && mask[5]) grad_residual = at::empty_like(in.out);
   Tensor grad_gamma, grad_beta;
+  OptTensor direct_grad_w;  // the weight gradient, where apply_weight_grad computes it
 
   if (train_bn) {
     const Recompute recompute{k, x, weight, bias, stride, padding, fmt};
@@ -344,7 +346,12 @@ Grads backward(const Kernels& k, const Tensor& grad_out, const Tensor& out, cons
           bn_backward_sums(k, recompute, in, recompute_all, /*partial=*/true);
       sum_g = grad_beta, sum_gx = grad_gamma;
     }
-    k.backward_apply(in, sum_g, sum_gx, count, grad_z, grad_residual);
+    // only the weight's gradient needs grad_z: the backend may reduce it without storing it
+    const bool weight_only = mask[1] && !mask[0] && !grad_residual && !(bias && mask[2]);
+    if (weight_only && k.apply_weight_grad) {
+      direct_grad_w = k.apply_weight_grad(in, sum_g, sum_gx, count, x, weight, stride, padding);
+    }
+    if (!direct_grad_w) k.backward_apply(in, sum_g, sum_gx, count, grad_z, grad_residual);
   } else {
     k.backward_apply(in, std::nullopt, std::nullopt, std::nullopt, grad_z, grad_residual);
   }
@@ -361,8 +368,18 @@ Grads backward(const Kernels& k, const Tensor& grad_out, const Tensor& out, cons
   const bool want_bn = batch_norm && (mask[3] || mask[4]);
   const std::array<bool, 3> conv_mask{mask[0], mask[1] || (eval_bn && mask[3]),
                                       want_bias || (eval_bn && want_bn)};
-  auto [grad_x, grad_w, grad_b] = conv_backward(k, grad_z, x, conv_weight, conv_bias.has_value(),
-                                                 stride, padding, conv_mask, fmt);
+  // the weight's gradient by apply_weight_grad's kernel wherever it applies: the same bits
+  // whichever other gradients are wanted
+  if (!direct_grad_w && conv_mask[1] && k.weight_grad) {
+    direct_grad_w = k.weight_grad(grad_z, x, conv_weight, stride, padding);
+  }
+  Tensor grad_x, grad_w, grad_b;
+  if (!direct_grad_w || conv_mask[0] || conv_mask[2]) {
+    std::tie(grad_x, grad_w, grad_b) =
+        conv_backward(k, grad_z, x, conv_weight, conv_bias.has_value(), stride, padding,
+                      {conv_mask[0], conv_mask[1] && !direct_grad_w, conv_mask[2]}, fmt);
+  }
+  if (direct_grad_w) grad_w = *direct_grad_w;
 
   if (eval_bn) {  // chain rule through W' = W * s and b' = beta + (b - mean) * s
     const Tensor invstd = at::rsqrt(var + eps);

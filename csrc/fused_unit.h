@@ -88,7 +88,8 @@ std::tuple<Tensor, Tensor, Tensor> aten_conv_backward(const Tensor& grad_z, cons
 // of fused_unit_math.h: the orchestration (fused_unit.cpp) dispatches no other op around
 // them. A training unit: forward = conv + batch_stats + normalize_act (conv_stats: the first
 // two in one pass; + the running-stats update, a fourth member); backward = backward_reduce +
-// backward_apply + conv_backward.
+// backward_apply + conv_backward (backward_reduce + apply_weight_grad where only the conv
+// weight's gradient is wanted and the backend has that pass).
 struct Kernels {
   // The conv and its backward (with aten_conv's and aten_conv_backward's contracts).
   Tensor (*conv)(const Tensor& x, const Tensor& weight, const OptTensor& bias, int64_t stride,
@@ -135,6 +136,18 @@ struct Kernels {
   // Whether backward_reduce and backward_apply take in.xhat_affine (a recompute then skips
   // its normalise pass); without it they need xhat itself.
   bool reads_xhat_affine;
+  // With training-mode BN: backward_apply's grad_z (same arguments; no grad_residual)
+  // reduced at once into the weight gradient of the conv of x with `weight` (no bias), as
+  // conv_backward's, without storing grad_z: where the backend has that for these operands
+  // (nullopt, or a null member: backward_apply, then conv_backward).
+  std::optional<Tensor> (*apply_weight_grad)(const BackwardInputs& in, const OptTensor& sum_g,
+                                             const OptTensor& sum_gx, const OptTensor& count,
+                                             const Tensor& x, const Tensor& weight, int64_t stride,
+                                             int64_t padding);
+  // The conv's weight gradient from grad_z with apply_weight_grad's kernel (its bits), where
+  // that applies (nullopt, or a null member: conv_backward's).
+  std::optional<Tensor> (*weight_grad)(const Tensor& grad_z, const Tensor& x, const Tensor& weight,
+                                       int64_t stride, int64_t padding);
 };
 
 // Registers the vggbench ops for the backend whose TORCH_LIBRARY_IMPL block calls it.

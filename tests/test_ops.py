@@ -9,6 +9,7 @@ errors on bad inputs, NaN/Inf propagation, and the backward's recompute fallback
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import random
 import zlib
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from tests.helpers import cudnn_flags
 from vggbench import ops
+from vggbench.bench.scaling import torch_threads
 from vggbench.tolerances import TOLERANCES, Tolerance
 
 requires_cuda = pytest.mark.cuda  # skipped without a GPU (tests/conftest.py); scripts/gpu_check.sh runs -m cuda
@@ -116,8 +118,8 @@ class Sample:
                 self.stride, self.padding, self.use_batch_stats, self.eps, self.negative_slope)
 
     def grad_inputs(self) -> dict[str, Tensor]:
-        """The differentiable tensors present, by name."""
-        return {name: getattr(self, name) for name in ops.GRAD_INPUTS if getattr(self, name) is not None}
+        """The differentiable tensors present that require grad, by name."""
+        return {name: t for name in ops.GRAD_INPUTS if (t := getattr(self, name)) is not None and t.requires_grad}
 
     def cast(self, dtype: torch.dtype) -> Sample:
         """Detached copies (floating point ones in `dtype`), with the same requires_grad."""
@@ -449,6 +451,41 @@ def test_matches_native_chain(device, dtype, layout, unit):
     assert_matches_native(sample, ref, seed=1)
     sample.training = ref.training = False
     assert_matches_native(sample, ref, seed=2)
+
+
+@pytest.mark.parametrize(("size", "k", "residual", "gamma"), [
+    (8, 32, False, None), (5, 7, False, None), (16, 12, True, None), (9, 32, False, "tiny"), (32, 4, True, "tiny"),
+])
+def test_entry_conv_weight_gradient_alone(size, k, residual, gamma):
+    """The entry conv's training step on the CPU (3 input channels, images that need no
+    gradient, float32 channels_last): BN's input gradient goes straight into the weight
+    gradient (cpu::apply_weight_grad), never stored. It matches the native chain, with xhat
+    recovered or (BN weights of 1e-3: the rule's case) recomputed, odd channel counts and a
+    residual that needs no gradient; and it gives the same bits on 1 thread as on 2."""
+    gammas = [1e-3 if c % 2 else 1.0 for c in range(k)] if gamma == "tiny" else None
+    sample = make_sample(f"entry-alone-{size}-{k}", "cpu", torch.float32, True, n=5, k=k, size=size,
+                         residual=residual, layout="channels_last", gamma=gammas)
+    sample.input.requires_grad_(False)
+    if residual:
+        sample.residual.requires_grad_(False)
+    ref = sample.cast(torch.float64)
+    assert_matches_native(sample, ref, seed=4)
+    out = ops.conv_bn_act(**sample.kwargs())
+    counts = collections.Counter(e.name for e in profiled(lambda: out.backward(torch.ones_like(out))))
+    assert counts["vggbench::cpu::apply_weight_grad"] == 1 and counts["vggbench::conv_backward"] == 0, counts
+    grads = {}
+    for threads in (1, 2):
+        with torch_threads(threads):
+            out = ops.conv_bn_act(**sample.kwargs())
+            grads[threads] = torch.autograd.grad(out, [sample.weight], torch.ones_like(out))[0]
+    assert torch.equal(grads[1], grads[2])
+
+
+def profiled(step) -> list:
+    """The profiler events of `step()` on the CPU."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    return list(prof.events())
 
 
 def random_configuration(seed: int) -> dict:

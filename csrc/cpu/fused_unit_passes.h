@@ -4,7 +4,8 @@
 // and for AVX-512 F/BW/VL (fused_unit_kernel_avx512.cpp); fused_unit_kernel.cpp uses the
 // widest the CPU has (capped by VGGBENCH_CPU_ISA, as the Winograd kernels). No build may
 // contract into FMAs (fp-contract off: the baseline and AVX2 have none), so all give the
-// same bits.
+// same bits; apply_weight_grad's products alone are summed with explicit FMAs in the AVX
+// builds (the same bits in both; the baseline build, for CPUs without AVX2, rounds twice).
 //
 // Every pass runs in steps of vectors (lanes.h) along the contiguous dimension: NHWC steps
 // hold kWidth consecutive channels of one row (a register of floats: the per-channel
@@ -468,61 +469,197 @@ std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
           channel_tensor(flags, 0, C, in.out)};
 }
 
+// backward_apply's per-element step, set up once per call: body(operands, step) runs with
+// step(at, operand, dz, dz_shift) computing the step's lanes of grad_z into dz at at.i -
+// dz_shift (and grad_residual's into dres at at.i, where dres is set), operand =
+// operands(channels) the step's per-channel operands. scalar_t: the activations' type.
+template <typename scalar_t, typename Body>
+void with_apply_step(const BackwardInputs& in, const OptTensor& sum_g, const OptTensor& sum_gx,
+                     const OptTensor& count, scalar_t* dres, Body body) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry g = geometry_of(in.out);
+  const BackwardView<scalar_t> e(in);
+  const bool batch_norm = in.gamma.defined(), recovering = batch_norm && !in.xhat;
+  const int64_t C = batch_norm ? g.channels : 0;
+  const ChannelTable<scalar_t> table(e, C);
+  std::vector<acc_t> k(C), mean_g(C), mean_gx(C);  // field by field, as the table
+  const auto [xhat_scale, xhat_shift] = xhat_coefficients<scalar_t>(in, C);
+  if (batch_norm) {
+    const acc_t n = count ? *count->const_data_ptr<acc_t>() : static_cast<acc_t>(g.count());
+    const acc_t *sg = sum_g->const_data_ptr<acc_t>(), *sgx = sum_gx->const_data_ptr<acc_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      math::bn_backward_coefficients(table.gamma[c], table.invstd[c], sg[c], sgx[c], n, k[c], mean_g[c],
+                                     mean_gx[c]);
+    }
+  }
+  const auto ch = table.pointers();
+  const acc_t *kk = k.data(), *mg = mean_g.data(), *mgx = mean_gx.data();
+  const acc_t *sc = xhat_scale.data(), *sh = xhat_shift.data();
+  with_flags([&](auto bn, auto recover, auto has_res, auto write_dres) {
+    if constexpr (bn || !(recover || has_res)) {  // (recover needs BN, a residual only matters then)
+      const auto operands = [=](auto channels) {  // none without BN (its tables are empty)
+        if constexpr (bn) {
+          return std::pair{ch(channels), std::array{channels(kk), channels(mg), channels(mgx), channels(sc),
+                                                    channels(sh)}};
+        } else {
+          return 0;
+        }
+      };
+      body(operands, [=](auto at, const auto& operand, scalar_t* dz, int64_t dz_shift) VGGBENCH_STEP {
+        prefetch_ahead(at, e.y, e.dy, recover && has_res ? e.res : nullptr, bn && !recover ? e.xhat : nullptr);
+        const auto y = at.load(e.y), gi = e.g_of(y, at.load(e.dy));
+        auto out = gi;
+        if constexpr (bn) {
+          const auto& [channel, coefficient] = operand;
+          std::remove_const_t<decltype(y)> xhat;
+          if constexpr (recover) {
+            xhat = e.recovered_xhat_of(y, residual_of<has_res>(at, e.res), channel);
+          } else {
+            xhat = at.load(e.xhat) * coefficient[3] + coefficient[4];
+          }
+          out = math::bn_input_grad(gi, xhat, coefficient[0], coefficient[1], coefficient[2]);
+        }
+        decltype(at){at.i - dz_shift, at.count}.store(dz, out);
+        if constexpr (write_dres) at.store(dres, gi);
+      });
+    }
+  }, batch_norm, recovering, recovering && in.residual.has_value(), dres != nullptr);
+}
+
 void backward_apply(const BackwardInputs& in, const OptTensor& sum_g, const OptTensor& sum_gx,
                     const OptTensor& count, const Tensor& grad_z, const OptTensor& grad_residual) {
   RECORD_FUNCTION("vggbench::cpu::backward_apply", {});  // the pass, in profiles
   const Geometry g = geometry_of(in.out);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, in.out.scalar_type(), "vggbench_backward_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const BackwardView<scalar_t> e(in);
-    const bool batch_norm = in.gamma.defined(), recovering = batch_norm && !in.xhat;
-    const int64_t C = batch_norm ? g.channels : 0;
-    const ChannelTable<scalar_t> table(e, C);
-    std::vector<acc_t> k(C), mean_g(C), mean_gx(C);  // field by field, as the table
-    const auto [xhat_scale, xhat_shift] = xhat_coefficients<scalar_t>(in, C);
-    if (batch_norm) {
-      const acc_t n = count ? *count->const_data_ptr<acc_t>() : static_cast<acc_t>(g.count());
-      const acc_t *sg = sum_g->const_data_ptr<acc_t>(), *sgx = sum_gx->const_data_ptr<acc_t>();
-      for (int64_t c = 0; c < C; ++c) {
-        math::bn_backward_coefficients(table.gamma[c], table.invstd[c], sg[c], sgx[c], n, k[c], mean_g[c],
-                                       mean_gx[c]);
-      }
-    }
-    const auto ch = table.pointers();
-    const acc_t *kk = k.data(), *mg = mean_g.data(), *mgx = mean_gx.data();
-    const acc_t *sc = xhat_scale.data(), *sh = xhat_shift.data();
     scalar_t* dz = grad_z.mutable_data_ptr<scalar_t>();
     scalar_t* dres = grad_residual ? grad_residual->mutable_data_ptr<scalar_t>() : nullptr;
-    with_flags([&](auto bn, auto recover, auto has_res, auto write_dres) {
-      if constexpr (bn || !(recover || has_res)) {  // (recover needs BN, a residual only matters then)
-        const auto operands = [=](auto channels) {  // none without BN (its tables are empty)
-          if constexpr (bn) {
-            return std::pair{ch(channels), std::array{channels(kk), channels(mg), channels(mgx), channels(sc),
-                                                      channels(sh)}};
-          } else {
-            return 0;
-          }
-        };
-        for_each_step<acc_t>(g, operands, [=](auto at, const auto& operand) VGGBENCH_STEP {
-          prefetch_ahead(at, e.y, e.dy, recover && has_res ? e.res : nullptr, bn && !recover ? e.xhat : nullptr);
-          const auto y = at.load(e.y), gi = e.g_of(y, at.load(e.dy));
-          auto out = gi;
-          if constexpr (bn) {
-            const auto& [channel, coefficient] = operand;
-            std::remove_const_t<decltype(y)> xhat;
-            if constexpr (recover) {
-              xhat = e.recovered_xhat_of(y, residual_of<has_res>(at, e.res), channel);
-            } else {
-              xhat = at.load(e.xhat) * coefficient[3] + coefficient[4];
+    with_apply_step<scalar_t>(in, sum_g, sum_gx, count, dres, [&](auto operands, auto step) {
+      for_each_step<acc_t>(g, operands,
+                           [=](auto at, const auto& operand) VGGBENCH_STEP { step(at, operand, dz, 0); });
+    });
+  });
+}
+
+// The entry conv's weight gradient (3 input channels, float32): weight_grad's and
+// apply_weight_grad's kernel.
+constexpr int64_t kEntryChannels = 3;
+constexpr int64_t kEntryTaps = 9 * kEntryChannels;  // (dy, dx, c) of a 3x3 window
+// Pixels per block of whole images (at least one image): apply_weight_grad writes a block's
+// grad_z to a buffer and reduces it from there while in cache, in float; the blocks then add
+// up in double, in order.
+constexpr int64_t kEntryBlockPixels = 256;
+
+// Whether the entry kernel computes the weight gradient of conv2d(x, weight, stride,
+// padding) with an output gradient of dtype `grad`: float32 channels_last, 3 input channels,
+// 3x3 kernel, stride 1, padding 1, not empty.
+bool entry_kernel_applies(const Tensor& x, const Tensor& weight, at::ScalarType grad, int64_t stride,
+                          int64_t padding) {
+  return grad == at::kFloat && x.scalar_type() == at::kFloat && x.dim() == 4 && x.numel() > 0 &&
+         x.size(1) == kEntryChannels && x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+         weight.size(2) == 3 && weight.size(3) == 3 && stride == 1 && padding == 1;
+}
+
+// The weight gradient (K, 3, 3, 3), channels_last, float32, of the 3x3 stride-1 padding-1
+// conv of x (N, 3, H, W), channels_last, float32, with an output gradient of K channels whose
+// rows (pixels) of each block of images dz_of(first_image, images, buffer) gives: a pointer to
+// them, K floats per pixel, in or beside `buffer` (room for a block). Per block, per kWidth
+// output channels and kernel row dy: the 3 x 3 products x(h + dy - 1, w + dx - 1, c) dz(h, w,
+// k) summed with FMAs over the block's pixels in order, x read from a zero-padded copy of the
+// block's images; the blocks added in double, in order. Every AVX build sums the same
+// products in the same order: the same bits, for any thread count.
+template <typename DzOf>
+Tensor entry_weight_grad(const Tensor& x, int64_t K, DzOf dz_of) {
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), HW = H * W;
+  const int64_t images = std::max<int64_t>(1, kEntryBlockPixels / HW);  // per block
+  const int64_t blocks = (N + images - 1) / images;
+  const int64_t row = (W + 2) * kEntryChannels, image = (H + 2) * row;  // of the padded copy
+  const float* input = x.const_data_ptr<float>();
+  std::vector<float> partial(blocks * kEntryTaps * K);  // per block: (dy, dx, c, k)
+  using V = Lanes<float, kWidth>;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const DzOf dz_of_block = dz_of;  // a local copy: its captures stay in registers
+    std::vector<float> padded(images * image, 0.0f);  // the border stays 0
+    std::vector<float> buffer(images * HW * K);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t first = b * images, count = std::min(N, first + images) - first;
+      for (int64_t n = 0; n < count; ++n) {
+        for (int64_t h = 0; h < H; ++h) {
+          std::copy_n(input + ((first + n) * HW + h * W) * kEntryChannels, W * kEntryChannels,
+                      padded.data() + n * image + (h + 1) * row + kEntryChannels);
+        }
+      }
+      const float* dz = dz_of_block(first, count, buffer.data());
+      float* out = partial.data() + b * kEntryTaps * K;
+      for_channel_chunks<float>(K, [&](auto channels, auto at) {
+        for (int64_t dy = 0; dy < 3; ++dy) {
+          V acc[3 * kEntryChannels] = {};
+          for (int64_t n = 0; n < count; ++n) {
+            for (int64_t h = 0; h < H; ++h) {
+              const float* window = padded.data() + n * image + (h + dy) * row;
+              const float* grad = dz + (n * HW + h * W) * K;
+              for (int64_t w = 0; w < W; ++w, window += kEntryChannels) {
+                const V v = at(w * K + channels.c0).load(grad);
+#pragma GCC unroll 9
+                for (int j = 0; j < 3 * kEntryChannels; ++j) {
+                  acc[j] = multiply_add(broadcast_lanes<kWidth>(window + j), v, acc[j]);
+                }
+              }
             }
-            out = math::bn_input_grad(gi, xhat, coefficient[0], coefficient[1], coefficient[2]);
           }
-          at.store(dz, out);
-          if constexpr (write_dres) at.store(dres, gi);
+          for (int j = 0; j < 3 * kEntryChannels; ++j) at((dy * 3 * kEntryChannels + j) * K + channels.c0).store(out, acc[j]);
+        }
+      });
+    }
+  });
+  // (K, 3, 3, 3) channels_last: element (k, c, dy, dx) at k * 27 + (dy * 3 + dx) * 3 + c
+  Tensor grad_w = at::empty({K, kEntryChannels, 3, 3}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  float* result = grad_w.mutable_data_ptr<float>();
+  at::parallel_for(0, kEntryTaps * K, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {
+      double total = 0.0;
+      for (int64_t b = 0; b < blocks; ++b) total += static_cast<double>(partial[b * kEntryTaps * K + e]);
+      result[(e % K) * kEntryTaps + e / K] = static_cast<float>(total);
+    }
+  });
+  return grad_w;
+}
+
+// Kernels::weight_grad: the entry kernel reading grad_z.
+std::optional<Tensor> weight_grad(const Tensor& grad_z, const Tensor& x, const Tensor& weight, int64_t stride,
+                                  int64_t padding) {
+  if (!entry_kernel_applies(x, weight, grad_z.scalar_type(), stride, padding) ||
+      !grad_z.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return std::nullopt;
+  }
+  RECORD_FUNCTION("vggbench::cpu::weight_grad", {});  // the pass, in profiles
+  const int64_t pixels = x.size(2) * x.size(3), K = grad_z.size(1);
+  const float* dz = grad_z.const_data_ptr<float>();
+  return entry_weight_grad(x, K, [=](int64_t first, int64_t, float*) { return dz + first * pixels * K; });
+}
+
+// Kernels::apply_weight_grad: the entry kernel, each block's grad_z computed by
+// backward_apply's step into its buffer (the same values backward_apply stores).
+std::optional<Tensor> apply_weight_grad(const BackwardInputs& in, const OptTensor& sum_g, const OptTensor& sum_gx,
+                                        const OptTensor& count, const Tensor& x, const Tensor& weight,
+                                        int64_t stride, int64_t padding) {
+  const Geometry g = geometry_of(in.out);
+  if (!entry_kernel_applies(x, weight, in.out.scalar_type(), stride, padding) || g.inner != 1) return std::nullopt;
+  RECORD_FUNCTION("vggbench::cpu::apply_weight_grad", {});  // the pass, in profiles
+  const int64_t pixels = x.size(2) * x.size(3), K = g.channels;
+  Tensor grad_w;
+  with_apply_step<float>(in, sum_g, sum_gx, count, nullptr, [&](auto operands, auto step) {
+    grad_w = entry_weight_grad(x, K, [=](int64_t first, int64_t images, float* buffer) {
+      const int64_t shift = first * pixels * K;
+      for (int64_t p = first * pixels; p < (first + images) * pixels; ++p) {
+        for_channel_chunks<float>(K, [&](auto channels, auto at) {
+          step(at(p * K + channels.c0), operands(channels), buffer, shift);
         });
       }
-    }, batch_norm, recovering, recovering && in.residual.has_value(), dres != nullptr);
+      return static_cast<const float*>(buffer);
+    });
   });
+  return grad_w;
 }
 
 void recover_xhat(const BackwardInputs& in, const Tensor& out) {
@@ -551,7 +688,9 @@ Kernels with_passes(decltype(Kernels::conv) conv, decltype(Kernels::conv_backwar
           .backward_reduce = &backward_reduce,
           .backward_apply = &backward_apply,
           .recover_xhat = &recover_xhat,
-          .reads_xhat_affine = true};
+          .reads_xhat_affine = true,
+          .apply_weight_grad = &apply_weight_grad,
+          .weight_grad = &weight_grad};
 }
 
 }  // namespace

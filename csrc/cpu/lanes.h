@@ -214,6 +214,38 @@ VGGBENCH_LANES void store_lanes(S* p, const Lanes<T, L>& a) {
   }
 }
 
+// *p in every lane: a float straight from memory into a register with one broadcast in
+// the AVX builds (Lanes(*p) first loads it, then broadcasts it).
+template <int L>
+VGGBENCH_LANES Lanes<float, L> broadcast_lanes(const float* p) {
+#if defined(VGGBENCH_CPU_PASSES_AVX2) || defined(VGGBENCH_CPU_PASSES_AVX512)
+  if constexpr (Lanes<float, L>::kPart > 1) {
+    typename Lanes<float, L>::part all;
+    asm("vbroadcastss %1, %0" : "=v"(all) : "m"(*p));
+    return Lanes<float, L>::of_parts([&](int) VGGBENCH_LANES_LAMBDA { return all; });
+  }
+#endif
+  return Lanes<float, L>(*p);
+}
+
+// a * b + c: rounded once (an FMA) in the AVX builds, twice in the baseline, which has no
+// FMA. Only for sums whose bits may differ from the baseline's (the passes add rounded
+// products everywhere else).
+template <int L>
+VGGBENCH_LANES Lanes<float, L> multiply_add(const Lanes<float, L>& a, const Lanes<float, L>& b,
+                                            const Lanes<float, L>& c) {
+#if defined(VGGBENCH_CPU_PASSES_AVX2) || defined(VGGBENCH_CPU_PASSES_AVX512)
+  if constexpr (Lanes<float, L>::kPart > 4) {
+    return Lanes<float, L>::of_parts([&](int q) VGGBENCH_LANES_LAMBDA {
+      auto sum = c.v[q];
+      asm("vfmadd231ps %2, %1, %0" : "+v"(sum) : "v"(a.v[q]), "vm"(b.v[q]));
+      return sum;
+    });
+  }
+#endif
+  return a * b + c;
+}
+
 // The first n < L values (the rest read as 0, and not written).
 template <typename T, int L, typename S>
 VGGBENCH_LANES Lanes<T, L> load_some(const S* p, int64_t n) {
