@@ -481,6 +481,32 @@ def test_entry_conv_weight_gradient_alone(size, k, residual, gamma):
     assert torch.equal(grads[1], grads[2])
 
 
+@pytest.mark.parametrize(("n", "size", "k"), [(100, 8, 32), (7, 5, 7), (3, 11, 12), (2, 1, 8)])
+def test_entry_conv_direct_on_small_maps(n, size, k):
+    """On the CPU the entry conv (3 input channels, float32 channels_last) on maps of at most
+    128 pixels runs as a direct conv that sums its batch statistics as it writes: its output
+    and statistics match float64 within the float32 tolerance (relative to the output's scale),
+    with the same bits on 1 thread as on 2, and the training forward runs no batch_stats pass."""
+    gen = torch.Generator().manual_seed(size * 100 + k)
+    x = torch.randn(n, 3, size, size, generator=gen).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(k, 3, 3, 3, generator=gen).add_(0.5)  # a shift: |mean| comparable to std
+    results = {}
+    for threads in (1, 2):
+        with torch_threads(threads):
+            results[threads] = torch.ops.vggbench._conv_stats(x, weight, None, 1, 1)
+    assert all(torch.equal(a, b) for a, b in zip(results[1], results[2]))
+    z, mean, var = results[2]
+    z64 = F.conv2d(x.double(), weight.double(), padding=1)
+    tol = TOLERANCES[torch.float32]
+    assert z.is_contiguous(memory_format=torch.channels_last)
+    assert_close_scaled(z, z64, tol, "z")
+    assert_close_scaled(mean, z.double().mean((0, 2, 3)), tol, "mean", scale=z64)
+    assert_close_scaled(var, z.double().var((0, 2, 3), unbiased=False), tol, "var", scale=z64.square())
+    events = profiled(lambda: torch.ops.vggbench._conv_stats(x, weight, None, 1, 1))
+    counts = collections.Counter(e.name for e in events)
+    assert counts["vggbench::conv"] == 1 and counts["vggbench::cpu::batch_stats"] == 0, counts
+
+
 def profiled(step) -> list:
     """The profiler events of `step()` on the CPU."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

@@ -27,11 +27,17 @@ bool widened(const Tensor& x) {
 
 Tensor float32_of(const Tensor& t) { return t.to(at::kFloat); }
 
+// The passes' conv_stats (the 3-channel entry conv as a direct conv), in the build in use:
+// set with kCpuKernels below.
+decltype(Kernels::conv_stats) direct_conv_stats = nullptr;
+
 Tensor conv(const Tensor& x, const Tensor& weight, const OptTensor& bias, int64_t stride,
             int64_t padding) {
   if (cpu::winograd_applies(x, weight, stride, padding)) {
     return cpu::winograd_conv(x, weight, bias, /*transposed_weight=*/false);
   }
+  // (its statistics dropped: the forward's bits for eval and the backward's recompute)
+  if (auto direct = direct_conv_stats(x, weight, bias, stride, padding)) return std::get<0>(*direct);
   if (widened(x)) {
     const OptTensor b = bias ? OptTensor(float32_of(*bias)) : std::nullopt;
     return aten_conv(float32_of(x), float32_of(weight), b, stride, padding).to(x.scalar_type());
@@ -39,12 +45,12 @@ Tensor conv(const Tensor& x, const Tensor& weight, const OptTensor& bias, int64_
   return aten_conv(x, weight, bias, stride, padding);
 }
 
-// The Winograd conv with batch_stats taken from its output as it is written (no pass over
-// z); other convs: nullopt (conv, then batch_stats).
+// The Winograd conv, or the passes' entry conv, with batch_stats taken from its output as it
+// is written (no pass over z); other convs: nullopt (conv, then batch_stats).
 std::optional<std::tuple<Tensor, Tensor, Tensor>> conv_stats(const Tensor& x, const Tensor& weight,
                                                              const OptTensor& bias, int64_t stride,
                                                              int64_t padding) {
-  if (!cpu::winograd_applies(x, weight, stride, padding)) return std::nullopt;
+  if (!cpu::winograd_applies(x, weight, stride, padding)) return direct_conv_stats(x, weight, bias, stride, padding);
   RECORD_FUNCTION("vggbench::conv", {});  // one scope, as the orchestration's conv
   cpu::ChannelSums sums;
   Tensor z = cpu::winograd_conv_sums(x, weight, sums);
@@ -95,6 +101,7 @@ Kernels cpu_kernels() {
     default:
       kernels = with_passes(&conv, &conv_backward);
   }
+  direct_conv_stats = kernels.conv_stats;
   kernels.conv_stats = &conv_stats;
   return kernels;
 }
