@@ -560,17 +560,32 @@ bool entry_kernel_applies(const Tensor& x, const Tensor& weight, at::ScalarType 
          weight.size(2) == 3 && weight.size(3) == 3 && stride == 1 && padding == 1;
 }
 
-// Images first, first + count of x (N, 3, H, W) channels_last into `padded`, each as
-// (H + 2, W + 2, 3) whose border the caller zeroed.
-inline void copy_padded(const float* x, int64_t first, int64_t count, int64_t H, int64_t W, float* padded) {
-  const int64_t row = (W + 2) * kEntryChannels, image = (H + 2) * row;
-  for (int64_t n = 0; n < count; ++n) {
-    for (int64_t h = 0; h < H; ++h) {
-      std::copy_n(x + ((first + n) * H + h) * W * kEntryChannels, W * kEntryChannels,
-                  padded + n * image + (h + 1) * row + kEntryChannels);
+// How the entry kernels walk x (N, 3, H, W), channels_last: blocks of whole images, each
+// copied zero-padded, (H + 2, W + 2, 3) per image, into a buffer of the thread.
+struct EntryBlocks {
+  int64_t N, H, W, pixels;  // pixels per image
+  int64_t images, count;    // images per block; blocks
+  int64_t row, image;       // floats per row and per image of the padded copy
+
+  explicit EntryBlocks(const Tensor& x)
+      : N(x.size(0)), H(x.size(2)), W(x.size(3)), pixels(H * W),
+        images(std::max<int64_t>(1, kEntryBlockPixels / pixels)), count((N + images - 1) / images),
+        row((W + 2) * kEntryChannels), image((H + 2) * row) {}
+
+  int64_t first(int64_t block) const { return block * images; }
+  int64_t images_in(int64_t block) const { return std::min(N, first(block) + images) - first(block); }
+  // A thread's padded copy: zeros, whose border the copies leave as they are.
+  std::vector<float> padded_buffer() const { return std::vector<float>(images * image, 0.0f); }
+  // The block's images of x into `padded`.
+  void copy(const float* x, int64_t block, float* padded) const {
+    for (int64_t n = 0; n < images_in(block); ++n) {
+      for (int64_t h = 0; h < H; ++h) {
+        std::copy_n(x + ((first(block) + n) * H + h) * W * kEntryChannels, W * kEntryChannels,
+                    padded + n * image + (h + 1) * row + kEntryChannels);
+      }
     }
   }
-}
+};
 
 // The entry conv's forward tile: outputs w0 .. w0 + P - 1 of a row for one chunk of output
 // channels (`at` its Step maker, taps its (tap, k) weights), each a chain of FMAs over the
@@ -609,10 +624,8 @@ std::optional<std::tuple<Tensor, Tensor, Tensor>> entry_conv_stats(const Tensor&
     return std::nullopt;
   }
   RECORD_FUNCTION("vggbench::conv", {});  // one scope, as the orchestration's conv
-  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), HW = H * W, K = weight.size(0);
-  const int64_t images = std::max<int64_t>(1, kEntryBlockPixels / HW);  // per block
-  const int64_t blocks = (N + images - 1) / images;
-  const int64_t row = (W + 2) * kEntryChannels, image = (H + 2) * row;  // of the padded copy
+  const EntryBlocks blocks(x);
+  const int64_t H = blocks.H, W = blocks.W, HW = blocks.pixels, K = weight.size(0);
   std::vector<float> taps(kEntryTaps * K);  // (dy, dx, c, k), read through the weight's strides
   const auto w = weight.accessor<float, 4>();
   int64_t offset[kEntryTaps];  // of each tap in the padded copy, from its output's pixel
@@ -620,7 +633,7 @@ std::optional<std::tuple<Tensor, Tensor, Tensor>> entry_conv_stats(const Tensor&
     for (int64_t dx = 0; dx < 3; ++dx) {
       for (int64_t c = 0; c < kEntryChannels; ++c) {
         const int64_t t = (dy * 3 + dx) * kEntryChannels + c;
-        offset[t] = dy * row + dx * kEntryChannels + c;
+        offset[t] = dy * blocks.row + dx * kEntryChannels + c;
         for (int64_t k = 0; k < K; ++k) taps[t * K + k] = w[k][c][dy][dx];
       }
     }
@@ -635,14 +648,14 @@ std::optional<std::tuple<Tensor, Tensor, Tensor>> entry_conv_stats(const Tensor&
       }
     }
   }
-  Tensor z = at::empty({N, K, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  Tensor z = at::empty({blocks.N, K, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   float* out = z.mutable_data_ptr<float>();
-  std::vector<double> partial(blocks * 2 * K, 0.0);  // per block: sums of d, then of d^2
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> padded(images * image, 0.0f);  // the border stays 0
+  std::vector<double> partial(blocks.count * 2 * K, 0.0);  // per block: sums of d, then of d^2
+  at::parallel_for(0, blocks.count, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> padded = blocks.padded_buffer();
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t first = b * images, count = std::min(N, first + images) - first;
-      copy_padded(input, first, count, H, W, padded.data());
+      const int64_t first = blocks.first(b), count = blocks.images_in(b);
+      blocks.copy(input, b, padded.data());
       double* sums = partial.data() + b * 2 * K;
       for_channel_chunks<float>(K, [&](auto channels, auto at) {
         using V = Lanes<float, kWidth>;
@@ -650,7 +663,7 @@ std::optional<std::tuple<Tensor, Tensor, Tensor>> entry_conv_stats(const Tensor&
         const auto at_c = [&](int64_t i) { return at(i + channels.c0); };
         for (int64_t n = 0; n < count; ++n) {
           for (int64_t h = 0; h < H; ++h) {
-            const float* window = padded.data() + n * image + h * row;
+            const float* window = padded.data() + n * blocks.image + h * blocks.row;
             float* z_row = out + ((first + n) * HW + h * W) * K;
             V sum(0), sum_sq(0);
             const auto finish = [&](int64_t w0, const auto& acc) {
@@ -683,45 +696,43 @@ std::optional<std::tuple<Tensor, Tensor, Tensor>> entry_conv_stats(const Tensor&
     }
   });
   std::vector<double> total(2 * K, 0.0), centre(shift.begin(), shift.end());
-  for (int64_t b = 0; b < blocks; ++b) {
+  for (int64_t b = 0; b < blocks.count; ++b) {
     for (int64_t j = 0; j < 2 * K; ++j) total[j] += partial[b * 2 * K + j];
   }
-  auto [mean, var] = stats_from_sums(total.data(), total.data() + K, centre.data(), N * HW, std::nullopt, z);
+  auto [mean, var] = stats_from_sums(total.data(), total.data() + K, centre.data(), blocks.N * HW, std::nullopt, z);
   return std::tuple{z, mean, var};
 }
 
 // The weight gradient (K, 3, 3, 3), channels_last, float32, of the 3x3 stride-1 padding-1
 // conv of x (N, 3, H, W), channels_last, float32, with an output gradient of K channels whose
 // rows (pixels) of each block of images dz_of(first_image, images, buffer) gives: a pointer to
-// them, K floats per pixel, in or beside `buffer` (room for a block). Per block, per kWidth
+// them, K floats per pixel, elsewhere or in `buffer` (a vector of the thread, which dz_of may
+// resize). Per block, per kWidth
 // output channels and kernel row dy: the 3 x 3 products x(h + dy - 1, w + dx - 1, c) dz(h, w,
 // k) summed with FMAs over the block's pixels in order, x read from a zero-padded copy of the
 // block's images; the blocks added in double, in order. Every AVX build sums the same
 // products in the same order: the same bits, for any thread count.
 template <typename DzOf>
 Tensor entry_weight_grad(const Tensor& x, int64_t K, DzOf dz_of) {
-  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), HW = H * W;
-  const int64_t images = std::max<int64_t>(1, kEntryBlockPixels / HW);  // per block
-  const int64_t blocks = (N + images - 1) / images;
-  const int64_t row = (W + 2) * kEntryChannels, image = (H + 2) * row;  // of the padded copy
+  const EntryBlocks blocks(x);
+  const int64_t H = blocks.H, W = blocks.W, HW = blocks.pixels;
   const float* input = x.const_data_ptr<float>();
-  std::vector<float> partial(blocks * kEntryTaps * K);  // per block: (dy, dx, c, k)
+  std::vector<float> partial(blocks.count * kEntryTaps * K);  // per block: (dy, dx, c, k)
   using V = Lanes<float, kWidth>;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, blocks.count, 1, [&](int64_t begin, int64_t end) {
     const DzOf dz_of_block = dz_of;  // a local copy: its captures stay in registers
-    std::vector<float> padded(images * image, 0.0f);  // the border stays 0
-    std::vector<float> buffer(images * HW * K);
+    std::vector<float> padded = blocks.padded_buffer(), buffer;
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t first = b * images, count = std::min(N, first + images) - first;
-      copy_padded(input, first, count, H, W, padded.data());
-      const float* dz = dz_of_block(first, count, buffer.data());
+      const int64_t count = blocks.images_in(b);
+      blocks.copy(input, b, padded.data());
+      const float* dz = dz_of_block(blocks.first(b), count, buffer);
       float* out = partial.data() + b * kEntryTaps * K;
       for_channel_chunks<float>(K, [&](auto channels, auto at) {
         for (int64_t dy = 0; dy < 3; ++dy) {
           V acc[3 * kEntryChannels] = {};
           for (int64_t n = 0; n < count; ++n) {
             for (int64_t h = 0; h < H; ++h) {
-              const float* window = padded.data() + n * image + (h + dy) * row;
+              const float* window = padded.data() + n * blocks.image + (h + dy) * blocks.row;
               const float* grad = dz + (n * HW + h * W) * K;
               for (int64_t w = 0; w < W; ++w, window += kEntryChannels) {
                 const V v = at(w * K + channels.c0).load(grad);
@@ -743,7 +754,7 @@ Tensor entry_weight_grad(const Tensor& x, int64_t K, DzOf dz_of) {
   at::parallel_for(0, kEntryTaps * K, 64, [&](int64_t begin, int64_t end) {
     for (int64_t e = begin; e < end; ++e) {
       double total = 0.0;
-      for (int64_t b = 0; b < blocks; ++b) total += static_cast<double>(partial[b * kEntryTaps * K + e]);
+      for (int64_t b = 0; b < blocks.count; ++b) total += static_cast<double>(partial[b * kEntryTaps * K + e]);
       result[(e % K) * kEntryTaps + e / K] = static_cast<float>(total);
     }
   });
@@ -760,7 +771,7 @@ std::optional<Tensor> weight_grad(const Tensor& grad_z, const Tensor& x, const T
   RECORD_FUNCTION("vggbench::cpu::weight_grad", {});  // the pass, in profiles
   const int64_t pixels = x.size(2) * x.size(3), K = grad_z.size(1);
   const float* dz = grad_z.const_data_ptr<float>();
-  return entry_weight_grad(x, K, [=](int64_t first, int64_t, float*) { return dz + first * pixels * K; });
+  return entry_weight_grad(x, K, [=](int64_t first, int64_t, std::vector<float>&) { return dz + first * pixels * K; });
 }
 
 // Kernels::apply_weight_grad: the entry kernel, each block's grad_z computed by
@@ -774,14 +785,15 @@ std::optional<Tensor> apply_weight_grad(const BackwardInputs& in, const OptTenso
   const int64_t pixels = x.size(2) * x.size(3), K = g.channels;
   Tensor grad_w;
   with_apply_step<float>(in, sum_g, sum_gx, count, nullptr, [&](auto operands, auto step) {
-    grad_w = entry_weight_grad(x, K, [=](int64_t first, int64_t images, float* buffer) {
+    grad_w = entry_weight_grad(x, K, [=](int64_t first, int64_t images, std::vector<float>& buffer) {
       const int64_t shift = first * pixels * K;
+      buffer.resize(images * pixels * K);
       for (int64_t p = first * pixels; p < (first + images) * pixels; ++p) {
         for_channel_chunks<float>(K, [&](auto channels, auto at) {
-          step(at(p * K + channels.c0), operands(channels), buffer, shift);
+          step(at(p * K + channels.c0), operands(channels), buffer.data(), shift);
         });
       }
-      return static_cast<const float*>(buffer);
+      return static_cast<const float*>(buffer.data());
     });
   });
   return grad_w;
