@@ -58,6 +58,10 @@ def refused(args: list[str], capsys) -> str:
     (["--filters", str(2**40)], "--filters must be <= 2147483647"),
     # sizes the model cannot run (D12)
     (["--stages", "6", "--model", "vgg14"], "--stages 6: every stage halves the 32x32 images, so at most 5 stages fit"),
+    # the model's depth is checked against valid --stages and --convs-per-block only
+    (["--stages", "0"], "--stages must be >= 1, got 0"),
+    (["--stages", "-1"], "--stages must be >= 1, got -1"),
+    (["--convs-per-block", "0"], "--convs-per-block must be >= 1, got 0"),
 ])
 def test_bad_options_are_refused_before_anything_is_built(tiny_args, capsys, change, message):
     # a data directory that does not exist: the option's error comes first, nothing is read or written

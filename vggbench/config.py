@@ -172,11 +172,8 @@ class TrainConfig:
                 "bn_position": self.bn_position, "impl": self.impl if self.impl in IMPLS else "native"}
 
     def validate(self) -> TrainConfig:
-        """Raise ConfigError naming the first impossible value; return self."""
-        try:
-            blocks_for_depth(parse_model_name(self.model), self.stages, self.convs_per_block)
-        except ValueError as err:
-            raise ConfigError(f"--model: {err}") from None
+        """Raise ConfigError naming the first impossible value; return self. The model's depth
+        is checked last: it needs valid --stages and --convs-per-block."""
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -202,6 +199,10 @@ class TrainConfig:
         if IMAGE_SIZE >> self.stages < 1:
             raise ConfigError(f"--stages {self.stages}: every stage halves the {IMAGE_SIZE}x{IMAGE_SIZE} images, so "
                               f"at most {IMAGE_SIZE.bit_length() - 1} stages fit")
+        try:
+            blocks_for_depth(parse_model_name(self.model), self.stages, self.convs_per_block)
+        except ValueError as err:
+            raise ConfigError(f"--model: {err}") from None
         if self.impl == "fused":
             self._check_fusable()
         return self
