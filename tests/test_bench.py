@@ -81,3 +81,18 @@ def test_cuda_without_gpu_is_a_clear_error(tmp_path):
     run = run_bench("--device", "cuda", "--out", str(tmp_path))
     assert run.returncode == 2
     assert "CUDA is not available on this machine" in run.stderr
+
+
+@pytest.mark.parametrize("args, status, message", [
+    (["--out", "{tmp}/a-file/out"], 2,
+     "cannot write into --out {tmp}/a-file/out: Not a directory: choose another --out"),
+    (["-k", "((("], 4, "pytest refused its arguments: its error is above"),
+    (["-k", "no_such_benchmark"], 5, "-k 'no_such_benchmark' selects no benchmark"),
+])
+def test_bad_options_are_clear_errors(tmp_path, args, status, message):
+    (tmp_path / "a-file").write_text("in the way")
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    run = run_bench("--no-compile", *(["--out", str(tmp_path / "out")] if "--out" not in args else []), *args)
+    assert run.returncode == status
+    assert message.format(tmp=tmp_path) in run.stderr
+    assert "Traceback" not in run.stderr

@@ -46,9 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--l2-flush flushes a GPU's L2 cache between rounds: use it with --device cuda")
     if not (BENCHMARKS / "conftest.py").is_file():
         parser.error(f"the benchmark suite is not at {BENCHMARKS}: run from a source checkout of vggbench")
-    args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / "benchmark.json"
-    json_path.unlink(missing_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        json_path.unlink(missing_ok=True)
+    except OSError as err:
+        parser.error(f"cannot write into --out {args.out}: {err.strerror}: choose another --out")
     pytest_args = [str(BENCHMARKS), "--benchmark-json", str(json_path), "--bench-device", args.device,
                    "--benchmark-sort", "name"]
     pytest_args += ["--bench-quick"] * args.quick + ["--bench-no-compile"] * args.no_compile
@@ -58,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     print("pytest " + " ".join(pytest_args), flush=True)
     status = int(pytest.main(pytest_args))
     if not json_path.is_file():
-        print(f"no benchmark ran (pytest exit status {status}): nothing to report", file=sys.stderr)
+        why = {pytest.ExitCode.NO_TESTS_COLLECTED: f"-k {args.keyword!r} selects no benchmark",
+               pytest.ExitCode.USAGE_ERROR: "pytest refused its arguments: its error is above"}.get(
+                   status, f"pytest exit status {status}")
+        print(f"no benchmark ran ({why}): nothing to report", file=sys.stderr)
         return status or 1
     run = results.load(json_path)
     written = charts.write_charts(run, args.out)
