@@ -85,7 +85,7 @@ def test_cuda_without_gpu_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("args, status, message", [
     (["--out", "{tmp}/a-file/out"], 2,
-     "cannot write into --out {tmp}/a-file/out: Not a directory: choose another --out"),
+     "--out: cannot write into {tmp}/a-file/out: Not a directory"),
     (["-k", "((("], 4, "pytest refused its arguments: its error is above"),
     (["-k", "no_such_benchmark"], 5, "-k 'no_such_benchmark' selects no benchmark"),
 ])

@@ -173,6 +173,7 @@ def test_plot_and_report_show_the_probe(tiny_args, trained_run, tmp_path):
     (["--resolution", "0"], "resolution must be >= 1"),
     (["--samples", "0"], "--samples must be >= 1"),
     (["--samples", "100000"], "has only 100 images"),
+    (["--out", "/proc/no-such-dir/surface.json"], "--out: cannot write into /proc/no-such-dir"),
 ])
 def test_bad_surface_values_are_clear_errors(trained_run, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -203,3 +204,11 @@ def test_empty_step_range_and_bad_lr_are_clear_errors():
         probe(model, lambda forward: forward(), lr=0.0)
     with pytest.raises(ValueError, match="1 or 2 dimensions"):
         Grid(3, 5)
+
+
+def test_plot_into_an_unwritable_out_is_a_clear_error(trained_run, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("in the way\n")
+    with pytest.raises(SystemExit) as exit_info:
+        landscape_main(["plot", str(trained_run), "--out", str(tmp_path / "a-file")])
+    assert exit_info.value.code == 2
+    assert f"--out: {tmp_path / 'a-file'} is a file, not a directory" in capsys.readouterr().err

@@ -208,3 +208,17 @@ def test_missing_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str], mai
         main([str(missing)])
     assert exit_info.value.code == 2
     assert str(missing) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("main, out", [(plot.main, "a-file/compare"), (report.main, "a-file/report.md"),
+                                       (plot.main, "a-file")])
+def test_an_unwritable_out_is_refused_before_reading_the_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              main, out) -> None:
+    runs = [make_run(tmp_path, "run0"), make_run(tmp_path, "run1")]
+    (tmp_path / "a-file").write_text("in the way\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main([*map(str, runs), "--out", str(tmp_path / out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--out: " in err and "choose another --out" in err and str(tmp_path / "a-file") in err
+    assert (tmp_path / "a-file").read_text() == "in the way\n"

@@ -122,7 +122,7 @@ def test_a_read_only_run_directory_is_refused(tiny_args, tmp_path, capsys):
     read_only = tmp_path / "ro"
     read_only.mkdir(mode=0o555)
     line = refused(set_option(tiny_args, "--out-dir", str(read_only / "run")), capsys)
-    assert "cannot write into --out-dir" in line and "Permission denied" in line
+    assert "--out-dir: cannot write into" in line and "Permission denied" in line
 
 
 def test_running_out_of_memory_is_one_line(tiny_args):

@@ -121,6 +121,22 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
+def check_writable_dir(directory: Path, option: str) -> None:
+    """Create `directory` if needed and prove a file can be written in it, before any work whose
+    results go there; WriteError telling the user to choose another `option` (the flag that
+    named it) if not."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise WriteError(f"{option}: {directory} is a file, not a directory: choose another {option}")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise WriteError(f"{option}: cannot write into {directory}: {err.strerror} (a read-only file system, "
+                         f"a file in the way, or no permission): choose another {option}") from None
+
+
 def epoch_checkpoints(ckpt_dir: Path) -> list[Path]:
     """The run's epoch checkpoints, oldest first."""
     if not Path(ckpt_dir).is_dir():

@@ -22,7 +22,7 @@ from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from vggbench.checkpoint import atomic_write_text
+from vggbench.checkpoint import WriteError, atomic_write_text, check_writable_dir
 from vggbench.runs import Run, RunError, load_run
 
 DPI = 120
@@ -152,12 +152,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--all-params", action="store_true", help="also draw bias gradients in gradflow.png")
     args = parser.parse_args(argv)
     try:
+        if len(args.run_dirs) > 1:
+            check_writable_dir(args.out, "--out")
         paths = []
         for run_dir in args.run_dirs:
             paths += [plot_gradient_flow(run_dir, args.all_params), plot_curves(run_dir)]
         if len(args.run_dirs) > 1:
             paths += [plot_comparison(args.run_dirs, args.out), args.out / "compare.json"]
-    except RunError as err:
+    except (RunError, WriteError) as err:
         parser.error(str(err))
     for path in paths:
         print(path)

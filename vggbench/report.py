@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vggbench.checkpoint import atomic_write_text
+from vggbench.checkpoint import WriteError, atomic_write_text, check_writable_dir
 from vggbench.config import RUNTIME_OPTIONS
 from vggbench.landscape.probe import final_smoothness
 from vggbench.run_dir import RUN_FACTS
@@ -126,8 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="Markdown file to write; the JSON goes beside it (default: report.md)")
     args = parser.parse_args(argv)
     try:
+        check_writable_dir(args.out.parent, "--out")
         report = build_report(args.run_dirs)
-    except RunError as err:
+    except (RunError, WriteError) as err:
         parser.error(str(err))
     atomic_write_text(args.out, report.markdown)
     json_path = args.out.with_suffix(".json")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import tempfile
 from pathlib import Path
 
 import torch
@@ -33,8 +32,10 @@ from vggbench.checkpoint import (
     BEST_KEYS,
     TMP_SUFFIX,
     CheckpointError,
+    WriteError,
     atomic_write_json,
     atomic_write_text,
+    check_writable_dir,
     epoch_checkpoints,
     interrupts_deferred,
     load_checkpoint,
@@ -63,16 +64,12 @@ class RunDir:
     # --- checks before a run starts ------------------------------------------------------
     def check_writable(self) -> None:
         """Create the directory if needed and prove a file can be written in it; ConfigError if not."""
-        for directory in (self.path, self.checkpoints):
-            if directory.exists() and not directory.is_dir():
-                raise ConfigError(f"{directory} is a file, not a directory: choose another --out-dir")
+        if self.checkpoints.exists() and not self.checkpoints.is_dir():
+            raise ConfigError(f"{self.checkpoints} is a file, not a directory: choose another --out-dir")
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=self.path):
-                pass
-        except OSError as err:
-            raise ConfigError(f"cannot write into --out-dir {self.path}: {err.strerror} (a read-only file system, "
-                              "a file in the way, or no permission): choose another --out-dir") from None
+            check_writable_dir(self.path, "--out-dir")
+        except WriteError as err:
+            raise ConfigError(str(err)) from None
 
     def check_fresh(self) -> None:
         """Refuse to start a new run over a run's checkpoints or results (ConfigError naming them)."""

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from vggbench.bench import charts, markdown, results
+from vggbench.checkpoint import WriteError, check_writable_dir
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -46,12 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--l2-flush flushes a GPU's L2 cache between rounds: use it with --device cuda")
     if not (BENCHMARKS / "conftest.py").is_file():
         parser.error(f"the benchmark suite is not at {BENCHMARKS}: run from a source checkout of vggbench")
-    json_path = args.out / "benchmark.json"
     try:
-        args.out.mkdir(parents=True, exist_ok=True)
-        json_path.unlink(missing_ok=True)
-    except OSError as err:
-        parser.error(f"cannot write into --out {args.out}: {err.strerror}: choose another --out")
+        check_writable_dir(args.out, "--out")
+    except WriteError as err:
+        parser.error(str(err))
+    json_path = args.out / "benchmark.json"
+    json_path.unlink(missing_ok=True)
     pytest_args = [str(BENCHMARKS), "--benchmark-json", str(json_path), "--bench-device", args.device,
                    "--benchmark-sort", "name"]
     pytest_args += ["--bench-quick"] * args.quick + ["--bench-no-compile"] * args.no_compile

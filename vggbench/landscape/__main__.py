@@ -29,7 +29,14 @@ import submitit
 import torch
 
 from vggbench import launch
-from vggbench.checkpoint import CheckpointError, atomic_write_json, load_checkpoint, newest_checkpoint
+from vggbench.checkpoint import (
+    CheckpointError,
+    WriteError,
+    atomic_write_json,
+    check_writable_dir,
+    load_checkpoint,
+    newest_checkpoint,
+)
 from vggbench.config import ConfigError, TrainConfig
 from vggbench.data import DataError, build_splits
 from vggbench.distributed import DistEnv, process_group
@@ -101,7 +108,13 @@ def check_surface(args: argparse.Namespace) -> tuple[TrainConfig, Path, Grid]:
     for name in ("samples", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_writable_dir(surface_path(args, grid).parent, "--out")
     return cfg, ckpt, grid
+
+
+def surface_path(args: argparse.Namespace, grid: Grid) -> Path:
+    """Where the surface's JSON goes (its PNG beside it): --out, or a name in the run directory."""
+    return args.out or args.run_dir / f"surface-{grid.dims}d-{args.split}-{grid.resolution}.json"
 
 
 def surface(args: argparse.Namespace, env: DistEnv) -> Path | None:
@@ -124,7 +137,7 @@ def surface(args: argparse.Namespace, env: DistEnv) -> Path | None:
         result = evaluate_grid(model, grid, dirs, images, targets, args.batch_size, env, args.progress)
     if result is None:
         return None
-    out = args.out or args.run_dir / f"surface-{grid.dims}d-{args.split}-{grid.resolution}.json"
+    out = surface_path(args, grid)
     atomic_write_json(out, {"run_dir": str(args.run_dir), "checkpoint": str(ckpt), "label": cfg.label,
                             "dataset": splits.kind, "split": args.split, "samples": args.samples,
                             "dims": grid.dims, "resolution": grid.resolution, "range": [grid.low, grid.high],
@@ -190,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "plot":
+            check_writable_dir(args.out, "--out")
             for run_dir in args.run_dirs:
                 print(f"wrote {plot_run(run_dir)}")
             print(f"wrote {plot_comparison(args.run_dirs, args.out)}")
@@ -205,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             command = [sys.executable, "-m", "vggbench.landscape", *_rank_argv(argv)]
             return launch.run_ranks([command] * args.nproc, launch.rank_environments(args.nproc, launch.free_port()))
         surface(args, DistEnv.from_environ())
-    except (ValueError, ConfigError, CheckpointError, DataError, RunError) as err:
+    except (ValueError, ConfigError, CheckpointError, DataError, RunError, WriteError) as err:
         parser.exit(2, f"{PROG}: error: {err}\n")
     return 0
 
