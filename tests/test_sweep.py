@@ -50,8 +50,8 @@ def test_the_committed_study_sweep_is_the_studys_grid():
 @pytest.mark.parametrize("text, cli, message", [
     ("grid: {varient: [bn]}", [], "grid.varient is not a vggbench.train option (did you mean variant?)"),
     ("grid: {variant: [bn, bogus]}", [], "grid point variant='bogus': argument --variant: invalid choice"),
-    ("grid: {lr: 0.01}", [], "grid.lr must be a non-empty list"),
-    ("grid: {lr: []}", [], "grid.lr must be a non-empty list"),
+    ("grid: {lr: 0.01}", [], "grid.lr must be a non-empty list, e.g. [0.01]"),
+    ("grid: {lr: []}", [], "grid.lr must be a non-empty list, got an empty list"),
     ("grid: {seed: [1, 1]}", [], "grid points share run directories"),
     ("grid: {seed: [1]}", ["--seed", "2"], "--seed given on the command line and in the grid"),
     ("grid: {seed: [1]}\nbasic: {epochs: 2}", [], "unknown top-level key(s) basic"),

@@ -171,7 +171,8 @@ def _grid(section: Any, path: Path) -> dict[str, list[Any]]:
     for key, values in section.items():
         option = _option_name(key, path, "grid")
         if not isinstance(values, list) or not values:
-            raise SweepError(f"{path}: grid.{key} must be a non-empty list, e.g. [{values!r}]")
+            hint = "got an empty list" if isinstance(values, list) else f"e.g. [{values!r}]"
+            raise SweepError(f"{path}: grid.{key} must be a non-empty list, {hint}")
         for value in values:
             _check_value(option, value, path, f"grid.{key}")
         grid[option] = values
