@@ -183,6 +183,22 @@ def test_resume_refuses_another_runs_checkpoint(finished, tmp_path, capsys):
     assert digest(run) == before
 
 
+def test_resume_names_a_run_directory_not_a_file(finished, tmp_path, capsys):
+    """--resume DIR: another run's directory is refused with the command that continues it; this
+    run's own directory (or its checkpoints folder) means its newest checkpoint."""
+    _, other = finished
+    run = copy_run(other, tmp_path / "a")
+    before = digest(run)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out-dir", str(run), "--resume", str(other)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert f"--resume {other} is a directory, not a checkpoint file" in err and f"--out-dir {other} --resume" in err
+    assert digest(run) == before
+    for named in (run, run / "checkpoints"):
+        assert RunDir(str(run)).resume_checkpoint(str(named)) == run / "checkpoints" / "epoch-0002.pt"
+
+
 @pytest.mark.parametrize("files", [
     ["config.json", "metrics.jsonl", "summary.csv"],  # a user's own files, or results without checkpoints
     ["test.json"],

@@ -84,10 +84,16 @@ class RunDir:
                               "from: a new run would overwrite them. Choose another --out-dir, or move them away")
 
     def resume_checkpoint(self, resume: str) -> Path:
-        """The checkpoint `--resume` names: "latest" (the newest epoch checkpoint) or a path in this run."""
+        """The checkpoint `--resume` names: "latest" or this run's directory (the newest epoch
+        checkpoint), or a checkpoint file of this run."""
         if resume == "latest":
             return newest_checkpoint(self.checkpoints)
         path = Path(resume)
+        if path.is_dir():  # a run directory: this run's means its newest checkpoint
+            if path.resolve() in (self.path.resolve(), self.checkpoints.resolve()):
+                return newest_checkpoint(self.checkpoints)
+            raise ConfigError(f"--resume {path} is a directory, not a checkpoint file: continue the run in it "
+                              f"with --out-dir {path} --resume")
         if path.is_file() and path.resolve().parent != self.checkpoints.resolve():
             raise ConfigError(f"--resume {path} is not a checkpoint of the run in {self.path} (its checkpoints are "
                               f"in {self.checkpoints}): continue that run with --out-dir {path.parent.parent} "
