@@ -346,8 +346,9 @@ Grads backward(const Kernels& k, const Tensor& grad_out, const Tensor& out, cons
           bn_backward_sums(k, recompute, in, recompute_all, /*partial=*/true);
       sum_g = grad_beta, sum_gx = grad_gamma;
     }
-    // only the weight's gradient needs grad_z: the backend may reduce it without storing it
-    const bool weight_only = mask[1] && !mask[0] && !grad_residual && !(bias && mask[2]);
+    // only the weight's gradient needs grad_z (the bias's is 0, below): the backend may
+    // reduce it without storing it
+    const bool weight_only = mask[1] && !mask[0] && !grad_residual;
     if (weight_only && k.apply_weight_grad) {
       direct_grad_w = k.apply_weight_grad(in, sum_g, sum_gx, count, x, weight, stride, padding);
     }
@@ -366,8 +367,10 @@ Grads backward(const Kernels& k, const Tensor& grad_out, const Tensor& out, cons
   }
   const bool want_bias = bias && mask[2];
   const bool want_bn = batch_norm && (mask[3] || mask[4]);
+  // BN with batch statistics subtracts the conv's bias again with the mean: the output does
+  // not depend on it, and its gradient is exactly 0 (summing grad_z would give roundoff)
   const std::array<bool, 3> conv_mask{mask[0], mask[1] || (eval_bn && mask[3]),
-                                      want_bias || (eval_bn && want_bn)};
+                                      (want_bias && !train_bn) || (eval_bn && want_bn)};
   // the weight's gradient by apply_weight_grad's kernel wherever it applies: the same bits
   // whichever other gradients are wanted
   if (!direct_grad_w && conv_mask[1] && k.weight_grad) {
@@ -380,6 +383,7 @@ Grads backward(const Kernels& k, const Tensor& grad_out, const Tensor& out, cons
                       {conv_mask[0], conv_mask[1] && !direct_grad_w, conv_mask[2]}, fmt);
   }
   if (direct_grad_w) grad_w = *direct_grad_w;
+  if (want_bias && train_bn) grad_b = at::zeros_like(*bias);
 
   if (eval_bn) {  // chain rule through W' = W * s and b' = beta + (b - mean) * s
     const Tensor invstd = at::rsqrt(var + eps);

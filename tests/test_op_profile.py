@@ -79,8 +79,8 @@ def budget_sample(layout: str, bias: bool, dtype: torch.dtype, bn: str = "train"
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_fused_unit_keeps_the_launch_budget(layout, bias, dtype, monkeypatch):
     """Training forward: the conv + batch statistics, normalise+act, running-statistics update;
-    backward: the conv's backward + reduction + apply; eval: the conv + normalise+act. Nothing
-    else that computes (no bias pass, no per-channel ATen ops)."""
+    backward: the conv's backward + reduction + apply (+ the conv bias's zero gradient); eval: the
+    conv + normalise+act. Nothing else that computes (no bias pass, no per-channel ATen ops)."""
     monkeypatch.setattr(ops, "RECOMPUTE", "rule")
     sample = budget_sample(layout, bias, dtype)
     out = ops.conv_bn_act(**sample.kwargs())
@@ -90,6 +90,8 @@ def test_fused_unit_keeps_the_launch_budget(layout, bias, dtype, monkeypatch):
     backward = dispatch_counts(lambda: out.backward(grad))
     assert backward[RECOMPUTE] == 0, "the sample is one the rule recovers"
     passes = {name: count for name, count in backward.items() if name != "aten::add_"}  # add_: AccumulateGrad's
+    # the conv bias's exact gradient under batch statistics, 0: one fill of K values, no pass
+    assert passes.pop("aten::zeros_like", 0) == bias, backward
     assert passes[CONV_BACKWARD] == 1 and sum(passes.values()) <= 1 + 3, backward
     sample.training = False
     with torch.no_grad():

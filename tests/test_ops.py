@@ -322,6 +322,19 @@ def test_each_gradient_alone_is_the_full_backwards(label):
         assert torch.equal(alone, expected), name
 
 
+@pytest.mark.parametrize("label", ["train-bias", "train-residual-bias", "batch-stats-only", "eval-bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conv_bias_gradient_under_batch_statistics_is_exactly_zero(label, dtype):
+    """BN with batch statistics subtracts the conv's bias again with the mean, so the output does
+    not depend on it: its gradient is exactly 0 (native's sum of grad_z is roundoff). With running
+    statistics (eval) the bias shifts the output: its gradient is not zeroed (its values are
+    checked against float64 with the others)."""
+    sample = get_sample(label, "cpu", dtype, requires_grad=True)
+    out = ops.conv_bn_act(**sample.kwargs())
+    (grad_bias,) = torch.autograd.grad(out, [sample.bias], torch.randn_like(out))
+    assert torch.equal(grad_bias, torch.zeros_like(sample.bias)) == sample.use_batch_stats
+
+
 def test_double_backward_is_refused():
     """The backward is not differentiable: a second derivative raises instead of coming out wrong."""
     sample = get_sample("train-residual-bias", "cpu", torch.float64, requires_grad=True)
