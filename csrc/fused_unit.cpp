@@ -171,8 +171,11 @@ std::tuple<Tensor, Tensor, Tensor> forward(
     k.normalize_act(z, {false, {}, {}, {}, {}, contiguous(bias), eps}, res, slope, z);
     return {z, no_stats(z), no_stats(z)};
   }
-  // eval: the running statistics (backward reads them from ops.py)
-  k.normalize_act(z, batch_norm_affine(*bn_weight, *bn_bias, *running_mean, *running_var, bias, eps),
+  // eval: the running statistics (backward reads them from ops.py), in the statistics dtype
+  // (bfloat16 activations may come with bfloat16 buffers: a model moved with .to(bfloat16))
+  const auto stats = stats_dtype(input.scalar_type());
+  k.normalize_act(z, batch_norm_affine(*bn_weight, *bn_bias, as_stats(*running_mean, stats),
+                                       as_stats(*running_var, stats), bias, eps),
                   res, slope, z);
   return {z, no_stats(z), no_stats(z)};
 }

@@ -335,6 +335,20 @@ def test_conv_bias_gradient_under_batch_statistics_is_exactly_zero(label, dtype)
     assert torch.equal(grad_bias, torch.zeros_like(sample.bias)) == sample.use_batch_stats
 
 
+@pytest.mark.parametrize("label", ["eval", "eval-residual-bias"])
+def test_bfloat16_running_statistics_in_eval(label):
+    """A model moved with .to(torch.bfloat16) has bfloat16 BN buffers: eval normalises with them
+    widened to float32, exactly as with float32 copies of the same values (forward and backward)."""
+    sample = get_sample(label, "cpu", torch.bfloat16, requires_grad=True)
+    results = []
+    for stats_dtype in (torch.bfloat16, torch.float32):
+        kwargs = {**sample.kwargs(), "running_mean": sample.running_mean.to(torch.bfloat16).to(stats_dtype),
+                  "running_var": sample.running_var.to(torch.bfloat16).to(stats_dtype)}
+        out = ops.conv_bn_act(**kwargs)
+        results.append([out, *torch.autograd.grad(out, list(sample.grad_inputs().values()), torch.ones_like(out))])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 def test_double_backward_is_refused():
     """The backward is not differentiable: a second derivative raises instead of coming out wrong."""
     sample = get_sample("train-residual-bias", "cpu", torch.float64, requires_grad=True)
