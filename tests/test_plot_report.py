@@ -7,6 +7,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+from matplotlib.figure import Figure
 
 from vggbench import plot, report
 
@@ -113,6 +114,28 @@ def test_gradient_flow_all_params_and_single_run(tmp_path: Path) -> None:
     assert_png(plot.plot_gradient_flow(run, all_params=True))
     assert plot.main([str(run), "--out", str(tmp_path / "cmp")]) == 0
     assert not (tmp_path / "cmp").exists()  # one run: no comparison
+
+
+def test_a_plot_interrupted_mid_write_keeps_the_previous_png(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = make_run(tmp_path, "run", epochs=1)
+    before = plot.plot_gradient_flow(run).read_bytes()
+    real_savefig = Figure.savefig
+
+    def savefig_interrupted_after_1_kb(fig: Figure, file, **kwargs) -> None:
+        class Interrupting:  # matplotlib writes the real PNG's first kilobyte, then Ctrl-C arrives
+            def write(self, data: bytes) -> int:
+                if file.tell() + len(data) > 1024:
+                    file.write(data[:1024 - file.tell()])
+                    raise KeyboardInterrupt
+                return file.write(data)
+
+        real_savefig(fig, Interrupting(), **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig_interrupted_after_1_kb)
+    with pytest.raises(KeyboardInterrupt):
+        plot.plot_gradient_flow(run, all_params=True)
+    assert (run / "gradflow.png").read_bytes() == before
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]  # no temporary left
 
 
 def test_report_mean_std_over_seeds_and_separate_lr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -116,6 +116,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def atomic_save_figure(fig, path: Path, **savefig_kwargs: Any) -> Path:
+    """Write a matplotlib figure as PNG atomically (a killed plot leaves the previous PNG, never
+    half of one) and return its path."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", **savefig_kwargs))
+    return Path(path)
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Write a JSON file atomically (indented, for people to read)."""
     atomic_write_text(path, json.dumps(obj, indent=1) + "\n")

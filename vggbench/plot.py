@@ -22,7 +22,7 @@ from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from vggbench.checkpoint import WriteError, atomic_write_text, check_writable_dir
+from vggbench.checkpoint import WriteError, atomic_save_figure, atomic_write_text, check_writable_dir
 from vggbench.runs import Run, RunError, load_run
 
 DPI = 120
@@ -191,8 +191,7 @@ def _legend_names(runs: Sequence[Run]) -> list[str]:
 
 def _save(fig: Figure, path: Path) -> Path:
     """Write ``fig`` as PNG at the module's DPI and return its path."""
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    return path
+    return atomic_save_figure(fig, path, dpi=DPI, bbox_inches="tight")
 
 
 if __name__ == "__main__":

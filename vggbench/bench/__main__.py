@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from vggbench.bench import charts, markdown, results
-from vggbench.checkpoint import WriteError, check_writable_dir
+from vggbench.checkpoint import TMP_SUFFIX, WriteError, atomic_write_text, check_writable_dir
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     json_path = args.out / "benchmark.json"
     json_path.unlink(missing_ok=True)
-    pytest_args = [str(BENCHMARKS), "--benchmark-json", str(json_path), "--bench-device", args.device,
+    # pytest-benchmark writes the JSON in place: written beside it and renamed, a killed run leaves no half file
+    partial_json = args.out / f".benchmark.json{TMP_SUFFIX}"
+    pytest_args = [str(BENCHMARKS), "--benchmark-json", str(partial_json), "--bench-device", args.device,
                    "--benchmark-sort", "name"]
     pytest_args += ["--bench-quick"] * args.quick + ["--bench-no-compile"] * args.no_compile
     pytest_args += ["--bench-l2-flush"] * args.l2_flush
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         pytest_args += ["-k", args.keyword]
     print("pytest " + " ".join(pytest_args), flush=True)
     status = int(pytest.main(pytest_args))
+    if partial_json.is_file():
+        partial_json.replace(json_path)
     if not json_path.is_file():
         why = {pytest.ExitCode.NO_TESTS_COLLECTED: f"-k {args.keyword!r} selects no benchmark",
                pytest.ExitCode.USAGE_ERROR: "pytest refused its arguments: its error is above"}.get(
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return status or 1
     run = results.load(json_path)
     written = charts.write_charts(run, args.out)
-    (args.out / "report.md").write_text(markdown.render(run, written))
+    atomic_write_text(args.out / "report.md", markdown.render(run, written))
     print(f"wrote {json_path}, {args.out / 'report.md'} and {', '.join(written) or 'no charts'} in {args.out}")
     return status
 

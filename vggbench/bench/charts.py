@@ -15,6 +15,7 @@ from matplotlib.ticker import FuncFormatter
 from vggbench.bench.layer_cases import PASSES
 from vggbench.bench.model_cases import MODEL_IMPLS
 from vggbench.bench.results import Record, Results
+from vggbench.checkpoint import atomic_save_figure
 
 # layer implementations drawn against eager: (impl, legend)
 SPEEDUP_SERIES = (("compile", "torch.compile"), ("fused", "fused"), ("eager+graph", "eager, CUDA graph"),
@@ -53,7 +54,7 @@ def speedup_chart(results: Results, path: Path) -> bool:
         ax.set_ylabel("speedup over eager")
         ax.set_title(PASSES[pass_], fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_save_figure(fig, path, dpi=110)
     plt.close(fig)
     return True
 
@@ -70,7 +71,7 @@ def _model_chart(results: Results, path: Path, ylabel: str, value: Callable[[Rec
     _bars(ax, labels, series)
     ax.set_ylabel(ylabel)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_save_figure(fig, path, dpi=110)
     plt.close(fig)
     return True
 
@@ -108,7 +109,7 @@ def flow_chart(results: Results, path: Path) -> bool:
         ax.set_ylabel(f"mean |grad| over {record.info['steps']} steps")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_save_figure(fig, path, dpi=110)
     plt.close(fig)
     return True
 
@@ -142,7 +143,7 @@ def scaling_chart(results: Results, path: Path) -> bool:
     fig.suptitle(f"{machine.get('cpu_model', '?')} (ATen {machine.get('aten_cpu_capability', '?')}, "
                  f"Winograd {machine.get('winograd_isa', '?')})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_save_figure(fig, path, dpi=110)
     plt.close(fig)
     return True
 

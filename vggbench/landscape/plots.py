@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the non-interactive backend
 
+from vggbench.checkpoint import atomic_save_figure
 from vggbench.landscape.probe import LANDSCAPE_FILE
 from vggbench.runs import RunError, load_run, read_json
 
@@ -53,7 +54,7 @@ def _draw(axes, data: dict, colour: str, name: str) -> None:
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
