@@ -155,6 +155,7 @@ def test_fresh_run_refuses_to_overwrite_and_resume_refuses_changes(tiny_args, ca
     for argv, message in [
         (args, "already holds a run's checkpoints: continue it with --resume"),
         (set_option(args, "--seed", "4") + ["--resume"], "cannot change a run's configuration on --resume: --seed 4"),
+        (args + ["--no-deterministic", "--resume"], "--no-deterministic (run has --deterministic)"),  # as typed
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main(argv)

@@ -10,6 +10,7 @@ import argparse
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from vggbench.data import DATASETS, IMAGE_SIZE
 from vggbench.models.units import ACTIVATIONS, NORM_POSITIONS
@@ -221,6 +222,13 @@ class TrainConfig:
 def flag(name: str) -> str:
     """Command-line spelling of a field name: batch_size -> batch-size."""
     return name.replace("_", "-")
+
+
+def option_argv(name: str, value: Any) -> list[str]:
+    """Command-line tokens giving field `name` the value `value`: booleans as --flag / --no-flag."""
+    if isinstance(value, bool):
+        return [f"--{'' if value else 'no-'}{flag(name)}"]
+    return [f"--{flag(name)}", str(value)]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, suppress_defaults: bool = False) -> None:

@@ -28,7 +28,7 @@ from vggbench.config import (
     TrainConfig,
     add_config_arguments,
     explicit_options,
-    flag,
+    option_argv,
 )
 from vggbench.run_dir import RunDir
 
@@ -57,7 +57,7 @@ def resume_state(cfg: TrainConfig, explicit: set[str] | None, world_size: int = 
     if unknown:
         raise CheckpointError(f"checkpoint {path} has config keys this vggbench does not know: {sorted(unknown)}")
     checked = given.keys() if explicit is None else explicit - set(RUNTIME_OPTIONS)
-    changed = [f"--{flag(k)} {given[k]!r} (run has {saved[k]!r})" for k in checked
+    changed = [f"{' '.join(option_argv(k, given[k]))} (run has {' '.join(option_argv(k, saved[k]))})" for k in checked
                if saved.get(k) != given[k] and not (k in CHOSEN_AT_START and given[k] is None)]
     if changed:
         raise ConfigError(f"cannot change a run's configuration on --resume: {'; '.join(changed)}. "

@@ -39,6 +39,7 @@ from vggbench.config import (
     add_config_arguments,
     explicit_options,
     flag,
+    option_argv,
 )
 
 SWEEP_KEYS = ("out_dir", "base", "grid")
@@ -181,13 +182,7 @@ def _grid(section: Any, path: Path) -> dict[str, list[Any]]:
 
 def _argv(options: dict[str, Any]) -> list[str]:
     """Command-line tokens for option values (booleans as --flag / --no-flag)."""
-    argv: list[str] = []
-    for name, value in options.items():
-        if isinstance(value, bool):
-            argv.append(f"--{'' if value else 'no-'}{flag(name)}")
-        else:
-            argv += [f"--{flag(name)}", str(value)]
-    return argv
+    return [token for name, value in options.items() for token in option_argv(name, value)]
 
 
 def _parse(argv: list[str], path: Path, where: str) -> TrainConfig:
