@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import random
+import subprocess
+import sys
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +30,7 @@ from vggbench.bench.scaling import torch_threads
 from vggbench.tolerances import TOLERANCES, Tolerance
 
 requires_cuda = pytest.mark.cuda  # skipped without a GPU (tests/conftest.py); scripts/gpu_check.sh runs -m cuda
+ROOT = Path(__file__).resolve().parents[1]
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 TENSOR_FIELDS = ("input", "weight", "bias", "bn_weight", "bn_bias", *BN_BUFFERS, "residual")
@@ -592,6 +597,34 @@ def test_strided_pointwise_channels_last_weight_gradient(c, bn):
         sample = make_sample(f"pointwise-{c}-{bn}-{call}", "cpu", torch.float32, True, n=2, c=c, k=32, size=16,
                              kernel=1, stride=2, bn=bn, layout="channels_last")
         assert_matches_native(sample, sample.cast(torch.float64), seed=call)
+
+
+def pointwise_gradients_alone_on_one_thread() -> None:
+    """Each gradient alone (the bias's and BN weight's alone ran ATen's faulty code too) of strided
+    1x1 channels_last convs with 2-7 input channels, on one thread, where that code corrupted the
+    heap: every one matches float64 (run in a subprocess by the test below, so a corrupted heap
+    fails one test instead of killing the session)."""
+    torch.set_num_threads(1)
+    for c, bias, bn, alone in itertools.product([2, 3, 5, 7], [False, True], ["train", "eval", "none"],
+                                                ["input", "weight", "bias", "bn_weight"]):
+        sample = make_sample(f"pointwise-alone-{c}-{bias}-{bn}", "cpu", torch.float32, True, n=2, c=c, k=32, size=8,
+                             kernel=1, stride=2, bn=bn, bias=bias, layout="channels_last")
+        ref = sample.cast(torch.float64)
+        if getattr(sample, alone) is None:
+            continue
+        out, expected = ops.conv_bn_act(**sample.kwargs()), reference(**ref.kwargs())
+        grad_out = torch.randn(out.shape, dtype=torch.float64)
+        grad, = torch.autograd.grad(out, [getattr(sample, alone)], grad_out.float())
+        truth, = torch.autograd.grad(expected, [getattr(ref, alone)], grad_out)
+        scale = torch.ones_like(truth) if alone == "bias" and bn == "train" else None  # BN cancels it: 0
+        assert_close_scaled(grad, truth, TOLERANCES[torch.float32], f"{alone} alone, c={c} bias={bias} bn={bn}",
+                            scale)
+
+
+def test_strided_pointwise_gradients_alone_on_one_thread():
+    run = subprocess.run([sys.executable, "-c", "from tests.test_ops import pointwise_gradients_alone_on_one_thread as "
+                          "check; check()"], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])

@@ -60,20 +60,21 @@ std::optional<std::tuple<Tensor, Tensor, Tensor>> conv_stats(const Tensor& x, co
 }
 
 // ATen's conv backward, except where it gets the weight gradient wrong: a strided 1x1 conv
-// without padding in channels_last (torch 2.14's oneDNN path: errors of 10-100% that change
-// from call to call, seen with 2 to 7 input channels), whose weight gradient comes from
+// without padding in channels_last (torch 2.14's oneDNN path: with 2 to 7 input channels,
+// errors of 10-100% that change from call to call, and on one thread a corrupted heap; the
+// bias's gradient alone runs the same code), whose weight and bias gradients come from
 // contiguous copies instead, which ATen gets right.
 std::tuple<Tensor, Tensor, Tensor> checked_aten_conv_backward(const Tensor& grad_z, const Tensor& x,
                                                               const Tensor& weight, bool has_bias, int64_t stride,
                                                               int64_t padding, std::array<bool, 3> mask) {
   const bool strided_pointwise = weight.size(2) == 1 && weight.size(3) == 1 && stride > 1 && padding == 0;
-  if (!mask[1] || !strided_pointwise || x.is_contiguous()) {
+  if (!(mask[1] || mask[2]) || !strided_pointwise || x.is_contiguous()) {
     return aten_conv_backward(grad_z, x, weight, has_bias, stride, padding, mask);
   }
-  auto [grad_x, unused_w, grad_b] =
-      aten_conv_backward(grad_z, x, weight, has_bias, stride, padding, {mask[0], false, mask[2]});
-  auto [unused_x, grad_w, unused_b] = aten_conv_backward(grad_z.contiguous(), x.contiguous(), weight.contiguous(),
-                                                         false, stride, padding, {false, true, false});
+  Tensor grad_x;
+  if (mask[0]) grad_x = std::get<0>(aten_conv_backward(grad_z, x, weight, false, stride, padding, {true, false, false}));
+  auto [unused, grad_w, grad_b] = aten_conv_backward(grad_z.contiguous(), x.contiguous(), weight.contiguous(),
+                                                     has_bias, stride, padding, {false, mask[1], mask[2]});
   return {grad_x, grad_w, grad_b};
 }
 
