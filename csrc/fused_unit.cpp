@@ -20,6 +20,7 @@
 // memory, read directly, no op dispatched); on CUDA it is one small blocking copy, which
 // recompute_all avoids (vggbench/ops.py's default policy on CUDA).
 #include "checks.h"
+#include "cpu/reusable_buffer.h"
 #include "fused_unit.h"
 
 #include <ATen/Dispatch.h>
@@ -327,7 +328,7 @@ Grads backward(const Kernels& k, const Tensor& grad_out, const Tensor& out, cons
   BackwardInputs in = backward_inputs(grad_out, out, residual, fmt, train_bn ? bn_weight : std::nullopt,
                                       bn_bias, mean, var, eps, slope);
   const int64_t channels = weight.size(0);
-  Tensor grad_z = at::empty_like(in.out);
+  Tensor grad_z = cpu::reusable_like(in.out);  // internal: its memory outlives the call on the CPU
   OptTensor grad_residual;
   if (residual && mask[5]) grad_residual = at::empty_like(in.out);
   Tensor grad_gamma, grad_beta;

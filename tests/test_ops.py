@@ -15,6 +15,7 @@ import itertools
 import random
 import subprocess
 import sys
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -764,3 +765,32 @@ def test_nonfinite_values_propagate_like_native(device, label):
         if getattr(sample, buffer) is not None:
             torch.testing.assert_close(getattr(sample, buffer), getattr(ref, buffer), equal_nan=True,
                                        msg=lambda m, b=buffer: f"{b}: {m}")
+
+
+def test_concurrent_backwards_match_serial():
+    """Backwards running at once on two threads (each of the CPU backward's temporaries its own
+    memory, cpu/reusable_buffer.h) give the bits each gives alone, call after call."""
+    labels = ["train-residual-channels_last", "eval-residual-channels_last"]
+    samples = [get_sample(label, "cpu", requires_grad=True, n=4, c=8, k=16, size=12) for label in labels]
+
+    def gradients(sample: Sample) -> list[Tensor]:
+        out = ops.conv_bn_act(**sample.kwargs())
+        grad_out = torch.linspace(-1, 1, out.numel()).view_as(out)
+        return list(torch.autograd.grad(out, list(sample.grad_inputs().values()), grad_out))
+
+    serial = [gradients(s) for s in samples]
+    results: dict[int, list[list[Tensor]]] = {0: [], 1: []}
+
+    def worker(i: int) -> None:
+        for _ in range(20):
+            results[i].append(gradients(samples[i]))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in (0, 1):
+        assert len(results[i]) == 20, f"thread {i} failed"
+        for call in results[i]:
+            assert all(torch.equal(a, b) for a, b in zip(call, serial[i], strict=True)), labels[i]

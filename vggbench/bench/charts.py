@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the non-interactive backend
+from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from vggbench.bench.layer_cases import PASSES
@@ -20,6 +21,13 @@ from vggbench.checkpoint import atomic_save_figure
 # layer implementations drawn against eager: (impl, legend)
 SPEEDUP_SERIES = (("compile", "torch.compile"), ("fused", "fused"), ("eager+graph", "eager, CUDA graph"),
                   ("fused+graph", "fused, CUDA graph"))
+
+
+def _save(fig: Figure, path: Path) -> None:
+    """Lay out, write atomically (a reader never sees half a PNG) and free the figure."""
+    fig.tight_layout()
+    atomic_save_figure(fig, path, dpi=110)
+    plt.close(fig)
 
 
 def _bars(ax, labels: list[str], series: dict[str, list[float | None]], base: float = 0.0) -> None:
@@ -53,9 +61,7 @@ def speedup_chart(results: Results, path: Path) -> bool:
         ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
         ax.set_ylabel("speedup over eager")
         ax.set_title(PASSES[pass_], fontsize=10)
-    fig.tight_layout()
-    atomic_save_figure(fig, path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -70,9 +76,7 @@ def _model_chart(results: Results, path: Path, ylabel: str, value: Callable[[Rec
     fig, ax = plt.subplots(figsize=(6.0, 4.0))
     _bars(ax, labels, series)
     ax.set_ylabel(ylabel)
-    fig.tight_layout()
-    atomic_save_figure(fig, path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -108,9 +112,7 @@ def flow_chart(results: Results, path: Path) -> bool:
         ax.set_xlabel("weight tensor (forward order)")
         ax.set_ylabel(f"mean |grad| over {record.info['steps']} steps")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_save_figure(fig, path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -142,9 +144,7 @@ def scaling_chart(results: Results, path: Path) -> bool:
     machine = results.machine
     fig.suptitle(f"{machine.get('cpu_model', '?')} (ATen {machine.get('aten_cpu_capability', '?')}, "
                  f"Winograd {machine.get('winograd_isa', '?')})", fontsize=9)
-    fig.tight_layout()
-    atomic_save_figure(fig, path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
