@@ -410,10 +410,10 @@ def assert_matches_native(sample: Sample, ref: Sample, seed: int = 0) -> None:
     grads = torch.autograd.grad(out, list(sample.grad_inputs().values()), grad_out)
     expected_grads = dict(zip(ref.grad_inputs(), torch.autograd.grad(
         expected, list(ref.grad_inputs().values()), grad_out.double())))
+    g = grad_out.double() * torch.where(pre > 0, 1.0, sample.negative_slope)  # at the activation's input
     for (name, tensor), grad in zip(sample.grad_inputs().items(), grads):
         assert grad.dtype == tensor.dtype and grad.shape == tensor.shape, name
         scale = None
-        g = grad_out.double() * torch.where(pre > 0, 1.0, sample.negative_slope)  # at the activation's input
         if name == "bias" and sample.use_batch_stats:
             # BN cancels a conv bias: its true gradient is 0, and what is left is the rounding
             # of sum(dz) over M terms of size |gamma * invstd * g|, bounded relative to their sum
@@ -424,9 +424,8 @@ def assert_matches_native(sample: Sample, ref: Sample, seed: int = 0) -> None:
             # sums over M terms, g * xhat and g: their rounding is bounded relative to the sum of
             # the terms' sizes, not to the sum, which cancels to a fraction of it in some draws
             # (a 2e-3 BN weight gradient of 18 terms of size ~1: native float32 off by 4e-4 of it)
-            scale = g.abs().sum((0, 2, 3))
-            if name == "bn_weight":
-                scale = (g.abs() * normalized_conv(ref).abs()).sum((0, 2, 3))
+            terms = g.abs() * normalized_conv(ref).abs() if name == "bn_weight" else g.abs()
+            scale = terms.sum((0, 2, 3))
         assert_close_scaled(grad, expected_grads[name], tol, f"grad of {name}", scale, norm=tol.grad is not None)
 
     if sample.running_mean is not None:
