@@ -6,11 +6,15 @@
 // in-place update before backward is caught by autograd's version check, as with native
 // BatchNorm); the backward is the _conv_bn_act_backward op, called through the dispatcher.
 //
-// The backward policy (vggbench/ops.py's RECOMPUTE, set through _set_recompute) is read when
-// the backward runs: "rule" recovers xhat where the recovery rule allows, "all" always
-// recomputes it (no host read: CUDA graphs), "auto" is "rule" on the CPU and "all" elsewhere.
+// The backward policy (vggbench/ops.py's RECOMPUTE, set through _set_recompute): "keep",
+// read by the forward, keeps training-mode BN's conv output z for the backward (computed by
+// _conv_stats and normalised by _bn_act: conv_bn_act's bits), so that xhat comes from it; the
+// backward reads the rest when it runs, for units whose z was not kept: "rule" recovers xhat
+// where the recovery rule allows, "all" always recomputes it (no host read: CUDA graphs).
+// "auto" keeps z for bfloat16 on the CPU, and is "rule" on the CPU and "all" elsewhere.
 //
 // The only file with the autograd headers (they are heavy to compile).
+#include "checks.h"
 #include "fused_unit.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -28,21 +32,35 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-enum class Recompute { kAuto, kRule, kAll };
+enum class Recompute { kAuto, kRule, kAll, kKeep };
 std::atomic<Recompute> recompute_policy{Recompute::kAuto};
 
 void set_recompute(const std::string& policy) {
-  TORCH_CHECK_VALUE(policy == "auto" || policy == "rule" || policy == "all",
-                    "vggbench::_set_recompute: the policy must be auto, rule or all, got '", policy,
+  TORCH_CHECK_VALUE(policy == "auto" || policy == "rule" || policy == "all" || policy == "keep",
+                    "vggbench::_set_recompute: the policy must be auto, rule, all or keep, got '", policy,
                     "'");
-  recompute_policy.store(policy == "rule" ? Recompute::kRule
-                         : policy == "all" ? Recompute::kAll
-                                           : Recompute::kAuto);
+  recompute_policy.store(policy == "rule"   ? Recompute::kRule
+                         : policy == "all"  ? Recompute::kAll
+                         : policy == "keep" ? Recompute::kKeep
+                                            : Recompute::kAuto);
 }
 
 bool recompute_all(const at::Device& device) {
   const Recompute policy = recompute_policy.load();
-  return policy == Recompute::kAll || (policy == Recompute::kAuto && !device.is_cpu());
+  return policy == Recompute::kAll || (policy != Recompute::kRule && !device.is_cpu());
+}
+
+// Whether a training-mode BN forward keeps z. "auto" does for bfloat16 on the CPU: there the
+// rule flags channels whose |beta / gamma| (or residual) is large against |mean| / std, as
+// bfloat16's rounding of the output makes recovery less accurate than native's rounding of z
+// (VGG38 BN+RC under bf16 autocast, batch 100, from its initial state: 13 of 37 units), and
+// each recompute costs a conv; keeping z (2 bytes a value, as native's saved BN input) made
+// the 32->32 unit's fwd+bwd (N=100, 32x32, the benchmark's BN state) 0.8x native bfloat16's
+// time instead of 1.0x.
+bool keeps_conv_output(const Tensor& input) {
+  const Recompute policy = recompute_policy.load();
+  return policy == Recompute::kKeep ||
+         (policy == Recompute::kAuto && input.is_cpu() && input.scalar_type() == at::kBFloat16);
 }
 
 // conv_bn_act's tensor arguments, in schema order, and which of them _conv_bn_act_backward
@@ -67,19 +85,39 @@ struct ConvBnAct : torch::autograd::Function<ConvBnAct> {
                                    const OptTensor&, const OptTensor&, const OptTensor&,
                                    const OptTensor&, const OptTensor&, int64_t, int64_t, bool,
                                    double, double)>();
+    static const auto conv_stats = c10::Dispatcher::singleton()
+                                       .findSchemaOrThrow("vggbench::_conv_stats", "")
+                                       .typed<std::tuple<Tensor, Tensor, Tensor>(
+                                           const Tensor&, const Tensor&, const OptTensor&, int64_t, int64_t)>();
+    static const auto bn_act = c10::Dispatcher::singleton()
+                                   .findSchemaOrThrow("vggbench::_bn_act", "")
+                                   .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                 const Tensor&, const OptTensor&, const OptTensor&, double,
+                                                 double)>();
+    const bool keep = present(bn_weight) && use_batch_stats && keeps_conv_output(input);
+    Tensor kept_z;  // undefined unless kept
     auto [out, mean, var] = [&] {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      return op.call(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
-                     stride, padding, use_batch_stats, eps, negative_slope);
+      if (!keep) {
+        return op.call(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
+                       stride, padding, use_batch_stats, eps, negative_slope);
+      }
+      checks::conv_bn_act(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
+                          stride, padding, use_batch_stats, eps, negative_slope);
+      auto [z, batch_mean, batch_var] = conv_stats.call(input, weight, bias, stride, padding);
+      kept_z = z;
+      return std::tuple{bn_act.call(z, batch_mean, batch_var, *bn_weight, *bn_bias, bias, residual, eps,
+                                    negative_slope),
+                        batch_mean, batch_var};
     }();
     ctx->mark_non_differentiable({mean, var});
     ctx->set_materialize_grads(false);  // no zero-filled gradients for mean and var
     const bool running = present(bn_weight) && !use_batch_stats;  // eval: the running stats
     const auto tensor = [](const OptTensor& t) { return t.value_or(Tensor()); };
-    // Nothing else activation-sized: the residual is another layer's input or output.
+    // Nothing else activation-sized but a kept z: the residual is another layer's input or output.
     ctx->save_for_backward({out, input, weight, tensor(bias), tensor(bn_weight), tensor(bn_bias),
                             tensor(residual), running ? tensor(running_mean) : mean,
-                            running ? tensor(running_var) : var});
+                            running ? tensor(running_var) : var, kept_z});
     // Autograd gives each present tensor argument an edge: a bit per argument that was.
     int64_t edges = 0b11;  // input and weight
     int bit = 2;
@@ -103,7 +141,7 @@ struct ConvBnAct : torch::autograd::Function<ConvBnAct> {
                 const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
                 const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&,
                 const Tensor&, int64_t, int64_t, bool, double, double, bool, std::array<bool, 6>,
-                const OptTensor&, const OptTensor&)>();
+                const OptTensor&, const OptTensor&, const OptTensor&)>();
     variable_list result(kArgs);
     const Tensor& grad_out = grads[0];
     if (!grad_out.defined()) return result;  // the output did not reach the loss
@@ -128,7 +166,7 @@ struct ConvBnAct : torch::autograd::Function<ConvBnAct> {
         ctx->saved_data["stride"].toInt(), ctx->saved_data["padding"].toInt(),
         ctx->saved_data["use_batch_stats"].toBool(), ctx->saved_data["eps"].toDouble(),
         ctx->saved_data["negative_slope"].toDouble(), recompute_all(out.device()), mask,
-        std::nullopt, std::nullopt);
+        std::nullopt, std::nullopt, optional(saved[9]));
     const std::array<Tensor, 6> gradients = {std::get<0>(computed), std::get<1>(computed),
                                              std::get<2>(computed), std::get<3>(computed),
                                              std::get<4>(computed), std::get<5>(computed)};

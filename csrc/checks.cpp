@@ -160,7 +160,7 @@ void backward(const Tensor& grad_out, const Tensor& out, const Tensor& input, co
               const OptTensor& bias, const OptTensor& bn_weight, const OptTensor& bn_bias,
               const OptTensor& residual, const Tensor& mean, const Tensor& var, int64_t stride,
               int64_t padding, bool use_batch_stats, double eps, double slope,
-              const OptTensor& local_sums, const OptTensor& reduced_sums) {
+              const OptTensor& local_sums, const OptTensor& reduced_sums, const OptTensor& kept_z) {
   const char* op = "_conv_bn_act_backward";
   const auto shape = conv(op, input, weight, bias, stride, padding);
   slope_and_eps(op, slope, eps);
@@ -185,6 +185,11 @@ void backward(const Tensor& grad_out, const Tensor& out, const Tensor& input, co
               "BatchNorm (use_batch_stats=True with bn_weight)");
     channel_vector(op, local_sums, input, 2 * channels + 2, "local_sums", /*stats_only=*/true);
     channel_vector(op, reduced_sums, input, 2 * channels + 1, "reduced_sums", /*stats_only=*/true);
+  }
+  if (kept_z) {
+    CHECK_ARG(op, bn_weight && use_batch_stats && !local_sums, "kept_z needs training-mode BatchNorm "
+              "(use_batch_stats=True with bn_weight) without local_sums and reduced_sums");
+    like_activation(op, kept_z, out, "kept_z", "out");
   }
 }
 

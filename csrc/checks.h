@@ -26,7 +26,7 @@ void backward(const Tensor& grad_out, const Tensor& out, const Tensor& input, co
               const OptTensor& bias, const OptTensor& bn_weight, const OptTensor& bn_bias,
               const OptTensor& residual, const Tensor& mean, const Tensor& var, int64_t stride,
               int64_t padding, bool use_batch_stats, double eps, double slope,
-              const OptTensor& local_sums, const OptTensor& reduced_sums);
+              const OptTensor& local_sums, const OptTensor& reduced_sums, const OptTensor& kept_z);
 
 void update_running_stats(const Tensor& running_mean, const Tensor& running_var,
                           const Tensor& num_batches_tracked, const Tensor& batch_mean,

@@ -216,9 +216,8 @@ BackwardInputs backward_inputs(const Tensor& grad_out, const Tensor& out, const 
 }
 
 // Training-mode BN backward's recompute of xhat = (conv(x) + bias - mean) / sqrt(var + eps):
-// the conv, normalised in the backward passes' registers where the backend can
-// (Kernels::reads_xhat_affine), else by the normalise pass with slope 1 (the identity), in
-// place; for every channel, or (some) only for those the rule flagged, the others recovered.
+// the conv, normalised (Kernels::reads_xhat_affine, below); for every channel, or (some) only
+// for those the rule flagged, the others recovered.
 struct Recompute {
   const Kernels& k;
   const Tensor& x;
@@ -229,14 +228,22 @@ struct Recompute {
 
   void operator()(BackwardInputs& in) const {
     RECORD_FUNCTION("vggbench::recompute_xhat", {});  // so profiles count the recomputes
-    const Tensor z = conv(k, x, weight, stride, padding, fmt);
+    normalised(in, conv(k, x, weight, stride, padding, fmt), /*owned=*/true);
+  }
+
+  // xhat from the conv output without its bias, z (in the call's layout): normalised in the
+  // backward passes' registers where the backend can, else by the normalise pass with slope 1
+  // (the identity), in place when z is `owned`, else into a new tensor.
+  void normalised(BackwardInputs& in, const Tensor& z, bool owned) const {
     const ChannelAffine xhat{true, {}, {}, in.mean, in.var, contiguous(bias), in.eps};
     if (k.reads_xhat_affine) {
       in.xhat_affine = xhat;
-    } else {
-      k.normalize_act(z, xhat, std::nullopt, 1.0, z);
+      in.xhat = z;
+      return;
     }
-    in.xhat = z;
+    const Tensor normalised_z = owned ? z : at::empty_like(z);
+    k.normalize_act(z, xhat, std::nullopt, 1.0, normalised_z);
+    in.xhat = normalised_z;
   }
 
   // The channels to recompute when the rule flags `flagged`: those, and where the conv has a
@@ -317,9 +324,9 @@ Grads backward(const Kernels& k, const Tensor& grad_out, const Tensor& out, cons
                const OptTensor& bn_bias, const OptTensor& residual, const Tensor& mean,
                const Tensor& var, int64_t stride, int64_t padding, bool use_batch_stats,
                double eps, double slope, bool recompute_all, std::array<bool, 6> mask,
-               const OptTensor& local_sums, const OptTensor& reduced_sums) {
+               const OptTensor& local_sums, const OptTensor& reduced_sums, const OptTensor& kept_z) {
   checks::backward(grad_out, out, input, weight, bias, bn_weight, bn_bias, residual, mean, var,
-                   stride, padding, use_batch_stats, eps, slope, local_sums, reduced_sums);
+                   stride, padding, use_batch_stats, eps, slope, local_sums, reduced_sums, kept_z);
   const auto fmt = memory_format_of(input, weight);
   const auto stats = mean.scalar_type();
   const Tensor x = input.contiguous(fmt);
@@ -345,6 +352,10 @@ Grads backward(const Kernels& k, const Tensor& grad_out, const Tensor& out, cons
       sum_g = reduced_sums->narrow(0, 0, channels);
       sum_gx = reduced_sums->narrow(0, channels, channels);
       count = reduced_sums->select(0, 2 * channels);
+    } else if (kept_z) {  // xhat from the forward's conv output: no rule, no recompute
+      recompute.normalised(in, kept_z->contiguous(fmt), /*owned=*/false);
+      std::tie(grad_beta, grad_gamma, std::ignore) = k.backward_reduce(in);
+      sum_g = grad_beta, sum_gx = grad_gamma;
     } else {
       std::tie(grad_beta, grad_gamma, std::ignore) =
           bn_backward_sums(k, recompute, in, recompute_all, /*partial=*/true);
@@ -416,7 +427,8 @@ Tensor backward_sums(const Kernels& k, const Tensor& grad_out, const Tensor& out
                      const Tensor& mean, const Tensor& var, int64_t stride, int64_t padding,
                      double eps, double slope, bool recompute_all) {
   checks::backward(grad_out, out, input, weight, bias, bn_weight, bn_bias, residual, mean, var,
-                   stride, padding, /*use_batch_stats=*/true, eps, slope, std::nullopt, std::nullopt);
+                   stride, padding, /*use_batch_stats=*/true, eps, slope, std::nullopt, std::nullopt,
+                   std::nullopt);
   const auto fmt = memory_format_of(input, weight);
   const Tensor x = input.contiguous(fmt);
   BackwardInputs in = backward_inputs(grad_out, out, residual, fmt, bn_weight, bn_bias, mean, var, eps, slope);
@@ -457,10 +469,10 @@ void register_backend(torch::Library& m, const Kernels& kernels) {
              const OptTensor& residual, const Tensor& mean, const Tensor& var, int64_t stride,
              int64_t padding, bool use_batch_stats, double eps, double negative_slope,
              bool recompute_all, std::array<bool, 6> output_mask, const OptTensor& local_sums,
-             const OptTensor& reduced_sums) {
+             const OptTensor& reduced_sums, const OptTensor& kept_z) {
            return backward(*k, grad_out, out, input, weight, bias, bn_weight, bn_bias, residual,
                            mean, var, stride, padding, use_batch_stats, eps, negative_slope,
-                           recompute_all, output_mask, local_sums, reduced_sums);
+                           recompute_all, output_mask, local_sums, reduced_sums, kept_z);
          });
   m.impl("_conv_stats", [k](const Tensor& input, const Tensor& weight, const OptTensor& bias,
                             int64_t stride, int64_t padding) {

@@ -47,12 +47,14 @@ TORCH_LIBRARY(vggbench, m) {
   // read: the policy for CUDA graphs). local_sums / reduced_sums: this rank's and all
   // ranks' _conv_bn_act_backward_sums (synchronised BN): the input gradient uses the
   // reduced sums, the BN parameters' gradients the local ones, and no reduction runs.
+  // kept_z: the forward's conv output without its bias (_conv_stats' z), kept for training-
+  // mode BN: xhat comes from it, neither recovered nor recomputed.
   m.def(
       "_conv_bn_act_backward(Tensor grad_out, Tensor out, Tensor input, Tensor weight, "
       "Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, Tensor? residual, Tensor mean, "
       "Tensor var, int stride, int padding, bool use_batch_stats, float eps, "
       "float negative_slope, bool recompute_all, bool[6] output_mask, "
-      "Tensor? local_sums=None, Tensor? reduced_sums=None) "
+      "Tensor? local_sums=None, Tensor? reduced_sums=None, Tensor? kept_z=None) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Training-mode conv_bn_act in halves, for synchronised BN, computing exactly what it
   // does: the conv output without its bias, and the per-channel mean (bias included) and

@@ -41,9 +41,10 @@ def deterministic_ieee_cudnn():
         yield
 
 
-@pytest.fixture(params=["all", "rule"])
+@pytest.fixture(params=["all", "rule", "keep"])
 def recompute(request, monkeypatch) -> str:
-    """The backward policy: "all" (CUDA's default, no host read), "rule" (per-channel recovery)."""
+    """The backward policy: "all" (CUDA's default, no host read), "rule" (per-channel recovery),
+    "keep" (the forward keeps the conv output)."""
     monkeypatch.setattr(ops, "RECOMPUTE", request.param)
     return request.param
 

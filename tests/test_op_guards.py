@@ -160,6 +160,21 @@ def test_backward_checks_the_sums_it_is_given():
         op(*tensors.values(), stride, padding, True, eps, slope, False, [True] * 6, sums, None)
 
 
+def test_backward_checks_the_kept_conv_output():
+    tensors, (stride, padding, eps, slope), sums = op_arguments()
+    op = torch.ops.vggbench._conv_bn_act_backward
+    z = torch.randn_like(tensors["out"])
+    with pytest.raises(RuntimeError, match="kept_z must have the out's shape"):
+        op(*tensors.values(), stride, padding, True, eps, slope, False, [True] * 6, kept_z=z[:1])
+    with pytest.raises(RuntimeError, match="kept_z has dtype Double but out has dtype Float"):
+        op(*tensors.values(), stride, padding, True, eps, slope, False, [True] * 6, kept_z=z.double())
+    with pytest.raises(RuntimeError, match="kept_z needs training-mode BatchNorm"):
+        op(*tensors.values(), stride, padding, False, eps, slope, False, [True] * 6, kept_z=z)
+    reduced = sums[:-1].clone()
+    with pytest.raises(RuntimeError, match="without local_sums and reduced_sums"):
+        op(*tensors.values(), stride, padding, True, eps, slope, False, [True] * 6, sums, reduced, z)
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"batch_var": lambda t: t[:2]}, "batch_var .* must match batch_mean"),
     ({"running_var": lambda t: t[:2]}, "running statistics of shape"),

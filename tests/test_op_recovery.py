@@ -21,6 +21,7 @@ import torch
 from tests.test_ops import Sample, assert_matches_native, make_sample, reference
 from vggbench import ops
 from vggbench.bench.scaling import torch_threads
+from vggbench.memory import saved_bytes
 
 GAMMAS = {
     "issue": [1e-3, -1e-4, 1.0, 0.7],  # the issue's example: fp32 slope 1 lost 100x on channels 0 and 1
@@ -31,6 +32,13 @@ GAMMAS = {
 SLOPES = [0.0, 0.01, 0.3, 1.0]
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 ROUNDOFF_UNITS = 4  # the floor: this many units of roundoff of the dtype at the gradient's scale
+
+
+@pytest.fixture(autouse=True)
+def recovery_policy(monkeypatch):
+    """The rule, in every dtype ("auto" keeps bfloat16's conv output instead of recovering);
+    a test may set another policy."""
+    monkeypatch.setattr(ops, "RECOMPUTE", "rule")
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -155,10 +163,10 @@ def test_partial_recompute_keeps_the_bits_of_recompute_and_recovery(layout, resi
     assert torch.equal(partial["bn_weight"][8:], recovered["bn_weight"][8:])
 
 
-@pytest.mark.parametrize("policy", ["rule", "all"])
+@pytest.mark.parametrize("policy", ["rule", "all", "keep"])
 def test_policies_agree_with_native(policy, monkeypatch):
-    """Both backward policies (recover where the rule allows / always recompute: the
-    capture-safe one) meet the 4x rule on the issue's example, on the CPU."""
+    """Every backward policy (recover where the rule allows / always recompute: the
+    capture-safe one / keep the conv output) meets the 4x rule on the issue's example, on the CPU."""
     monkeypatch.setattr(ops, "RECOMPUTE", policy)
     sample = make_sample("policy", "cpu", torch.float32, True, n=2, c=8, k=4, size=6, residual=True, slope=1.0,
                          gamma=GAMMAS["issue"])
@@ -171,8 +179,38 @@ def test_unknown_policy_is_refused_and_the_policy_kept(monkeypatch):
     with pytest.raises(ValueError, match="RECOMPUTE must be one of"):
         ops.RECOMPUTE = "sometimes"
     assert ops.RECOMPUTE == "all"
-    with pytest.raises(ValueError, match="the policy must be auto, rule or all"):  # the C++ side checks too
+    with pytest.raises(ValueError, match="the policy must be auto, rule, all or keep"):  # the C++ side checks too
         torch.ops.vggbench._set_recompute("sometimes")
+
+
+@pytest.mark.parametrize(("dtype", "policy"), [(torch.bfloat16, "auto"), (torch.float32, "keep"),
+                                               (torch.float64, "keep")], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_keeping_the_conv_output_gives_the_bits_of_recompute(dtype, policy, layout, monkeypatch):
+    """Under "keep" (and "auto" for bfloat16 on the CPU) the forward keeps the conv output for
+    the backward: one activation more than the rule's policy saves, no recompute and one
+    reduction in the backward, and output and gradients bit for bit those of always
+    recomputing it (the same conv output, normalised alike), on a unit whose channels the rule
+    flags."""
+    sample = make_sample(f"keep-{dtype}-{layout}", "cpu", dtype, True, n=4, c=8, k=8, size=8, residual=True,
+                         bias=True, layout=layout, gamma=GAMMAS["issue"] + GAMMAS["unit"])
+    inputs = list(sample.grad_inputs().values())
+    grad_out = torch.randn(4, 8, 8, 8, generator=torch.Generator().manual_seed(5)).to(dtype)
+    activation = grad_out.numel() * grad_out.element_size()
+    results, saved = {}, {}
+    for name in ("all", policy):
+        monkeypatch.setattr(ops, "RECOMPUTE", name)
+        saved[name] = saved_bytes(lambda: ops.conv_bn_act(**sample.kwargs()), exclude=inputs).activations
+        out = ops.conv_bn_act(**sample.kwargs())
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            grads = torch.autograd.grad(out, inputs, grad_out)
+        names = [e.name for e in prof.events()]
+        results[name] = (out, *grads)
+        if name == policy:
+            assert names.count("vggbench::recompute_xhat") == 0 and names.count("vggbench::conv") == 0, names
+            assert names.count("vggbench::cpu::backward_reduce") == 1
+    assert all(torch.equal(a, b) for a, b in zip(results[policy], results["all"]))
+    assert saved[policy] - saved["all"] == activation, saved
 
 
 @pytest.mark.parametrize("policy", ["rule", "all"])

@@ -6,7 +6,8 @@
 
 exactly as nn.Conv2d -> nn.BatchNorm2d -> (+ residual) -> F.leaky_relu do, including
 BatchNorm2d's running-statistics update. It keeps only its input and output for
-backward (the native chain also keeps the conv and BN outputs).
+backward (the native chain also keeps the conv and BN outputs), and with the "keep" policy
+(below; bfloat16 on the CPU by default) the conv output too.
 
 The kernels live in csrc/ (schemas defined once in C++, a CPU and a CUDA backend, and
 conv_bn_act's autograd in csrc/autograd.cpp: no Python runs per call); this module adds the
@@ -27,9 +28,14 @@ xhat. "rule" recovers it from the output for every channel where the recovery ru
 csrc/fused_unit_math.h proves every gradient stays within its factor of native's error,
 and recomputes it with the conv otherwise (reading one host bit per unit: free on the CPU,
 a small blocking copy on CUDA). "all" always recomputes it (no host read at all: safe
-under CUDA graph capture; native's numerics, one more conv per unit). "auto" (default):
-"rule" on the CPU, "all" on CUDA. Assigning vggbench.ops.RECOMPUTE sets the policy of the
-C++ backward (_set_recompute), which reads it when it runs; an unknown policy raises ValueError.
+under CUDA graph capture; native's numerics, one more conv per unit). "keep" keeps the conv
+output for backward instead, where xhat then comes from (no rule, no recompute: native's
+numerics, one more activation saved per unit; units whose forward ran under another policy
+are "auto"'s). "auto" (default): "keep" for bfloat16 on the CPU (there the rule often flags
+channels, and a recompute costs a conv: csrc/autograd.cpp), else "rule" on the CPU and "all"
+on CUDA. Assigning vggbench.ops.RECOMPUTE sets the policy of the C++ autograd
+(_set_recompute): the forward reads "keep", the backward the rest when it runs; an unknown
+policy raises ValueError.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ except ImportError as err:  # pragma: no cover - depends on the install
 # The differentiable inputs, in the order _conv_bn_act_backward returns their gradients.
 GRAD_INPUTS = ("input", "weight", "bias", "bn_weight", "bn_bias", "residual")
 
-RECOMPUTE_POLICIES = ("auto", "rule", "all")
+RECOMPUTE_POLICIES = ("auto", "rule", "all", "keep")
 RECOMPUTE = "auto"  # the backward policy (module doc); set vggbench.ops.RECOMPUTE to change it
 
 
@@ -71,8 +77,9 @@ sys.modules[__name__].__class__ = _OpsModule
 
 
 def recompute_all(device: torch.device) -> bool:
-    """Whether the backward recomputes xhat for every channel (RECOMPUTE on this device)."""
-    return RECOMPUTE == "all" or (RECOMPUTE == "auto" and device.type != "cpu")
+    """Whether a backward without a kept conv output recomputes xhat for every channel
+    (RECOMPUTE on this device)."""
+    return RECOMPUTE == "all" or (RECOMPUTE != "rule" and device.type != "cpu")
 
 
 def _channels_last(t: Tensor) -> bool:
@@ -198,11 +205,11 @@ def _conv_bn_act_fake(
 def _conv_bn_act_backward_fake(
     grad_out, out, input, weight, bias, bn_weight, bn_bias, residual, mean, var,
     stride, padding, use_batch_stats, eps, negative_slope, recompute_all, output_mask,
-    local_sums=None, reduced_sums=None,
+    local_sums=None, reduced_sums=None, kept_z=None,
 ):
     _check_devices("_conv_bn_act_backward", input, grad_out=grad_out, out=out, weight=weight, bias=bias,
                    bn_weight=bn_weight, bn_bias=bn_bias, residual=residual, mean=mean, var=var,
-                   local_sums=local_sums, reduced_sums=reduced_sums)
+                   local_sums=local_sums, reduced_sums=reduced_sums, kept_z=kept_z)
     fmt = memory_format_of(input, weight)
 
     def grad(wanted: bool, like: Tensor | None) -> Tensor:
