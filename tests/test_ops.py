@@ -503,19 +503,21 @@ def test_matches_native_chain(device, dtype, layout, unit):
     assert_matches_native(sample, ref, seed=2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(("size", "k", "residual", "gamma", "bias"), [
     (8, 32, False, None, False), (5, 7, False, None, True), (16, 12, True, None, True), (9, 32, False, "tiny", False),
     (32, 4, True, "tiny", False),
 ])
-def test_entry_conv_weight_gradient_alone(size, k, residual, gamma, bias):
+def test_entry_conv_weight_gradient_alone(size, k, residual, gamma, bias, dtype):
     """The entry conv's training step on the CPU (3 input channels, images that need no
-    gradient, float32 channels_last): BN's input gradient goes straight into the weight
-    gradient (cpu::apply_weight_grad), never stored. It matches the native chain, with xhat
-    recovered or (BN weights of 1e-3: the rule's case) recomputed, odd channel counts, a
-    residual that needs no gradient and a conv bias (its gradient 0); and it gives the same
-    bits on 1 thread as on 2."""
+    gradient, float32 or bfloat16 channels_last): BN's input gradient goes straight into the
+    weight gradient (cpu::apply_weight_grad: bfloat16 rounded per value as backward_apply
+    stores it, products summed in float32), never stored. It matches the native chain, with
+    xhat recovered or (BN weights of 1e-3: the rule's case) recomputed (bfloat16: from the kept
+    conv output), odd channel counts, a residual that needs no gradient and a conv bias (its
+    gradient 0); and it gives the same bits on 1 thread as on 2."""
     gammas = [1e-3 if c % 2 else 1.0 for c in range(k)] if gamma == "tiny" else None
-    sample = make_sample(f"entry-alone-{size}-{k}", "cpu", torch.float32, True, n=5, k=k, size=size,
+    sample = make_sample(f"entry-alone-{size}-{k}", "cpu", dtype, True, n=5, k=k, size=size,
                          residual=residual, layout="channels_last", gamma=gammas, bias=bias)
     sample.input.requires_grad_(False)
     if residual:

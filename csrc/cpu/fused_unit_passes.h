@@ -551,11 +551,12 @@ constexpr int64_t kEntryTaps = 9 * kEntryChannels;  // (dy, dx, c) of a 3x3 wind
 constexpr int64_t kEntryBlockPixels = 256;
 
 // Whether the entry kernel computes the weight gradient of conv2d(x, weight, stride,
-// padding) with an output gradient of dtype `grad`: float32 channels_last, 3 input channels,
-// 3x3 kernel, stride 1, padding 1, not empty.
+// padding) with an output gradient of dtype `grad`: x and the gradient both float32 or both
+// bfloat16, channels_last, 3 input channels, 3x3 kernel, stride 1, padding 1, not empty.
 bool entry_kernel_applies(const Tensor& x, const Tensor& weight, at::ScalarType grad, int64_t stride,
                           int64_t padding) {
-  return grad == at::kFloat && x.scalar_type() == at::kFloat && x.dim() == 4 && x.numel() > 0 &&
+  return (grad == at::kFloat || grad == at::kBFloat16) && x.scalar_type() == grad && x.dim() == 4 &&
+         x.numel() > 0 &&
          x.size(1) == kEntryChannels && x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
          weight.size(2) == 3 && weight.size(3) == 3 && stride == 1 && padding == 1;
 }
@@ -576,8 +577,9 @@ struct EntryBlocks {
   int64_t images_in(int64_t block) const { return std::min(N, first(block) + images) - first(block); }
   // A thread's padded copy: zeros, whose border the copies leave as they are.
   std::vector<float> padded_buffer() const { return std::vector<float>(images * image, 0.0f); }
-  // The block's images of x into `padded`.
-  void copy(const float* x, int64_t block, float* padded) const {
+  // The block's images of x (float or bfloat16) into `padded`, as floats.
+  template <typename T>
+  void copy(const T* x, int64_t block, float* padded) const {
     for (int64_t n = 0; n < images_in(block); ++n) {
       for (int64_t h = 0; h < H; ++h) {
         std::copy_n(x + ((first(block) + n) * H + h) * W * kEntryChannels, W * kEntryChannels,
@@ -704,28 +706,29 @@ std::optional<std::tuple<Tensor, Tensor, Tensor>> entry_conv_stats(const Tensor&
 }
 
 // The weight gradient (K, 3, 3, 3), channels_last, float32, of the 3x3 stride-1 padding-1
-// conv of x (N, 3, H, W), channels_last, float32, with an output gradient of K channels whose
-// rows (pixels) of each block of images dz_of(first_image, images, buffer) gives: a pointer to
-// them, K floats per pixel, elsewhere or in `buffer` (a vector of the thread, which dz_of may
-// resize). Per block, per kWidth
+// conv of x (N, 3, H, W), channels_last, of T (float or c10::BFloat16, widened to float),
+// with an output gradient of K channels whose rows (pixels) of each block of images
+// dz_of(first_image, images, buffer) gives: a pointer to them, K values of T per pixel,
+// elsewhere or in `buffer` (a vector of the thread, which dz_of may resize). Per block, per kWidth
 // output channels and kernel row dy: the 3 x 3 products x(h + dy - 1, w + dx - 1, c) dz(h, w,
 // k) summed with FMAs over the block's pixels in order, x read from a zero-padded copy of the
 // block's images; the blocks added in double, in order. Every AVX build sums the same
 // products in the same order: the same bits, for any thread count.
-template <typename DzOf>
+template <typename T, typename DzOf>
 Tensor entry_weight_grad(const Tensor& x, int64_t K, DzOf dz_of) {
   const EntryBlocks blocks(x);
   const int64_t H = blocks.H, W = blocks.W, HW = blocks.pixels;
-  const float* input = x.const_data_ptr<float>();
+  const T* input = x.const_data_ptr<T>();
   std::vector<float> partial(blocks.count * kEntryTaps * K);  // per block: (dy, dx, c, k)
   using V = Lanes<float, kWidth>;
   at::parallel_for(0, blocks.count, 1, [&](int64_t begin, int64_t end) {
     const DzOf dz_of_block = dz_of;  // a local copy: its captures stay in registers
-    std::vector<float> padded = blocks.padded_buffer(), buffer;
+    std::vector<float> padded = blocks.padded_buffer();
+    std::vector<T> buffer;
     for (int64_t b = begin; b < end; ++b) {
       const int64_t count = blocks.images_in(b);
       blocks.copy(input, b, padded.data());
-      const float* dz = dz_of_block(blocks.first(b), count, buffer);
+      const T* dz = dz_of_block(blocks.first(b), count, buffer);
       float* out = partial.data() + b * kEntryTaps * K;
       for_channel_chunks<float>(K, [&](auto channels, auto at) {
         for (int64_t dy = 0; dy < 3; ++dy) {
@@ -733,7 +736,7 @@ Tensor entry_weight_grad(const Tensor& x, int64_t K, DzOf dz_of) {
           for (int64_t n = 0; n < count; ++n) {
             for (int64_t h = 0; h < H; ++h) {
               const float* window = padded.data() + n * blocks.image + (h + dy) * blocks.row;
-              const float* grad = dz + (n * HW + h * W) * K;
+              const T* grad = dz + (n * HW + h * W) * K;
               for (int64_t w = 0; w < W; ++w, window += kEntryChannels) {
                 const V v = at(w * K + channels.c0).load(grad);
 #pragma GCC unroll 9
@@ -749,7 +752,8 @@ Tensor entry_weight_grad(const Tensor& x, int64_t K, DzOf dz_of) {
     }
   });
   // (K, 3, 3, 3) channels_last: element (k, c, dy, dx) at k * 27 + (dy * 3 + dx) * 3 + c
-  Tensor grad_w = at::empty({K, kEntryChannels, 3, 3}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  Tensor grad_w = at::empty({K, kEntryChannels, 3, 3},
+                            x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
   float* result = grad_w.mutable_data_ptr<float>();
   at::parallel_for(0, kEntryTaps * K, 64, [&](int64_t begin, int64_t end) {
     for (int64_t e = begin; e < end; ++e) {
@@ -761,6 +765,12 @@ Tensor entry_weight_grad(const Tensor& x, int64_t K, DzOf dz_of) {
   return grad_w;
 }
 
+// fn(T{}) with T the entry kernel's activation type for x: float or c10::BFloat16.
+template <typename F>
+auto with_entry_type(const Tensor& x, F fn) {
+  return x.scalar_type() == at::kBFloat16 ? fn(c10::BFloat16{}) : fn(float{});
+}
+
 // Kernels::weight_grad: the entry kernel reading grad_z.
 std::optional<Tensor> weight_grad(const Tensor& grad_z, const Tensor& x, const Tensor& weight, int64_t stride,
                                   int64_t padding) {
@@ -770,8 +780,11 @@ std::optional<Tensor> weight_grad(const Tensor& grad_z, const Tensor& x, const T
   }
   RECORD_FUNCTION("vggbench::cpu::weight_grad", {});  // the pass, in profiles
   const int64_t pixels = x.size(2) * x.size(3), K = grad_z.size(1);
-  const float* dz = grad_z.const_data_ptr<float>();
-  return entry_weight_grad(x, K, [=](int64_t first, int64_t, std::vector<float>&) { return dz + first * pixels * K; });
+  return with_entry_type(x, [&](auto type) {
+    using T = decltype(type);
+    const T* dz = grad_z.const_data_ptr<T>();
+    return entry_weight_grad<T>(x, K, [=](int64_t first, int64_t, std::vector<T>&) { return dz + first * pixels * K; });
+  });
 }
 
 // Kernels::apply_weight_grad: the entry kernel, each block's grad_z computed by
@@ -784,16 +797,19 @@ std::optional<Tensor> apply_weight_grad(const BackwardInputs& in, const OptTenso
   RECORD_FUNCTION("vggbench::cpu::apply_weight_grad", {});  // the pass, in profiles
   const int64_t pixels = x.size(2) * x.size(3), K = g.channels;
   Tensor grad_w;
-  with_apply_step<float>(in, sum_g, sum_gx, count, nullptr, [&](auto operands, auto step) {
-    grad_w = entry_weight_grad(x, K, [=](int64_t first, int64_t images, std::vector<float>& buffer) {
-      const int64_t shift = first * pixels * K;
-      buffer.resize(images * pixels * K);
-      for (int64_t p = first * pixels; p < (first + images) * pixels; ++p) {
-        for_channel_chunks<float>(K, [&](auto channels, auto at) {
-          step(at(p * K + channels.c0), operands(channels), buffer.data(), shift);
-        });
-      }
-      return static_cast<const float*>(buffer.data());
+  with_entry_type(x, [&](auto type) {
+    using T = decltype(type);
+    with_apply_step<T>(in, sum_g, sum_gx, count, nullptr, [&](auto operands, auto step) {
+      grad_w = entry_weight_grad<T>(x, K, [=](int64_t first, int64_t images, std::vector<T>& buffer) {
+        const int64_t shift = first * pixels * K;
+        buffer.resize(images * pixels * K);
+        for (int64_t p = first * pixels; p < (first + images) * pixels; ++p) {
+          for_channel_chunks<float>(K, [&](auto channels, auto at) {
+            step(at(p * K + channels.c0), operands(channels), buffer.data(), shift);
+          });
+        }
+        return static_cast<const T*>(buffer.data());
+      });
     });
   });
   return grad_w;
