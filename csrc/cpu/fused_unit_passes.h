@@ -606,10 +606,17 @@ VGGBENCH_STEP inline void entry_tile(const float* window, const int64_t (&offset
 }
 
 // Images of at most this many pixels take entry_conv_stats; larger ones ATen's conv and
-// batch_stats, faster there (AMD EPYC, AVX2, N=100, 2 threads: this kernel with its
-// statistics 0.19 ms against ATen's 0.24 ms + a batch_stats pass at 8x8, 0.72 against
-// 0.65 + ~0.1 ms at 16x16, 2.8 against 2.2 + ~0.4 ms at 32x32).
+// batch_stats. AVX2 build: 128, the study's 8x8 maps (AMD EPYC Zen 3, N=100, 2 threads: this
+// kernel with its statistics 0.19 ms against ATen's 0.24 ms + a batch_stats pass at 8x8, 0.72
+// against 0.65 + ~0.1 ms at 16x16, 2.8 against 2.2 + ~0.4 ms at 32x32; on Zen 4 forced to AVX2
+// the entry unit's fwd+bwd took 0.98-1.02x with it at 16x16 and 32x32). AVX-512 build: up to
+// 32x32 (Zen 4 with AVX-512, same process: the entry unit's fwd+bwd 0.88-0.94x with it at
+// 16x16 and 32x32).
+#if defined(VGGBENCH_CPU_PASSES_AVX512)
+constexpr int64_t kEntryDirectPixels = 32 * 32;
+#else
 constexpr int64_t kEntryDirectPixels = 128;
+#endif
 
 // Kernels::conv_stats of the passes: the entry conv on small maps (x float32 (N, 3, H, W)
 // channels_last, H * W <= kEntryDirectPixels, a float32 3x3 weight, stride 1, padding 1, no
