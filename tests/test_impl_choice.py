@@ -1,5 +1,5 @@
-"""--impl auto: the fused op where it is the faster (the CPU, fp32, channels_last, Winograd
-kernels), native otherwise; --channels-last unset: channels_last on the CPU, contiguous
+"""--impl auto: the fused op where it is the faster (the CPU, fp32 or bf16, channels_last,
+Winograd kernels), native otherwise; --channels-last unset: channels_last on the CPU, contiguous
 elsewhere; both resolved at run start, said in the output, recorded in config.json."""
 
 from __future__ import annotations
@@ -34,9 +34,19 @@ def test_fused_on_the_cpu_in_fp32_channels_last() -> None:
     assert impl == "fused" and torch.ops.vggbench.winograd_isa().upper() in why
 
 
+@pytest.mark.skipif(not FAST_CPU, reason="this CPU has no AVX2+FMA: auto never picks the fused op here")
+def test_bf16_fused_where_the_winograd_convs_take_it() -> None:
+    impl, why = choose_impl(replace(FAST, precision="bf16"), CPU)
+    if torch.ops.vggbench.winograd_takes_bfloat16():
+        assert (impl, why) == ("fused", f"Winograd convs on {torch.ops.vggbench.winograd_isa().upper()}, "
+                                        "channels_last, bf16")
+    else:
+        assert impl == "native" and "AMX-BF16" in why
+
+
 @pytest.mark.parametrize(("change", "device", "reason"), [
     ({"channels_last": False}, CPU, "only in channels_last (not with --no-channels-last)"),
-    ({"precision": "bf16"}, CPU, "--precision bf16: the fused op's convs are fast in fp32 only"),
+    ({"precision": "fp16"}, CPU, "--precision fp16: the fused op's convs are fast in fp32 and bf16 only"),
     ({"activation": "sigmoid"}, CPU, "conv -> BN -> LeakyReLU only"),
     ({"bn_position": "after"}, CPU, "conv -> BN -> LeakyReLU only"),
     ({}, torch.device("cuda"), "on cuda the fused op is not the faster"),

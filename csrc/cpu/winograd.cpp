@@ -238,12 +238,17 @@ bool native_bf16_dot_products() {
   return cpu && at::globalContext().userEnabledMkldnn();
 }
 
+bool winograd_takes_bfloat16() {
+  static const bool bf16 = !native_bf16_on_amx();
+  return bf16 && winograd_isa() != Isa::kNone;
+}
+
 bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
                       int64_t padding) {
-  static const bool bf16 = !native_bf16_on_amx();
   const auto dtype = x.scalar_type();
   return winograd_isa() != Isa::kNone && x.device().is_cpu() &&
-         (dtype == at::kFloat || (dtype == at::kBFloat16 && bf16)) && weight.scalar_type() == dtype &&
+         (dtype == at::kFloat || (dtype == at::kBFloat16 && winograd_takes_bfloat16())) &&
+         weight.scalar_type() == dtype &&
          x.dim() == 4 && weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3 &&
          stride == 1 && padding == 1 && x.size(1) % 8 == 0 && weight.size(0) % 8 == 0 &&
          x.numel() > 0 && x.is_contiguous(at::MemoryFormat::ChannelsLast);

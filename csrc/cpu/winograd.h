@@ -34,6 +34,11 @@ Isa winograd_isa();
 bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
                       int64_t padding);
 
+// Whether the kernels take bfloat16 activations on this CPU: an AVX2+FMA CPU whose ATen
+// bfloat16 convs do not run on AMX (several times faster there than these kernels' float32
+// arithmetic).
+bool winograd_takes_bfloat16();
+
 // Whether ATen's bfloat16 convs have bfloat16 dot products here: oneDNN is enabled
 // (torch.backends.mkldnn) and may use AVX512-BF16 or AMX-BF16 on this CPU (ONEDNN_MAX_CPU_ISA
 // not capping it below them). Without them ATen's bfloat16 conv is slower than its float32
