@@ -126,6 +126,7 @@ def _refuse_beyond(device: torch.device, need: int, what: str, fix: str) -> None
 
 
 def out_of_memory(err: BaseException) -> bool:
-    """Whether `err` is an allocation failure (CUDA out of memory, or the CPU allocator's)."""
+    """Whether `err` is an allocation failure: CUDA out of memory, the CPU allocator's, or a C++
+    std::bad_alloc (the extension's own buffers) that torch passed on as a RuntimeError."""
     return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
+        isinstance(err, RuntimeError) and ("can't allocate memory" in str(err) or "std::bad_alloc" in str(err)))
