@@ -1,6 +1,6 @@
-"""Model-level benchmarks: a training step of VGG08, VGG38 BN and VGG38 BN+RC, native vs fused,
-and VGG38 BN+RC with gradient-flow recording and one landscape probe (vggbench/bench/model_cases.py);
-on CUDA also VGG38 BN+RC under bf16 autocast, and every step replayed from a CUDA graph.
+"""Model-level benchmarks: a training step of VGG08, VGG38 BN and VGG38 BN+RC, and of VGG38 BN+RC
+under bf16 autocast, native vs fused, and VGG38 BN+RC with gradient-flow recording and one landscape
+probe (vggbench/bench/model_cases.py); on CUDA every step also replayed from a CUDA graph.
 
 Group `step-<model>-N<n>-H<size>[-bf16]`; extra_info records the case and the bytes autograd keeps
 for backward after a training forward, and the speedup over native (timed interleaved with
