@@ -556,8 +556,7 @@ constexpr int64_t kEntryBlockPixels = 256;
 bool entry_kernel_applies(const Tensor& x, const Tensor& weight, at::ScalarType grad, int64_t stride,
                           int64_t padding) {
   return (grad == at::kFloat || grad == at::kBFloat16) && x.scalar_type() == grad && x.dim() == 4 &&
-         x.numel() > 0 &&
-         x.size(1) == kEntryChannels && x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+         x.numel() > 0 && x.size(1) == kEntryChannels && x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
          weight.size(2) == 3 && weight.size(3) == 3 && stride == 1 && padding == 1;
 }
 
