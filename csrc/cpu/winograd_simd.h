@@ -268,7 +268,8 @@ VGGBENCH_INLINE void gemm(int64_t rows, int64_t cols, int64_t depth, RowsOf a_ro
 // Software prefetch of the image rows that a block's transforms will read or write, issued
 // in kParts parts between the products, which hide its latency (forward conv at 32x32, one
 // thread: 5-9% faster, AVX2 and AVX-512 alike; the output rows' share is most of it: the
-// stores no longer wait for their lines). The hardware's prefetchers do little here: they
+// stores no longer wait for their lines. Weight gradient, N=100, 32x32, C=K=32, 2 threads,
+// Zen 4: 16% faster with AVX-512, 7% with AVX2). The hardware's prefetchers do little here: they
 // stay within 4 KB pages, one row of a 32x32 map of 32 floats.
 class Prefetch {
  public:
@@ -337,14 +338,22 @@ template <typename T>
 void weight_grad_blocks(const T* x, const T* g, int64_t C, int64_t K, const Tiles& tl,
                         int64_t begin, int64_t end, float* partial, float* v, float* e) {
   static_assert(kWidth % V::kGradRows == 0, "a register tile's channels lie in one group");
+  Prefetch inputs, grads;  // the next block's input windows and output-gradient tiles
   for (int64_t block = begin; block < end; ++block) {
     const int64_t first = block * kGradBlockTiles;
     const int64_t count = lesser(kGradBlockTiles, tl.count() - first);
     transform_inputs<kGradBlockTiles>(x, C, tl, first, count, v);
     transform_grads(g, K, tl, first, count, e);
+    const int64_t next = first + kGradBlockTiles;
+    if (block + 1 < end) {
+      const int64_t next_count = lesser(kGradBlockTiles, tl.count() - next);
+      inputs.plan(x, C, tl, next, next_count, 1, kWindow - 2);
+      grads.plan(g, K, tl, next, next_count, 0, kTile - 1);
+    }
     // per point p: partial_p (C x K) (+)= V_p^T (C x tiles) @ E_p (tiles x K)
     constexpr int64_t kGroup = kGroupStride<kGradBlockTiles>;
     for (int p = 0; p < kPoints; ++p) {
+      inputs.part<false>(), grads.part<false>();
       const float *vp = v + p * kPointStride<kGradBlockTiles>, *ep = e + p * kPointStride<kGradBlockTiles>;
       const auto channels = [&](int64_t c) { return vp + slot<kGradBlockTiles>(0, c) + c % kWidth; };
       const Steps tiles{kTileStride, kWidth * kTileStride};
