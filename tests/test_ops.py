@@ -506,7 +506,7 @@ def test_matches_native_chain(device, dtype, layout, unit):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(("size", "k", "residual", "gamma", "bias"), [
     (8, 32, False, None, False), (5, 7, False, None, True), (16, 12, True, None, True), (9, 32, False, "tiny", False),
-    (32, 4, True, "tiny", False),
+    (32, 4, True, "tiny", False), (6, 40, False, None, False),
 ])
 def test_entry_conv_weight_gradient_alone(size, k, residual, gamma, bias, dtype):
     """The entry conv's training step on the CPU (3 input channels, images that need no
@@ -514,7 +514,8 @@ def test_entry_conv_weight_gradient_alone(size, k, residual, gamma, bias, dtype)
     weight gradient (cpu::apply_weight_grad: bfloat16 rounded per value as backward_apply
     stores it, products summed in float32), never stored. It matches the native chain, with
     xhat recovered or (BN weights of 1e-3: the rule's case) recomputed (bfloat16: from the kept
-    conv output), odd channel counts, a residual that needs no gradient and a conv bias (its
+    conv output), odd channel counts, 40 (the AVX-512 kernel's pair of 16-channel chunks,
+    then a partial one), a residual that needs no gradient and a conv bias (its
     gradient 0); and it gives the same bits on 1 thread as on 2."""
     gammas = [1e-3 if c % 2 else 1.0 for c in range(k)] if gamma == "tiny" else None
     sample = make_sample(f"entry-alone-{size}-{k}", "cpu", dtype, True, n=5, k=k, size=size,
@@ -536,11 +537,12 @@ def test_entry_conv_weight_gradient_alone(size, k, residual, gamma, bias, dtype)
 
 
 @pytest.mark.parametrize(("n", "size", "k"), [(100, 8, 32), (7, 5, 7), (3, 11, 12), (2, 1, 8), (9, 16, 32),
-                                             (3, 32, 32)])
+                                             (3, 32, 32), (4, 9, 40), (2, 6, 48)])
 def test_entry_conv_direct_on_small_maps(n, size, k):
     """On the CPU the entry conv (3 input channels, float32 channels_last) on maps of at most
     128 pixels (the AVX-512 passes: 32x32) runs as a direct conv that sums its batch statistics
-    as it writes; larger maps take ATen's conv and a batch_stats pass. Either way the output and
+    as it writes; larger maps take ATen's conv and a batch_stats pass; channel counts
+    cover whole and partial groups of the AVX-512 kernel's 32 channels (40, 48). Either way the output and
     statistics match float64 within the float32 tolerance (relative to the output's scale),
     with the same bits on 1 thread as on 2."""
     gen = torch.Generator().manual_seed(size * 100 + k)

@@ -588,18 +588,46 @@ struct EntryBlocks {
   }
 };
 
-// The entry conv's forward tile: outputs w0 .. w0 + P - 1 of a row for one chunk of output
-// channels (`at` its Step maker, taps its (tap, k) weights), each a chain of FMAs over the
-// 27 taps in order (the same bits for any P), from the padded row `window` (pixel w0).
-template <int P, typename At>
+// Full chunks of kWidth channels that the entry kernels' register tiles cover at once: two
+// with AVX-512, whose products then share each broadcast input value (the loads, not the
+// FMAs, bounded the one-chunk tiles); AVX2's 16 registers hold the tiles of one.
+constexpr int kEntryChunks = kRegisterBytes >= 64 ? 2 : 1;
+
+// visit(channels, step, chunks) over K output channels, NHWC, as for_channel_chunks but in
+// groups: kEntryChunks full chunks of kWidth at a time while they fit, then one chunk at a
+// time (the last may be partial). chunks: std::integral_constant<int, Q>, the group's
+// chunks; chunk q's step at offset i of the group's first channel is step(i + q * kWidth).
+template <typename Visit>
+void for_entry_channel_groups(int64_t K, Visit visit) {
+  int64_t grouped = 0;
+  if constexpr (kEntryChunks > 1) {
+    grouped = K / (kEntryChunks * kWidth) * (kEntryChunks * kWidth);
+    for (int64_t c0 = 0; c0 < grouped; c0 += kEntryChunks * kWidth) {
+      visit(ChannelLanes<kWidth, true>{c0, kWidth}, [](int64_t i) { return Step<float, kWidth, true>{i, kWidth}; },
+            std::integral_constant<int, kEntryChunks>{});
+    }
+  }
+  for_channel_chunks<float>(K - grouped, [&](auto channels, auto step) {
+    visit(decltype(channels){channels.c0 + grouped, channels.count}, step, std::integral_constant<int, 1>{});
+  });
+}
+
+// The entry conv's forward tile: outputs w0 .. w0 + P - 1 of a row for Q chunks of output
+// channels (`at` the first chunk's Step maker, taps its (tap, k) weights), each a chain of
+// FMAs over the 27 taps in order (the same bits for any P and Q), from the padded row
+// `window` (pixel w0).
+template <int P, int Q, typename At>
 VGGBENCH_STEP inline void entry_tile(const float* window, const int64_t (&offset)[kEntryTaps], const float* taps,
-                                     int64_t K, At at, Lanes<float, kWidth> (&acc)[P]) {
-  for (int p = 0; p < P; ++p) acc[p] = Lanes<float, kWidth>(0);
+                                     int64_t K, At at, Lanes<float, kWidth> (&acc)[P][Q]) {
+  for (int p = 0; p < P; ++p)
+    for (int q = 0; q < Q; ++q) acc[p][q] = Lanes<float, kWidth>(0);
   for (int t = 0; t < kEntryTaps; ++t) {
-    const auto weights = at(t * K).load(taps);
+    Lanes<float, kWidth> weights[Q];
+    for (int q = 0; q < Q; ++q) weights[q] = at(t * K + q * kWidth).load(taps);
 #pragma GCC unroll 8
     for (int p = 0; p < P; ++p) {
-      acc[p] = multiply_add(broadcast_lanes<kWidth>(window + p * kEntryChannels + offset[t]), weights, acc[p]);
+      const auto input = broadcast_lanes<kWidth>(window + p * kEntryChannels + offset[t]);
+      for (int q = 0; q < Q; ++q) acc[p][q] = multiply_add(input, weights[q], acc[p][q]);
     }
   }
 }
@@ -622,8 +650,9 @@ constexpr int64_t kEntryDirectPixels = 128;
 // bias) as a direct conv, with its output's
 // ChannelSums (as the Winograd conv_stats: sums of z - shift and its square, shift = z at the
 // first pixel; float within a row, double across rows and blocks, in order); nullopt for
-// other convs. Per block of images and image row: 8 outputs at a time per kWidth output
-// channels, their 27 taps' products summed with FMAs from a zero-padded copy of the images.
+// other convs. Per block of images and image row: 8 outputs at a time per group of output
+// channels (for_entry_channel_groups), their 27 taps' products summed with FMAs from a
+// zero-padded copy of the images.
 std::optional<std::tuple<Tensor, Tensor, Tensor>> entry_conv_stats(const Tensor& x, const Tensor& weight,
                                                                     const OptTensor& bias, int64_t stride,
                                                                     int64_t padding) {
@@ -665,38 +694,45 @@ std::optional<std::tuple<Tensor, Tensor, Tensor>> entry_conv_stats(const Tensor&
       const int64_t first = blocks.first(b), count = blocks.images_in(b);
       blocks.copy(input, b, padded.data());
       double* sums = partial.data() + b * 2 * K;
-      for_channel_chunks<float>(K, [&](auto channels, auto at) {
+      for_entry_channel_groups(K, [&](auto channels, auto at, auto chunks) {
+        constexpr int Q = decltype(chunks)::value;
         using V = Lanes<float, kWidth>;
-        const V centre = at(channels.c0).load(shift.data());
         const auto at_c = [&](int64_t i) { return at(i + channels.c0); };
+        V centre[Q];
+        for (int q = 0; q < Q; ++q) centre[q] = at_c(q * kWidth).load(shift.data());
         for (int64_t n = 0; n < count; ++n) {
           for (int64_t h = 0; h < H; ++h) {
             const float* window = padded.data() + n * blocks.image + h * blocks.row;
             float* z_row = out + ((first + n) * HW + h * W) * K;
-            V sum(0), sum_sq(0);
+            V sum[Q], sum_sq[Q];
+            for (int q = 0; q < Q; ++q) sum[q] = V(0), sum_sq[q] = V(0);
             const auto finish = [&](int64_t w0, const auto& acc) {
-              for (const V& v : acc) {
-                at_c(w0 * K).store(z_row, v);
-                const V d = v - centre;
-                sum = sum + d, sum_sq = sum_sq + d * d;
+              for (const auto& outputs : acc) {
+                for (int q = 0; q < Q; ++q) {
+                  at_c(w0 * K + q * kWidth).store(z_row, outputs[q]);
+                  const V d = outputs[q] - centre[q];
+                  sum[q] = sum[q] + d, sum_sq[q] = sum_sq[q] + d * d;
+                }
                 w0 += 1;
               }
             };
             int64_t w0 = 0;
             for (; w0 + 8 <= W; w0 += 8) {
-              V acc[8];
-              entry_tile<8>(window + w0 * kEntryChannels, offset, taps.data(), K, at_c, acc);
+              V acc[8][Q];
+              entry_tile<8, Q>(window + w0 * kEntryChannels, offset, taps.data(), K, at_c, acc);
               finish(w0, acc);
             }
             for (; w0 < W; ++w0) {
-              V acc[1];
-              entry_tile<1>(window + w0 * kEntryChannels, offset, taps.data(), K, at_c, acc);
+              V acc[1][Q];
+              entry_tile<1, Q>(window + w0 * kEntryChannels, offset, taps.data(), K, at_c, acc);
               finish(w0, acc);
             }
-            for (int q = 0; q < 2; ++q) {  // widened: the row's float sums into the block's
-              const auto wide_at = at_c(q * K);
-              const Step<double, kWidth, decltype(wide_at)::kFull> wide{wide_at.i, wide_at.count};
-              wide.store(sums, wide.load(sums) + Lanes<double, kWidth>(q == 0 ? sum : sum_sq));
+            for (int q = 0; q < Q; ++q) {  // widened: the row's float sums into the block's
+              for (int term = 0; term < 2; ++term) {
+                const auto wide_at = at_c(term * K + q * kWidth);
+                const Step<double, kWidth, decltype(wide_at)::kFull> wide{wide_at.i, wide_at.count};
+                wide.store(sums, wide.load(sums) + Lanes<double, kWidth>(term == 0 ? sum[q] : sum_sq[q]));
+              }
             }
           }
         }
@@ -715,8 +751,8 @@ std::optional<std::tuple<Tensor, Tensor, Tensor>> entry_conv_stats(const Tensor&
 // conv of x (N, 3, H, W), channels_last, of T (float or c10::BFloat16, widened to float),
 // with an output gradient of K channels whose rows (pixels) of each block of images
 // dz_of(first_image, images, buffer) gives: a pointer to them, K values of T per pixel,
-// elsewhere or in `buffer` (a vector of the thread, which dz_of may resize). Per block, per kWidth
-// output channels and kernel row dy: the 3 x 3 products x(h + dy - 1, w + dx - 1, c) dz(h, w,
+// elsewhere or in `buffer` (a vector of the thread, which dz_of may resize). Per block, per group
+// of output channels (for_entry_channel_groups) and kernel row dy: the 3 x 3 products x(h + dy - 1, w + dx - 1, c) dz(h, w,
 // k) summed with FMAs over the block's pixels in order, x read from a zero-padded copy of the
 // block's images; the blocks added in double, in order. Every AVX build sums the same
 // products in the same order: the same bits, for any thread count.
@@ -736,23 +772,29 @@ Tensor entry_weight_grad(const Tensor& x, int64_t K, DzOf dz_of) {
       blocks.copy(input, b, padded.data());
       const T* dz = dz_of_block(blocks.first(b), count, buffer);
       float* out = partial.data() + b * kEntryTaps * K;
-      for_channel_chunks<float>(K, [&](auto channels, auto at) {
+      for_entry_channel_groups(K, [&](auto channels, auto at, auto chunks) {
+        constexpr int Q = decltype(chunks)::value;
+        const auto at_c = [&](int64_t i) { return at(i + channels.c0); };
         for (int64_t dy = 0; dy < 3; ++dy) {
-          V acc[3 * kEntryChannels] = {};
+          V acc[3 * kEntryChannels][Q] = {};
           for (int64_t n = 0; n < count; ++n) {
             for (int64_t h = 0; h < H; ++h) {
               const float* window = padded.data() + n * blocks.image + (h + dy) * blocks.row;
               const T* grad = dz + (n * HW + h * W) * K;
               for (int64_t w = 0; w < W; ++w, window += kEntryChannels) {
-                const V v = at(w * K + channels.c0).load(grad);
+                V v[Q];
+                for (int q = 0; q < Q; ++q) v[q] = at_c(w * K + q * kWidth).load(grad);
 #pragma GCC unroll 9
                 for (int j = 0; j < 3 * kEntryChannels; ++j) {
-                  acc[j] = multiply_add(broadcast_lanes<kWidth>(window + j), v, acc[j]);
+                  const V input = broadcast_lanes<kWidth>(window + j);
+                  for (int q = 0; q < Q; ++q) acc[j][q] = multiply_add(input, v[q], acc[j][q]);
                 }
               }
             }
           }
-          for (int j = 0; j < 3 * kEntryChannels; ++j) at((dy * 3 * kEntryChannels + j) * K + channels.c0).store(out, acc[j]);
+          for (int j = 0; j < 3 * kEntryChannels; ++j) {
+            for (int q = 0; q < Q; ++q) at_c((dy * 3 * kEntryChannels + j) * K + q * kWidth).store(out, acc[j][q]);
+          }
         }
       });
     }
