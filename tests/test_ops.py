@@ -537,12 +537,13 @@ def test_entry_conv_weight_gradient_alone(size, k, residual, gamma, bias, dtype)
 
 
 @pytest.mark.parametrize(("n", "size", "k"), [(100, 8, 32), (7, 5, 7), (3, 11, 12), (2, 1, 8), (9, 16, 32),
-                                             (3, 32, 32), (4, 9, 40), (2, 6, 48)])
+                                             (3, 32, 32), (4, 9, 40), (2, 6, 48), (3, 7, 20)])
 def test_entry_conv_direct_on_small_maps(n, size, k):
     """On the CPU the entry conv (3 input channels, float32 channels_last) on maps of at most
-    128 pixels (the AVX-512 passes: 32x32) runs as a direct conv that sums its batch statistics
+    16x16 (the AVX-512 passes: 32x32) runs as a direct conv that sums its batch statistics
     as it writes; larger maps take ATen's conv and a batch_stats pass; channel counts
-    cover whole and partial groups of the AVX-512 kernel's 32 channels (40, 48). Either way the output and
+    cover whole and partial groups of the kernel's two chunks (AVX2: 16 channels, 20;
+    AVX-512: 32, 40 and 48). Either way the output and
     statistics match float64 within the float32 tolerance (relative to the output's scale),
     with the same bits on 1 thread as on 2."""
     gen = torch.Generator().manual_seed(size * 100 + k)
@@ -562,7 +563,7 @@ def test_entry_conv_direct_on_small_maps(n, size, k):
     assert_close_scaled(var, z.double().var((0, 2, 3), unbiased=False), tol, "var", scale=z64.square())
     events = profiled(lambda: torch.ops.vggbench._conv_stats(x, weight, None, 1, 1))
     counts = collections.Counter(e.name for e in events)
-    direct = size * size <= (32 * 32 if torch.ops.vggbench.winograd_isa() == "avx512" else 128)
+    direct = size * size <= (32 * 32 if torch.ops.vggbench.winograd_isa() == "avx512" else 16 * 16)
     assert counts["vggbench::conv"] == 1 and counts["vggbench::cpu::batch_stats"] == (0 if direct else 1), counts
 
 

@@ -588,23 +588,29 @@ struct EntryBlocks {
   }
 };
 
-// Full chunks of kWidth channels that the entry kernels' register tiles cover at once: two
-// with AVX-512, whose products then share each broadcast input value (the loads, not the
-// FMAs, bounded the one-chunk tiles); AVX2's 16 registers hold the tiles of one.
-constexpr int kEntryChunks = kRegisterBytes >= 64 ? 2 : 1;
+// Full chunks of kWidth channels that the entry kernels' register tiles cover at once, so
+// that each broadcast input value feeds that many FMAs (the loads, not the FMAs, bounded the
+// one-chunk tiles): two with AVX-512. AVX2's 16 registers hold two chunks of the forward's
+// tiles if they are of 4 outputs (the direct conv with its statistics then took 0.82x as
+// long at 8x8, AMD EPYC Zen 3, N=100, 2 threads), but not of the weight gradient's 9 x 2
+// accumulators (they spilled: 1.15x as long at 32x32, Zen 4 forced to AVX2).
+constexpr int kEntryConvChunks = kRegisterBytes >= 32 ? 2 : 1;
+constexpr int kEntryGradChunks = kRegisterBytes >= 64 ? 2 : 1;
+// Outputs of a row per forward tile (each with kEntryConvChunks accumulators).
+constexpr int kEntryTilePixels = kRegisterBytes == 32 ? 4 : 8;
 
 // visit(channels, step, chunks) over K output channels, NHWC, as for_channel_chunks but in
-// groups: kEntryChunks full chunks of kWidth at a time while they fit, then one chunk at a
-// time (the last may be partial). chunks: std::integral_constant<int, Q>, the group's
-// chunks; chunk q's step at offset i of the group's first channel is step(i + q * kWidth).
-template <typename Visit>
+// groups: Chunks full chunks of kWidth at a time while they fit, then one chunk at a time
+// (the last may be partial). chunks: std::integral_constant<int, Q>, the group's chunks;
+// chunk q's step at offset i of the group's first channel is step(i + q * kWidth).
+template <int Chunks, typename Visit>
 void for_entry_channel_groups(int64_t K, Visit visit) {
   int64_t grouped = 0;
-  if constexpr (kEntryChunks > 1) {
-    grouped = K / (kEntryChunks * kWidth) * (kEntryChunks * kWidth);
-    for (int64_t c0 = 0; c0 < grouped; c0 += kEntryChunks * kWidth) {
+  if constexpr (Chunks > 1) {
+    grouped = K / (Chunks * kWidth) * (Chunks * kWidth);
+    for (int64_t c0 = 0; c0 < grouped; c0 += Chunks * kWidth) {
       visit(ChannelLanes<kWidth, true>{c0, kWidth}, [](int64_t i) { return Step<float, kWidth, true>{i, kWidth}; },
-            std::integral_constant<int, kEntryChunks>{});
+            std::integral_constant<int, Chunks>{});
     }
   }
   for_channel_chunks<float>(K - grouped, [&](auto channels, auto step) {
@@ -633,14 +639,15 @@ VGGBENCH_STEP inline void entry_tile(const float* window, const int64_t (&offset
 }
 
 // Images of at most this many pixels take entry_conv_stats; larger ones ATen's conv and
-// batch_stats. AVX2 build: 128, the study's 8x8 maps (AMD EPYC Zen 3, N=100, 2 threads: this
-// kernel with its statistics 0.19 ms against ATen's 0.24 ms + a batch_stats pass at 8x8, 0.72
-// against 0.65 + ~0.1 ms at 16x16, 2.8 against 2.2 + ~0.4 ms at 32x32; on Zen 4 forced to AVX2
-// the entry unit's fwd+bwd took 0.98-1.02x with it at 16x16 and 32x32). AVX-512 build: up to
-// 32x32 (Zen 4 with AVX-512, same process: the entry unit's fwd+bwd 0.88-0.94x with it at
-// 16x16 and 32x32).
+// batch_stats. AVX2 build: 256, the study's 8x8 and 16x16 maps (AMD EPYC Zen 3, N=100, 2
+// threads, against ATen's conv in the same process: this kernel with its statistics 0.67x its
+// time at 8x8, 1.04x at 16x16 and 1.25x at 32x32, where ATen's conv + a batch_stats pass took
+// 0.82x, 1.2x and ~1.3x). AVX-512 build: up to 32x32 (Zen 4 with AVX-512, same process: the
+// entry unit's fwd+bwd 0.88-0.94x with it at 16x16 and 32x32). The baseline build: 128.
 #if defined(VGGBENCH_CPU_PASSES_AVX512)
 constexpr int64_t kEntryDirectPixels = 32 * 32;
+#elif defined(VGGBENCH_CPU_PASSES_AVX2)
+constexpr int64_t kEntryDirectPixels = 16 * 16;
 #else
 constexpr int64_t kEntryDirectPixels = 128;
 #endif
@@ -650,7 +657,7 @@ constexpr int64_t kEntryDirectPixels = 128;
 // bias) as a direct conv, with its output's
 // ChannelSums (as the Winograd conv_stats: sums of z - shift and its square, shift = z at the
 // first pixel; float within a row, double across rows and blocks, in order); nullopt for
-// other convs. Per block of images and image row: 8 outputs at a time per group of output
+// other convs. Per block of images and image row: kEntryTilePixels outputs at a time per group of output
 // channels (for_entry_channel_groups), their 27 taps' products summed with FMAs from a
 // zero-padded copy of the images.
 std::optional<std::tuple<Tensor, Tensor, Tensor>> entry_conv_stats(const Tensor& x, const Tensor& weight,
@@ -694,7 +701,7 @@ std::optional<std::tuple<Tensor, Tensor, Tensor>> entry_conv_stats(const Tensor&
       const int64_t first = blocks.first(b), count = blocks.images_in(b);
       blocks.copy(input, b, padded.data());
       double* sums = partial.data() + b * 2 * K;
-      for_entry_channel_groups(K, [&](auto channels, auto at, auto chunks) {
+      for_entry_channel_groups<kEntryConvChunks>(K, [&](auto channels, auto at, auto chunks) {
         constexpr int Q = decltype(chunks)::value;
         using V = Lanes<float, kWidth>;
         const auto at_c = [&](int64_t i) { return at(i + channels.c0); };
@@ -717,9 +724,9 @@ std::optional<std::tuple<Tensor, Tensor, Tensor>> entry_conv_stats(const Tensor&
               }
             };
             int64_t w0 = 0;
-            for (; w0 + 8 <= W; w0 += 8) {
-              V acc[8][Q];
-              entry_tile<8, Q>(window + w0 * kEntryChannels, offset, taps.data(), K, at_c, acc);
+            for (; w0 + kEntryTilePixels <= W; w0 += kEntryTilePixels) {
+              V acc[kEntryTilePixels][Q];
+              entry_tile<kEntryTilePixels, Q>(window + w0 * kEntryChannels, offset, taps.data(), K, at_c, acc);
               finish(w0, acc);
             }
             for (; w0 < W; ++w0) {
@@ -772,7 +779,7 @@ Tensor entry_weight_grad(const Tensor& x, int64_t K, DzOf dz_of) {
       blocks.copy(input, b, padded.data());
       const T* dz = dz_of_block(blocks.first(b), count, buffer);
       float* out = partial.data() + b * kEntryTaps * K;
-      for_entry_channel_groups(K, [&](auto channels, auto at, auto chunks) {
+      for_entry_channel_groups<kEntryGradChunks>(K, [&](auto channels, auto at, auto chunks) {
         constexpr int Q = decltype(chunks)::value;
         const auto at_c = [&](int64_t i) { return at(i + channels.c0); };
         for (int64_t dy = 0; dy < 3; ++dy) {
