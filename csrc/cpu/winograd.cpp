@@ -260,11 +260,13 @@ namespace {
 std::vector<double> first_outputs(const at::Tensor& x, const at::Tensor& weight) {
   const FloatWeight w(weight);
   const int64_t K = w.outputs(), C = w.inputs(), H = x.size(2), W = x.size(3);
+  // the data pointers, taken once: taking one checks the tensor (~20 ns, here 4 C K times)
   const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const at::BFloat16* x_bf16 = bf16 ? x.const_data_ptr<at::BFloat16>() : nullptr;
+  const float* x_float = bf16 ? nullptr : x.const_data_ptr<float>();
   const auto input = [&](int64_t c, int64_t h, int64_t col) {  // x[0, c, h, col], channels_last
     const int64_t i = (h * W + col) * C + c;
-    return bf16 ? static_cast<double>(static_cast<float>(x.const_data_ptr<at::BFloat16>()[i]))
-                : static_cast<double>(x.const_data_ptr<float>()[i]);
+    return bf16 ? static_cast<double>(static_cast<float>(x_bf16[i])) : static_cast<double>(x_float[i]);
   };
   std::vector<double> z(K, 0.0);
   for (int64_t k = 0; k < K; ++k)
