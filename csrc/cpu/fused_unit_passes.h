@@ -657,9 +657,9 @@ constexpr int64_t kEntryDirectPixels = 128;
 // bias) as a direct conv, with its output's
 // ChannelSums (as the Winograd conv_stats: sums of z - shift and its square, shift = z at the
 // first pixel; float within a row, double across rows and blocks, in order); nullopt for
-// other convs. Per block of images and image row: kEntryTilePixels outputs at a time per group of output
-// channels (for_entry_channel_groups), their 27 taps' products summed with FMAs from a
-// zero-padded copy of the images.
+// other convs. Per block of images and image row: kEntryTilePixels outputs at a time per
+// group of output channels (for_entry_channel_groups), their 27 taps' products summed with
+// FMAs from a zero-padded copy of the images.
 std::optional<std::tuple<Tensor, Tensor, Tensor>> entry_conv_stats(const Tensor& x, const Tensor& weight,
                                                                     const OptTensor& bias, int64_t stride,
                                                                     int64_t padding) {
@@ -758,11 +758,12 @@ std::optional<std::tuple<Tensor, Tensor, Tensor>> entry_conv_stats(const Tensor&
 // conv of x (N, 3, H, W), channels_last, of T (float or c10::BFloat16, widened to float),
 // with an output gradient of K channels whose rows (pixels) of each block of images
 // dz_of(first_image, images, buffer) gives: a pointer to them, K values of T per pixel,
-// elsewhere or in `buffer` (a vector of the thread, which dz_of may resize). Per block, per group
-// of output channels (for_entry_channel_groups) and kernel row dy: the 3 x 3 products x(h + dy - 1, w + dx - 1, c) dz(h, w,
-// k) summed with FMAs over the block's pixels in order, x read from a zero-padded copy of the
-// block's images; the blocks added in double, in order. Every AVX build sums the same
-// products in the same order: the same bits, for any thread count.
+// elsewhere or in `buffer` (a vector of the thread, which dz_of may resize). Per block, per
+// group of output channels (for_entry_channel_groups) and kernel row dy: the 3 x 3 products
+// x(h + dy - 1, w + dx - 1, c) dz(h, w, k) summed with FMAs over the block's pixels in order,
+// x read from a zero-padded copy of the block's images; the blocks added in double, in
+// order. Every AVX build sums the same products in the same order: the same bits, for any
+// thread count.
 template <typename T, typename DzOf>
 Tensor entry_weight_grad(const Tensor& x, int64_t K, DzOf dz_of) {
   const EntryBlocks blocks(x);
