@@ -166,18 +166,20 @@ std::tuple<Tensor, Tensor, Tensor> forward(
     k.normalize_act(z, batch_norm_affine(*bn_weight, *bn_bias, mean, var, bias, eps), res, slope, z);
     return {z, mean, var};
   }
-  // the normalisation below adds the bias
-  const Tensor z = conv(k, input, weight, stride, padding, fmt);
-  if (!bn_weight) {
-    k.normalize_act(z, {false, {}, {}, {}, {}, contiguous(bias), eps}, res, slope, z);
-    return {z, no_stats(z), no_stats(z)};
-  }
-  // eval: the running statistics (backward reads them from ops.py), in the statistics dtype
-  // (bfloat16 activations may come with bfloat16 buffers: a model moved with .to(bfloat16))
+  // without BN: the bias alone; eval: the running statistics (backward reads them from
+  // ops.py), in the statistics dtype (bfloat16 activations may come with bfloat16 buffers: a
+  // model moved with .to(bfloat16)). The normalisation adds the conv's bias.
   const auto stats = stats_dtype(input.scalar_type());
-  k.normalize_act(z, batch_norm_affine(*bn_weight, *bn_bias, as_stats(*running_mean, stats),
-                                       as_stats(*running_var, stats), bias, eps),
-                  res, slope, z);
+  const ChannelAffine affine = bn_weight ? batch_norm_affine(*bn_weight, *bn_bias, as_stats(*running_mean, stats),
+                                                             as_stats(*running_var, stats), bias, eps)
+                                         : ChannelAffine{false, {}, {}, {}, {}, contiguous(bias), eps};
+  if (k.conv_act && !res) {
+    if (auto out = k.conv_act(input.contiguous(fmt), weight, stride, padding, affine, slope)) {
+      return {*out, no_stats(*out), no_stats(*out)};
+    }
+  }
+  const Tensor z = conv(k, input, weight, stride, padding, fmt);
+  k.normalize_act(z, affine, res, slope, z);
   return {z, no_stats(z), no_stats(z)};
 }
 

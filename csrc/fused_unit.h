@@ -148,6 +148,11 @@ struct Kernels {
   // that applies (nullopt, or a null member: conv_backward's).
   std::optional<Tensor> (*weight_grad)(const Tensor& grad_z, const Tensor& x, const Tensor& weight,
                                        int64_t stride, int64_t padding);
+  // normalize_act(conv(x, weight) (no bias), affine, no residual, slope) in one pass, with the
+  // same bits, where the backend has that for these operands (nullopt, or a null member:
+  // conv, then normalize_act): the eval forward, and the forward without BN.
+  std::optional<Tensor> (*conv_act)(const Tensor& x, const Tensor& weight, int64_t stride, int64_t padding,
+                                    const ChannelAffine& affine, double slope);
 };
 
 // Registers the vggbench ops for the backend whose TORCH_LIBRARY_IMPL block calls it.

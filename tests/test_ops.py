@@ -567,6 +567,44 @@ def test_entry_conv_direct_on_small_maps(n, size, k):
     assert counts["vggbench::conv"] == 1 and counts["vggbench::cpu::batch_stats"] == (0 if direct else 1), counts
 
 
+@pytest.mark.parametrize(("size", "k", "bn", "bias", "slope"), [
+    (8, 32, "eval", False, 0.01), (16, 20, "eval", True, 0.2), (5, 7, "none", True, 0.01), (11, 40, "none", False, 0.0),
+    (3, 8, "eval", False, 1.0), (32, 32, "eval", True, 0.01)])
+def test_entry_conv_eval_normalises_in_registers(size, k, bn, bias, slope):
+    """The entry conv's eval forward, and its forward without BN (float32 channels_last, maps the
+    direct conv takes): each output is normalised and activated in registers as the conv is
+    computed (cpu::entry_conv_act), with no pass over the conv's output, and gives the same bits
+    as the conv followed by that pass (the conv's output from _conv_stats, then _bn_act with the
+    running statistics, or the bias and F.leaky_relu without BN), on 1 thread as on 2. Larger
+    maps (32x32 with AVX2) keep ATen's conv and the pass."""
+    gen = torch.Generator().manual_seed(size * 100 + k)
+    x = torch.randn(5, 3, size, size, generator=gen).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(k, 3, 3, 3, generator=gen)
+    conv_bias = torch.randn(k, generator=gen) if bias else None
+    gamma, beta = torch.rand(k, generator=gen) + 0.5, torch.randn(k, generator=gen)
+    mean, var = torch.randn(k, generator=gen), torch.rand(k, generator=gen) + 0.5
+    bn_args = (gamma, beta, mean, var) if bn == "eval" else (None, None, None, None)
+
+    def forward():
+        return ops.conv_bn_act(x, weight, conv_bias, *bn_args, padding=1, training=False, negative_slope=slope)
+
+    outs = {}
+    for threads in (1, 2):
+        with torch_threads(threads):
+            outs[threads] = forward()
+    assert torch.equal(outs[1], outs[2])
+    z = torch.ops.vggbench._conv_stats(x, weight, None, 1, 1)[0]
+    if bn == "eval":
+        expected = torch.ops.vggbench._bn_act(z, mean, var, gamma, beta, conv_bias, None, 1e-5, slope)
+    else:
+        expected = F.leaky_relu(z + conv_bias.view(1, -1, 1, 1) if bias else z, slope)
+    assert outs[2].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(outs[2], expected)
+    counts = collections.Counter(e.name for e in profiled(forward))
+    direct = size * size <= (32 * 32 if torch.ops.vggbench.winograd_isa() == "avx512" else 16 * 16)
+    assert counts["vggbench::conv"] == 1 and counts["vggbench::cpu::normalize_act"] == (0 if direct else 1), counts
+
+
 def profiled(step) -> list:
     """The profiler events of `step()` on the CPU."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

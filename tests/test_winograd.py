@@ -292,7 +292,8 @@ dtypes = sorted({str(e.input_dtypes[0]) for e in prof.events() if e.name.startsw
 with torch.autocast("cpu", dtype=torch.bfloat16):
     out_native = native(x, w, gamma, beta)
     native_errors = errors(out_native, torch.autograd.grad(out_native, [x, w], grad_out))
-print(json.dumps({"dtypes": dtypes, "fused": errors(out, grads), "native": native_errors}))
+print(json.dumps({"dtypes": dtypes, "fused": errors(out, grads), "native": native_errors,
+                  "dot_products": torch.ops.vggbench.native_bf16_dot_products()}))
 """
 
 
@@ -307,11 +308,13 @@ def test_bfloat16_aten_convs_run_in_float32_without_bf16_dot_products(env: dict[
     ATen in float32 where ATen's bfloat16 conv would lack bfloat16 dot products (10-18x slower
     than float32 on an AVX2 CPU), else in bfloat16; either way the output and the input and
     weight gradients stay within 1.5x native bfloat16's own error against float64 (plus one
-    bfloat16 unit roundoff, 2^-8: both are about that size, and differ by where they round)."""
+    bfloat16 unit roundoff, 2^-8: both are about that size, and differ by where they round).
+    torch.ops.vggbench.native_bf16_dot_products() says which case it is."""
     result = run_python(ENTRY_BF16, **env)
     assert result.returncode == 0, result.stderr
     found = json.loads(result.stdout.splitlines()[-1])
     assert found["dtypes"] == ["float" if widened else "c10::BFloat16"]
+    assert found["dot_products"] is not widened  # what the benchmark report records as the bf16 target's condition
     for fused, native in zip(found["fused"], found["native"], strict=True):
         assert fused <= 1.5 * native + 2**-8, found
 

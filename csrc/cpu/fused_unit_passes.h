@@ -305,19 +305,26 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& z, const OptTensor& bias) {
   return stats_from_sums(sums.data(), sums.data() + C, shift.data(), g.count(), bias, z);
 }
 
+// Per channel (scale, shift) of `a` (normalize_act's v * scale + shift), C of each.
+template <typename scalar_t>
+std::array<std::vector<at::opmath_type<scalar_t>>, 2> affine_coefficients(const ChannelAffine& a, int64_t C) {
+  std::array<std::vector<at::opmath_type<scalar_t>>, 2> k{std::vector<at::opmath_type<scalar_t>>(C),
+                                                          std::vector<at::opmath_type<scalar_t>>(C)};
+  const AffineOperands<scalar_t> operands(a);
+  for (int64_t c = 0; c < C; ++c) {
+    const auto coefficients = operands.of(c);
+    k[0][c] = coefficients.scale, k[1][c] = coefficients.shift;
+  }
+  return k;
+}
+
 void normalize_act(const Tensor& z, const ChannelAffine& a, const OptTensor& residual, double slope,
                    const Tensor& out) {
   RECORD_FUNCTION("vggbench::cpu::normalize_act", {});  // the pass, in profiles
   const Geometry g = geometry_of(z);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "vggbench_normalize_act", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int64_t C = g.channels;
-    const AffineOperands<scalar_t> operands(a);
-    std::vector<acc_t> scale(C), shift(C);
-    for (int64_t c = 0; c < C; ++c) {
-      const auto k = operands.of(c);
-      scale[c] = k.scale, shift[c] = k.shift;
-    }
+    const auto [scale, shift] = affine_coefficients<scalar_t>(a, g.channels);
     const scalar_t* in = z.const_data_ptr<scalar_t>();
     const scalar_t* res = data_or_null<scalar_t>(residual);
     const acc_t *sc = scale.data(), *sh = shift.data();
@@ -333,7 +340,7 @@ void normalize_act(const Tensor& z, const ChannelAffine& a, const OptTensor& res
             if constexpr (add_residual) v = v + at.load(res);
             at.store(y, math::leaky_relu(v, V(s)));
           });
-    }, a.normalize || operands.bias != nullptr, res != nullptr);
+    }, a.normalize || a.bias.has_value(), res != nullptr);
   });
 }
 
@@ -420,14 +427,8 @@ template <typename scalar_t>
 std::array<std::vector<at::opmath_type<scalar_t>>, 2> xhat_coefficients(const BackwardInputs& in,
                                                                         int64_t channels) {
   using acc_t = at::opmath_type<scalar_t>;
-  std::array<std::vector<acc_t>, 2> k{std::vector<acc_t>(channels, acc_t(1)), std::vector<acc_t>(channels, acc_t(0))};
-  if (!in.xhat_affine) return k;
-  const AffineOperands<scalar_t> affine(*in.xhat_affine);
-  for (int64_t c = 0; c < channels; ++c) {
-    const auto coefficients = affine.of(c);
-    k[0][c] = coefficients.scale, k[1][c] = coefficients.shift;
-  }
-  return k;
+  if (in.xhat_affine) return affine_coefficients<scalar_t>(*in.xhat_affine, channels);
+  return {std::vector<acc_t>(channels, acc_t(1)), std::vector<acc_t>(channels, acc_t(0))};
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward_reduce(const BackwardInputs& in) {
@@ -652,22 +653,22 @@ constexpr int64_t kEntryDirectPixels = 16 * 16;
 constexpr int64_t kEntryDirectPixels = 128;
 #endif
 
-// Kernels::conv_stats of the passes: the entry conv on small maps (x float32 (N, 3, H, W)
-// channels_last, H * W <= kEntryDirectPixels, a float32 3x3 weight, stride 1, padding 1, no
-// bias) as a direct conv, with its output's
-// ChannelSums (as the Winograd conv_stats: sums of z - shift and its square, shift = z at the
-// first pixel; float within a row, double across rows and blocks, in order); nullopt for
-// other convs. Per block of images and image row: kEntryTilePixels outputs at a time per
-// group of output channels (for_entry_channel_groups), their 27 taps' products summed with
-// FMAs from a zero-padded copy of the images.
-std::optional<std::tuple<Tensor, Tensor, Tensor>> entry_conv_stats(const Tensor& x, const Tensor& weight,
-                                                                    const OptTensor& bias, int64_t stride,
-                                                                    int64_t padding) {
-  if (bias || weight.scalar_type() != at::kFloat || weight.size(1) != kEntryChannels ||
-      !entry_kernel_applies(x, weight, at::kFloat, stride, padding) || x.size(2) * x.size(3) > kEntryDirectPixels) {
-    return std::nullopt;
-  }
-  RECORD_FUNCTION("vggbench::conv", {});  // one scope, as the orchestration's conv
+// Whether the entry kernels' direct conv computes conv(x, weight) (bias: whether it has one):
+// x float32 (N, 3, H, W) channels_last, H * W <= kEntryDirectPixels, a float32 3x3 weight,
+// stride 1, padding 1, no bias.
+bool entry_direct_applies(const Tensor& x, const Tensor& weight, bool bias, int64_t stride, int64_t padding) {
+  return !bias && weight.scalar_type() == at::kFloat && weight.size(1) == kEntryChannels &&
+         entry_kernel_applies(x, weight, at::kFloat, stride, padding) && x.size(2) * x.size(3) <= kEntryDirectPixels;
+}
+
+// The direct entry conv's outputs, handed over as they are computed: per block of images (in
+// parallel) and group of output channels (for_entry_channel_groups), finish = make(block,
+// at_c, chunks) maps each output chunk q's value to what is stored (finish(q, value)) and is
+// told of each row's end (finish.row_done()). Per image row, kEntryTilePixels outputs at a
+// time, their 27 taps' products summed with FMAs (entry_tile) from a zero-padded copy of the
+// images. Returns the (N, K, H, W) channels_last output.
+template <typename Make>
+Tensor entry_direct_conv(const Tensor& x, const Tensor& weight, Make make) {
   const EntryBlocks blocks(x);
   const int64_t H = blocks.H, W = blocks.W, HW = blocks.pixels, K = weight.size(0);
   std::vector<float> taps(kEntryTaps * K);  // (dy, dx, c, k), read through the weight's strides
@@ -683,75 +684,141 @@ std::optional<std::tuple<Tensor, Tensor, Tensor>> entry_conv_stats(const Tensor&
     }
   }
   const float* input = x.const_data_ptr<float>();
-  std::vector<float> shift(K, 0.0f);  // z at the first pixel: taps outside the image are 0
-  for (int64_t k = 0; k < K; ++k) {
-    for (int64_t t = 0; t < kEntryTaps; ++t) {
-      const int64_t dy = t / (3 * kEntryChannels), dx = t / kEntryChannels % 3, c = t % kEntryChannels;
-      if (dy > 0 && dx > 0 && dy - 1 < H && dx - 1 < W) {
-        shift[k] = std::fma(input[((dy - 1) * W + dx - 1) * kEntryChannels + c], taps[t * K + k], shift[k]);
-      }
-    }
-  }
   Tensor z = at::empty({blocks.N, K, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   float* out = z.mutable_data_ptr<float>();
-  std::vector<double> partial(blocks.count * 2 * K, 0.0);  // per block: sums of d, then of d^2
   at::parallel_for(0, blocks.count, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> padded = blocks.padded_buffer();
     for (int64_t b = begin; b < end; ++b) {
       const int64_t first = blocks.first(b), count = blocks.images_in(b);
       blocks.copy(input, b, padded.data());
-      double* sums = partial.data() + b * 2 * K;
       for_entry_channel_groups<kEntryConvChunks>(K, [&](auto channels, auto at, auto chunks) {
         constexpr int Q = decltype(chunks)::value;
-        using V = Lanes<float, kWidth>;
         const auto at_c = [&](int64_t i) { return at(i + channels.c0); };
-        V centre[Q];
-        for (int q = 0; q < Q; ++q) centre[q] = at_c(q * kWidth).load(shift.data());
+        auto finish = make(b, at_c, chunks);
         for (int64_t n = 0; n < count; ++n) {
           for (int64_t h = 0; h < H; ++h) {
             const float* window = padded.data() + n * blocks.image + h * blocks.row;
             float* z_row = out + ((first + n) * HW + h * W) * K;
-            V sum[Q], sum_sq[Q];
-            for (int q = 0; q < Q; ++q) sum[q] = V(0), sum_sq[q] = V(0);
-            const auto finish = [&](int64_t w0, const auto& acc) {
+            const auto store = [&](int64_t w0, const auto& acc) {
               for (const auto& outputs : acc) {
-                for (int q = 0; q < Q; ++q) {
-                  at_c(w0 * K + q * kWidth).store(z_row, outputs[q]);
-                  const V d = outputs[q] - centre[q];
-                  sum[q] = sum[q] + d, sum_sq[q] = sum_sq[q] + d * d;
-                }
+                for (int q = 0; q < Q; ++q) at_c(w0 * K + q * kWidth).store(z_row, finish(q, outputs[q]));
                 w0 += 1;
               }
             };
             int64_t w0 = 0;
             for (; w0 + kEntryTilePixels <= W; w0 += kEntryTilePixels) {
-              V acc[kEntryTilePixels][Q];
+              Lanes<float, kWidth> acc[kEntryTilePixels][Q];
               entry_tile<kEntryTilePixels, Q>(window + w0 * kEntryChannels, offset, taps.data(), K, at_c, acc);
-              finish(w0, acc);
+              store(w0, acc);
             }
             for (; w0 < W; ++w0) {
-              V acc[1][Q];
+              Lanes<float, kWidth> acc[1][Q];
               entry_tile<1, Q>(window + w0 * kEntryChannels, offset, taps.data(), K, at_c, acc);
-              finish(w0, acc);
+              store(w0, acc);
             }
-            for (int q = 0; q < Q; ++q) {  // widened: the row's float sums into the block's
-              for (int term = 0; term < 2; ++term) {
-                const auto wide_at = at_c(term * K + q * kWidth);
-                const Step<double, kWidth, decltype(wide_at)::kFull> wide{wide_at.i, wide_at.count};
-                wide.store(sums, wide.load(sums) + Lanes<double, kWidth>(term == 0 ? sum[q] : sum_sq[q]));
-              }
-            }
+            finish.row_done();
           }
         }
       });
     }
   });
+  return z;
+}
+
+// entry_direct_conv's finish for the batch statistics: each output as it is, with its
+// channel's sums of d = z - shift and of d^2 in float over a row, added in double to the
+// block's (`sums`: K sums of d, then K of d^2).
+template <int Q, typename At>
+class EntrySums {
+ public:
+  EntrySums(At at_c, int64_t K, const float* shift, double* sums) : at_c_(at_c), K_(K), sums_(sums) {
+    for (int q = 0; q < Q; ++q) centre_[q] = at_c_(q * kWidth).load(shift), sum_[q] = V(0), sum_sq_[q] = V(0);
+  }
+  VGGBENCH_STEP Lanes<float, kWidth> operator()(int q, Lanes<float, kWidth> z) {
+    const V d = z - centre_[q];
+    sum_[q] = sum_[q] + d, sum_sq_[q] = sum_sq_[q] + d * d;
+    return z;
+  }
+  void row_done() {
+    for (int q = 0; q < Q; ++q) {  // widened: the row's float sums into the block's
+      for (int term = 0; term < 2; ++term) {
+        const auto wide_at = at_c_(term * K_ + q * kWidth);
+        const Step<double, kWidth, decltype(wide_at)::kFull> wide{wide_at.i, wide_at.count};
+        wide.store(sums_, wide.load(sums_) + Lanes<double, kWidth>(term == 0 ? sum_[q] : sum_sq_[q]));
+      }
+      sum_[q] = V(0), sum_sq_[q] = V(0);
+    }
+  }
+
+ private:
+  using V = Lanes<float, kWidth>;
+  At at_c_;
+  int64_t K_;
+  double* sums_;
+  V centre_[Q], sum_[Q], sum_sq_[Q];
+};
+
+// Kernels::conv_stats of the passes: the entry conv on small maps (entry_direct_applies) as
+// a direct conv (entry_direct_conv), with its output's ChannelSums (as the Winograd
+// conv_stats: sums of z - shift and its square, shift = z at the first pixel; float within a
+// row, double across rows and blocks, in order); nullopt for other convs.
+std::optional<std::tuple<Tensor, Tensor, Tensor>> entry_conv_stats(const Tensor& x, const Tensor& weight,
+                                                                    const OptTensor& bias, int64_t stride,
+                                                                    int64_t padding) {
+  if (!entry_direct_applies(x, weight, bias.has_value(), stride, padding)) return std::nullopt;
+  RECORD_FUNCTION("vggbench::conv", {});  // one scope, as the orchestration's conv
+  const EntryBlocks blocks(x);
+  const int64_t H = blocks.H, W = blocks.W, K = weight.size(0);
+  const float* input = x.const_data_ptr<float>();
+  const auto w = weight.accessor<float, 4>();
+  std::vector<float> shift(K, 0.0f);  // z at the first pixel: taps outside the image are 0
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t dy = 1; dy < 3 && dy - 1 < H; ++dy) {
+      for (int64_t dx = 1; dx < 3 && dx - 1 < W; ++dx) {
+        for (int64_t c = 0; c < kEntryChannels; ++c) {
+          shift[k] = std::fma(input[((dy - 1) * W + dx - 1) * kEntryChannels + c], w[k][c][dy][dx], shift[k]);
+        }
+      }
+    }
+  }
+  std::vector<double> partial(blocks.count * 2 * K, 0.0);  // per block: sums of d, then of d^2
+  Tensor z = entry_direct_conv(x, weight, [&](int64_t block, auto at_c, auto chunks) {
+    return EntrySums<decltype(chunks)::value, decltype(at_c)>(at_c, K, shift.data(), partial.data() + block * 2 * K);
+  });
   std::vector<double> total(2 * K, 0.0), centre(shift.begin(), shift.end());
   for (int64_t b = 0; b < blocks.count; ++b) {
     for (int64_t j = 0; j < 2 * K; ++j) total[j] += partial[b * 2 * K + j];
   }
-  auto [mean, var] = stats_from_sums(total.data(), total.data() + K, centre.data(), blocks.N * HW, std::nullopt, z);
+  auto [mean, var] = stats_from_sums(total.data(), total.data() + K, centre.data(), blocks.N * blocks.pixels, std::nullopt, z);
   return std::tuple{z, mean, var};
+}
+
+// Kernels::conv_act of the passes: normalize_act(conv(x, weight), affine, no residual, slope)
+// with the entry conv on small maps (entry_direct_applies; nullopt for other convs) as a
+// direct conv whose outputs are normalised and activated in registers as normalize_act does
+// (the same bits; no pass over z).
+std::optional<Tensor> entry_conv_act(const Tensor& x, const Tensor& weight, int64_t stride, int64_t padding,
+                                     const ChannelAffine& a, double slope) {
+  if (!entry_direct_applies(x, weight, false, stride, padding)) return std::nullopt;
+  RECORD_FUNCTION("vggbench::conv", {});  // one scope, as the orchestration's conv
+  const auto [scale, shift] = affine_coefficients<float>(a, weight.size(0));
+  const bool affine = a.normalize || a.bias.has_value();
+  using V = Lanes<float, kWidth>;
+  const V s(static_cast<float>(slope));
+  return entry_direct_conv(x, weight, [&](int64_t, auto at_c, auto chunks) {
+    constexpr int Q = decltype(chunks)::value;
+    struct {
+      V scale[Q], shift[Q], slope;
+      bool affine;
+      VGGBENCH_STEP V operator()(int q, V z) const {
+        return math::leaky_relu(affine ? z * scale[q] + shift[q] : z, slope);
+      }
+      void row_done() const {}
+    } finish;
+    for (int q = 0; q < Q; ++q) finish.scale[q] = at_c(q * kWidth).load(scale.data()), finish.shift[q] = at_c(q * kWidth).load(shift.data());
+    finish.slope = s, finish.affine = affine;
+    return finish;
+  });
 }
 
 // The weight gradient (K, 3, 3, 3), channels_last, float32, of the 3x3 stride-1 padding-1
@@ -900,7 +967,8 @@ Kernels with_passes(decltype(Kernels::conv) conv, decltype(Kernels::conv_backwar
           .recover_xhat = &recover_xhat,
           .reads_xhat_affine = true,
           .apply_weight_grad = &apply_weight_grad,
-          .weight_grad = &weight_grad};
+          .weight_grad = &weight_grad,
+          .conv_act = &entry_conv_act};
 }
 
 }  // namespace

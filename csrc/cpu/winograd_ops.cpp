@@ -2,6 +2,7 @@
 // (the fused unit calls them directly, with winograd_isa()):
 //   torch.ops.vggbench.winograd_isa() -> "avx512" | "avx2" | "none"
 //   torch.ops.vggbench.winograd_takes_bfloat16() -> bool (not on a CPU with AMX-BF16)
+//   torch.ops.vggbench.native_bf16_dot_products() -> bool (ATen's bfloat16 convs have them)
 //   torch.ops.vggbench.winograd_conv(x, weight, bias, transposed_weight, isa)
 //   torch.ops.vggbench.winograd_weight_grad(x, grad, isa)
 #include "winograd.h"
@@ -59,6 +60,7 @@ std::string isa_op() { return isa_name(winograd_isa()); }
 TORCH_LIBRARY_FRAGMENT(vggbench, m) {
   m.def("winograd_isa() -> str", &vggbench::cpu::isa_op);
   m.def("winograd_takes_bfloat16() -> bool", &vggbench::cpu::winograd_takes_bfloat16);
+  m.def("native_bf16_dot_products() -> bool", &vggbench::cpu::native_bf16_dot_products);
   m.def("winograd_conv(Tensor x, Tensor weight, Tensor? bias, bool transposed_weight, str isa) -> Tensor");
   m.def("winograd_weight_grad(Tensor x, Tensor grad, str isa) -> Tensor");
 }

@@ -35,14 +35,17 @@ def vector_extensions(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
     return []
 
 
-def instruction_sets() -> dict[str, str]:
-    """What decides the CPU kernels: the CPU's vector extensions, ATen's capability and the
-    Winograd kernels' path (VGGBENCH_CPU_ISA and ATEN_CPU_CAPABILITY may narrow the last two)."""
+def instruction_sets() -> dict[str, object]:
+    """What decides the CPU kernels: the CPU's vector extensions, ATen's capability, the
+    Winograd kernels' path (VGGBENCH_CPU_ISA and ATEN_CPU_CAPABILITY may narrow the last two),
+    and whether ATen's bfloat16 convs have bfloat16 dot products (AVX512-BF16 or AMX-BF16,
+    unless ONEDNN_MAX_CPU_ISA caps oneDNN below them): the bfloat16 target's condition."""
     from vggbench import ops  # noqa: F401  (loads the extension: torch.ops.vggbench.*)
 
     return {"cpu_vector_extensions": " ".join(vector_extensions()) or "unknown",
             "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "winograd_isa": torch.ops.vggbench.winograd_isa()}
+            "winograd_isa": torch.ops.vggbench.winograd_isa(),
+            "native_bf16_dot_products": torch.ops.vggbench.native_bf16_dot_products()}
 
 
 def collect(device: torch.device) -> dict[str, object]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 
@@ -42,6 +43,13 @@ class Results:
         """The record of `impl` in `group`, or None if it was not run."""
         return next((r for r in (*self.layers, *self.models, *self.surfaces, *self.scaling)
                      if r.group == group and r.impl == impl), None)
+
+    def groups(self, pattern: str) -> list[str]:
+        """The groups of layer, model, surface and scaling records that `pattern` (fnmatch, case-
+        sensitive) matches, in run order, each once."""
+        return [group for group in dict.fromkeys(r.group for r in (*self.layers, *self.models, *self.surfaces,
+                                                                    *self.scaling))
+                if fnmatchcase(group, pattern)]
 
     def cases(self) -> list[str]:
         """Layer case names in run order, each once."""
