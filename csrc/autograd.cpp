@@ -11,7 +11,8 @@
 // _conv_stats and normalised by _bn_act: conv_bn_act's bits), so that xhat comes from it; the
 // backward reads the rest when it runs, for units whose z was not kept: "rule" recovers xhat
 // where the recovery rule allows, "all" always recomputes it (no host read: CUDA graphs).
-// "auto" keeps z for bfloat16 on the CPU, and is "rule" on the CPU and "all" elsewhere.
+// "auto" keeps z for bfloat16 and for convs of few input channels on the CPU, and is "rule"
+// on the CPU and "all" elsewhere.
 //
 // The only file with the autograd headers (they are heavy to compile).
 #include "checks.h"
@@ -56,11 +57,18 @@ bool recompute_all(const at::Device& device) {
 // (VGG38 BN+RC under bf16 autocast, batch 100, from its initial state: 13 of 37 units), and
 // each recompute costs a conv; keeping z (2 bytes a value, as native's saved BN input) made
 // the 32->32 unit's fwd+bwd (N=100, 32x32, the benchmark's BN state) 0.8x native bfloat16's
-// time instead of 1.0x.
+// time instead of 1.0x. And for a conv of fewer than kKeepBelowChannels input channels on
+// the CPU (the 3-channel entry conv), whose output has as many values as 32->32 units' but
+// costs far less: there the recovery's float64 arithmetic in the backward's two passes is a
+// large share of the unit (keeping z: the float32 entry unit's fwd+bwd, N=100, 0.87x as long
+// at 32x32, 0.82x at 16x16, 0.85x at 8x8 on an AMD EPYC Zen 3 with AVX2, same process; one
+// more activation saved, 13 MB at 32x32: for VGG38 BN+RC, 1 of its 37 units).
+constexpr int64_t kKeepBelowChannels = 8;
 bool keeps_conv_output(const Tensor& input) {
   const Recompute policy = recompute_policy.load();
-  return policy == Recompute::kKeep ||
-         (policy == Recompute::kAuto && input.is_cpu() && input.scalar_type() == at::kBFloat16);
+  const bool few_channels = input.dim() == 4 && input.size(1) < kKeepBelowChannels;
+  return policy == Recompute::kKeep || (policy == Recompute::kAuto && input.is_cpu() &&
+                                        (input.scalar_type() == at::kBFloat16 || few_channels));
 }
 
 // conv_bn_act's tensor arguments, in schema order, and which of them _conv_bn_act_backward

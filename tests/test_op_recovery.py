@@ -183,17 +183,18 @@ def test_unknown_policy_is_refused_and_the_policy_kept(monkeypatch):
         torch.ops.vggbench._set_recompute("sometimes")
 
 
-@pytest.mark.parametrize(("dtype", "policy"), [(torch.bfloat16, "auto"), (torch.float32, "keep"),
-                                               (torch.float64, "keep")], ids=str)
+@pytest.mark.parametrize(("dtype", "policy", "channels"), [(torch.bfloat16, "auto", 8), (torch.float32, "keep", 8),
+                                                           (torch.float64, "keep", 8), (torch.float32, "auto", 3)],
+                         ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_keeping_the_conv_output_gives_the_bits_of_recompute(dtype, policy, layout, monkeypatch):
-    """Under "keep" (and "auto" for bfloat16 on the CPU) the forward keeps the conv output for
-    the backward: one activation more than the rule's policy saves, no recompute and one
-    reduction in the backward, and output and gradients bit for bit those of always
-    recomputing it (the same conv output, normalised alike), on a unit whose channels the rule
-    flags."""
-    sample = make_sample(f"keep-{dtype}-{layout}", "cpu", dtype, True, n=4, c=8, k=8, size=8, residual=True,
-                         bias=True, layout=layout, gamma=GAMMAS["issue"] + GAMMAS["unit"])
+def test_keeping_the_conv_output_gives_the_bits_of_recompute(dtype, policy, channels, layout, monkeypatch):
+    """Under "keep" (and "auto" on the CPU for bfloat16 and for convs of fewer than 8 input
+    channels, as the entry conv) the forward keeps the conv output for the backward: one
+    activation more than the rule's policy saves, no recompute and one reduction in the
+    backward, and output and gradients bit for bit those of always recomputing it (the same
+    conv output, normalised alike), on a unit whose channels the rule flags."""
+    sample = make_sample(f"keep-{dtype}-{layout}-{channels}", "cpu", dtype, True, n=4, c=channels, k=8, size=8,
+                         residual=True, bias=True, layout=layout, gamma=GAMMAS["issue"] + GAMMAS["unit"])
     inputs = list(sample.grad_inputs().values())
     grad_out = torch.randn(4, 8, 8, 8, generator=torch.Generator().manual_seed(5)).to(dtype)
     activation = grad_out.numel() * grad_out.element_size()
@@ -211,6 +212,23 @@ def test_keeping_the_conv_output_gives_the_bits_of_recompute(dtype, policy, layo
             assert names.count("vggbench::cpu::backward_reduce") == 1
     assert all(torch.equal(a, b) for a, b in zip(results[policy], results["all"]))
     assert saved[policy] - saved["all"] == activation, saved
+
+
+@pytest.mark.parametrize(("dtype", "channels", "kept"), [(torch.float32, 3, True), (torch.float32, 7, True),
+                                                        (torch.float32, 8, False), (torch.float64, 16, False),
+                                                        (torch.bfloat16, 16, True)], ids=str)
+def test_auto_keeps_the_conv_output_for_bfloat16_and_few_input_channels(dtype, channels, kept, monkeypatch):
+    """"auto" on the CPU keeps the conv output (one activation more saved than "rule") for
+    bfloat16, and for convs of fewer than 8 input channels, where recovering xhat costs a large
+    share of the unit; otherwise it saves what "rule" saves."""
+    sample = make_sample(f"auto-{dtype}-{channels}", "cpu", dtype, True, n=2, c=channels, k=8, size=6)
+    inputs = list(sample.grad_inputs().values())
+    saved = {}
+    for policy in ("rule", "auto"):
+        monkeypatch.setattr(ops, "RECOMPUTE", policy)
+        saved[policy] = saved_bytes(lambda: ops.conv_bn_act(**sample.kwargs()), exclude=inputs).activations
+    activation = 2 * 8 * 6 * 6 * torch.empty((), dtype=dtype).element_size()
+    assert saved["auto"] - saved["rule"] == (activation if kept else 0), saved
 
 
 @pytest.mark.parametrize("policy", ["rule", "all"])

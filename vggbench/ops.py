@@ -7,7 +7,8 @@
 exactly as nn.Conv2d -> nn.BatchNorm2d -> (+ residual) -> F.leaky_relu do, including
 BatchNorm2d's running-statistics update. It keeps only its input and output for
 backward (the native chain also keeps the conv and BN outputs), and with the "keep" policy
-(below; bfloat16 on the CPU by default) the conv output too.
+(below; on the CPU by default for bfloat16 and for convs of fewer than 8 input channels) the
+conv output too.
 
 The kernels live in csrc/ (schemas defined once in C++, a CPU and a CUDA backend, and
 conv_bn_act's autograd in csrc/autograd.cpp: no Python runs per call); this module adds the
@@ -31,9 +32,10 @@ a small blocking copy on CUDA). "all" always recomputes it (no host read at all:
 under CUDA graph capture; native's numerics, one more conv per unit). "keep" keeps the conv
 output for backward instead, where xhat then comes from (no rule, no recompute: native's
 numerics, one more activation saved per unit; units whose forward ran under another policy
-are "auto"'s). "auto" (default): "keep" for bfloat16 on the CPU (there the rule often flags
-channels, and a recompute costs a conv: csrc/autograd.cpp), else "rule" on the CPU and "all"
-on CUDA. Assigning vggbench.ops.RECOMPUTE sets the policy of the C++ autograd
+are "auto"'s). "auto" (default): "keep" on the CPU for bfloat16 (there the rule often flags
+channels, and a recompute costs a conv) and for convs of fewer than 8 input channels (the
+entry conv: there recovery costs a large share of the unit; csrc/autograd.cpp), else "rule"
+on the CPU and "all" on CUDA. Assigning vggbench.ops.RECOMPUTE sets the policy of the C++ autograd
 (_set_recompute): the forward reads "keep", the backward the rest when it runs; an unknown
 policy raises ValueError.
 """
