@@ -652,13 +652,23 @@ constexpr int64_t kEntryDirectPixels = 16 * 16;
 #else
 constexpr int64_t kEntryDirectPixels = 128;
 #endif
+// Images of at most this many pixels take entry_conv_act (eval, and no BN): with AVX2 also
+// 32x32, where, with no statistics to sum, the direct conv beats ATen's conv and a normalise
+// pass (the float32 entry unit's eval forward, N=100, AMD EPYC Zen 3: 0.48-0.53x native eager's
+// time, against 0.71x).
+#if defined(VGGBENCH_CPU_PASSES_AVX2)
+constexpr int64_t kEntryActPixels = 32 * 32;
+#else
+constexpr int64_t kEntryActPixels = kEntryDirectPixels;
+#endif
 
 // Whether the entry kernels' direct conv computes conv(x, weight) (bias: whether it has one):
-// x float32 (N, 3, H, W) channels_last, H * W <= kEntryDirectPixels, a float32 3x3 weight,
-// stride 1, padding 1, no bias.
-bool entry_direct_applies(const Tensor& x, const Tensor& weight, bool bias, int64_t stride, int64_t padding) {
+// x float32 (N, 3, H, W) channels_last, H * W <= max_pixels, a float32 3x3 weight, stride 1,
+// padding 1, no bias.
+bool entry_direct_applies(const Tensor& x, const Tensor& weight, bool bias, int64_t stride, int64_t padding,
+                          int64_t max_pixels) {
   return !bias && weight.scalar_type() == at::kFloat && weight.size(1) == kEntryChannels &&
-         entry_kernel_applies(x, weight, at::kFloat, stride, padding) && x.size(2) * x.size(3) <= kEntryDirectPixels;
+         entry_kernel_applies(x, weight, at::kFloat, stride, padding) && x.size(2) * x.size(3) <= max_pixels;
 }
 
 // The direct entry conv's outputs, handed over as they are computed: per block of images (in
@@ -758,14 +768,14 @@ class EntrySums {
   V centre_[Q], sum_[Q], sum_sq_[Q];
 };
 
-// Kernels::conv_stats of the passes: the entry conv on small maps (entry_direct_applies) as
+// Kernels::conv_stats of the passes: the entry conv on maps of at most kEntryDirectPixels as
 // a direct conv (entry_direct_conv), with its output's ChannelSums (as the Winograd
 // conv_stats: sums of z - shift and its square, shift = z at the first pixel; float within a
 // row, double across rows and blocks, in order); nullopt for other convs.
 std::optional<std::tuple<Tensor, Tensor, Tensor>> entry_conv_stats(const Tensor& x, const Tensor& weight,
                                                                     const OptTensor& bias, int64_t stride,
                                                                     int64_t padding) {
-  if (!entry_direct_applies(x, weight, bias.has_value(), stride, padding)) return std::nullopt;
+  if (!entry_direct_applies(x, weight, bias.has_value(), stride, padding, kEntryDirectPixels)) return std::nullopt;
   RECORD_FUNCTION("vggbench::conv", {});  // one scope, as the orchestration's conv
   const EntryBlocks blocks(x);
   const int64_t H = blocks.H, W = blocks.W, K = weight.size(0);
@@ -794,12 +804,12 @@ std::optional<std::tuple<Tensor, Tensor, Tensor>> entry_conv_stats(const Tensor&
 }
 
 // Kernels::conv_act of the passes: normalize_act(conv(x, weight), affine, no residual, slope)
-// with the entry conv on small maps (entry_direct_applies; nullopt for other convs) as a
+// with the entry conv on maps of at most kEntryActPixels (nullopt for other convs) as a
 // direct conv whose outputs are normalised and activated in registers as normalize_act does
 // (the same bits; no pass over z).
 std::optional<Tensor> entry_conv_act(const Tensor& x, const Tensor& weight, int64_t stride, int64_t padding,
                                      const ChannelAffine& a, double slope) {
-  if (!entry_direct_applies(x, weight, false, stride, padding)) return std::nullopt;
+  if (!entry_direct_applies(x, weight, false, stride, padding, kEntryActPixels)) return std::nullopt;
   RECORD_FUNCTION("vggbench::conv", {});  // one scope, as the orchestration's conv
   const auto [scale, shift] = affine_coefficients<float>(a, weight.size(0));
   const bool affine = a.normalize || a.bias.has_value();
