@@ -567,21 +567,29 @@ def test_entry_conv_direct_on_small_maps(n, size, k):
     assert counts["vggbench::conv"] == 1 and counts["vggbench::cpu::batch_stats"] == (0 if direct else 1), counts
 
 
-@pytest.mark.parametrize(("size", "k", "bn", "bias", "slope"), [
-    (8, 32, "eval", False, 0.01), (16, 20, "eval", True, 0.2), (5, 7, "none", True, 0.01), (11, 40, "none", False, 0.0),
-    (3, 8, "eval", False, 1.0), (32, 32, "eval", True, 0.01), (33, 8, "none", True, 0.01)])
-def test_entry_conv_eval_normalises_in_registers(size, k, bn, bias, slope):
-    """The entry conv's eval forward, and its forward without BN (float32 channels_last, maps the
-    direct conv takes): each output is normalised and activated in registers as the conv is
-    computed (cpu::entry_conv_act), with no pass over the conv's output, and gives the same bits
-    as the conv followed by that pass (the conv's output, within float32's tolerance of float64,
-    then _bn_act with the running statistics, or the bias and F.leaky_relu without BN), on 1
-    thread as on 2, on maps up to 32x32 (the baseline build without AVX2: 128 pixels); larger
-    ones keep ATen's conv and the pass."""
-    gen = torch.Generator().manual_seed(size * 100 + k)
-    x = torch.randn(5, 3, size, size, generator=gen).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(k, 3, 3, 3, generator=gen)
-    conv_bias = torch.randn(k, generator=gen) if bias else None
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+@pytest.mark.parametrize(("c", "size", "k", "bn", "bias", "slope", "dtype"), [
+    (3, 8, 32, "eval", False, 0.01, F32), (3, 16, 20, "eval", True, 0.2, F32), (3, 5, 7, "none", True, 0.01, F32),
+    (3, 11, 40, "none", False, 0.0, F32), (3, 3, 8, "eval", False, 1.0, F32), (3, 32, 32, "eval", True, 0.01, F32),
+    (3, 33, 8, "none", True, 0.01, F32), (3, 8, 16, "eval", True, 0.01, BF16),
+    (8, 8, 8, "eval", False, 0.01, F32), (16, 5, 32, "none", True, 0.2, F32), (32, 13, 16, "eval", True, 0.0, F32),
+    (40, 4, 24, "none", False, 0.01, F32), (16, 8, 32, "eval", True, 0.01, BF16), (8, 5, 8, "none", True, 0.2, BF16),
+    (32, 7, 16, "eval", False, 1.0, BF16)], ids=str)
+def test_eval_forward_normalises_in_registers(c, size, k, bn, bias, slope, dtype):
+    """The eval forward, and the forward without BN, on the CPU (channels_last): where the conv
+    is the Winograd one (C and K multiples of 8, float32 or bfloat16) or the entry conv's direct
+    one (3 input channels, float32, maps up to 32x32; the baseline build without AVX2: 128
+    pixels), each output is normalised and activated in registers as the conv writes it
+    (cpu::entry_conv_act, cpu::winograd_conv_act), with no pass over the conv's output, and gives
+    the same bits as the conv followed by that pass (the conv's output, as stored, within its
+    dtype's tolerance of float64; then _bn_act with the running statistics, or the bias and
+    leaky_relu in float32 without BN), on 1 thread as on 2. Other convs keep the pass."""
+    gen = torch.Generator().manual_seed(size * 100 + k + c)
+    x = torch.randn(5, c, size, size, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(k, c, 3, 3, generator=gen).to(dtype)
+    conv_bias = torch.randn(k, generator=gen).to(dtype) if bias else None
     gamma, beta = torch.rand(k, generator=gen) + 0.5, torch.randn(k, generator=gen)
     mean, var = torch.randn(k, generator=gen), torch.rand(k, generator=gen) + 0.5
     bn_args = (gamma, beta, mean, var) if bn == "eval" else (None, None, None, None)
@@ -596,16 +604,21 @@ def test_entry_conv_eval_normalises_in_registers(size, k, bn, bias, slope):
     assert torch.equal(outs[1], outs[2])
     # the conv alone, through the same path: no BN, no bias and slope 1 leave its output as it is
     z = ops.conv_bn_act(x, weight, None, None, None, None, None, padding=1, training=False, negative_slope=1.0)
-    assert_close_scaled(z, F.conv2d(x.double(), weight.double(), padding=1), TOLERANCES[torch.float32], "z")
+    assert_close_scaled(z, F.conv2d(x.double(), weight.double(), padding=1), TOLERANCES[dtype], "z")
     if bn == "eval":
         expected = torch.ops.vggbench._bn_act(z, mean, var, gamma, beta, conv_bias, None, 1e-5, slope)
     else:
-        expected = F.leaky_relu(z + conv_bias.view(1, -1, 1, 1) if bias else z, slope)
-    assert outs[2].is_contiguous(memory_format=torch.channels_last)
+        pre = z.float() + conv_bias.float().view(1, -1, 1, 1) if bias else z.float()
+        expected = F.leaky_relu(pre, slope).to(dtype)
+    assert outs[2].is_contiguous(memory_format=torch.channels_last) and outs[2].dtype == dtype
     assert torch.equal(outs[2], expected)
     counts = collections.Counter(e.name for e in profiled(forward))
-    direct = size * size <= (32 * 32 if torch.ops.vggbench.winograd_isa() != "none" else 128)
-    assert counts["vggbench::conv"] == 1 and counts["vggbench::cpu::normalize_act"] == (0 if direct else 1), counts
+    isa = torch.ops.vggbench.winograd_isa()
+    if c == 3:
+        fused = dtype == F32 and size * size <= (32 * 32 if isa != "none" else 128)
+    else:
+        fused = isa != "none" and (dtype == F32 or torch.ops.vggbench.winograd_takes_bfloat16())
+    assert counts["vggbench::conv"] == 1 and counts["vggbench::cpu::normalize_act"] == (0 if fused else 1), counts
 
 
 def profiled(step) -> list:

@@ -27,9 +27,10 @@ bool widened(const Tensor& x) {
 
 Tensor float32_of(const Tensor& t) { return t.to(at::kFloat); }
 
-// The passes' conv_stats (the 3-channel entry conv as a direct conv), in the build in use:
-// set with kCpuKernels below.
+// The passes' conv_stats and conv_act (the 3-channel entry conv as a direct conv), in the
+// build in use: set with kCpuKernels below.
 decltype(Kernels::conv_stats) direct_conv_stats = nullptr;
+decltype(Kernels::conv_act) direct_conv_act = nullptr;
 
 Tensor conv(const Tensor& x, const Tensor& weight, const OptTensor& bias, int64_t stride,
             int64_t padding) {
@@ -57,6 +58,21 @@ std::optional<std::tuple<Tensor, Tensor, Tensor>> conv_stats(const Tensor& x, co
   auto [mean, var] =
       stats_from_sums(sums.sum.data(), sums.sum_sq.data(), sums.shift.data(), geometry_of(z).count(), bias, z);
   return std::tuple{z, mean, var};
+}
+
+// The Winograd conv, or the passes' entry conv, normalised and activated as its outputs are
+// written (no pass over z; normalize_act's bits); other convs: nullopt.
+std::optional<Tensor> conv_act(const Tensor& x, const Tensor& weight, int64_t stride, int64_t padding,
+                               const ChannelAffine& affine, double slope) {
+  if (!cpu::winograd_applies(x, weight, stride, padding)) return direct_conv_act(x, weight, stride, padding, affine, slope);
+  RECORD_FUNCTION("vggbench::conv", {});  // one scope, as the orchestration's conv
+  // normalize_act's coefficients, float for float32 and bfloat16 activations alike
+  const auto [scale, shift] = x.scalar_type() == at::kBFloat16
+                                  ? affine_coefficients<at::BFloat16>(affine, weight.size(0))
+                                  : affine_coefficients<float>(affine, weight.size(0));
+  const bool normalise = affine.normalize || affine.bias.has_value();
+  return cpu::winograd_conv_act(x, weight, normalise ? scale.data() : nullptr, normalise ? shift.data() : nullptr,
+                                static_cast<float>(slope));
 }
 
 // ATen's conv backward, except where it gets the weight gradient wrong: a strided 1x1 conv
@@ -122,6 +138,8 @@ Kernels cpu_kernels() {
   }
   direct_conv_stats = kernels.conv_stats;
   kernels.conv_stats = &conv_stats;
+  direct_conv_act = kernels.conv_act;
+  kernels.conv_act = &conv_act;
   return kernels;
 }
 

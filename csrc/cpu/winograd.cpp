@@ -37,7 +37,7 @@ namespace vggbench::cpu {
 namespace {
 
 using winograd::kBlockTiles, winograd::kGradBlockTiles, winograd::kPoints, winograd::kTile,
-    winograd::kWindow, winograd::Kernels, winograd::Tiles;
+    winograd::kWindow, winograd::Activation, winograd::Kernels, winograd::Tiles;
 
 constexpr double kThird = 1.0 / 3, kFifteenth = 1.0 / 15;
 // The weight transform G (6x3); the input transform B^T (6x6) and the output transform
@@ -277,9 +277,9 @@ std::vector<double> first_outputs(const at::Tensor& x, const at::Tensor& weight)
   return z;
 }
 
-// winograd_conv, and with `sums` its output's ChannelSums.
+// winograd_conv, and with `sums` its output's ChannelSums, or with `act` its outputs' activation.
 at::Tensor conv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                bool transposed_weight, Isa isa, ChannelSums* sums) {
+                bool transposed_weight, Isa isa, ChannelSums* sums, const Activation* act = nullptr) {
   const int64_t C = x.size(1), K = transposed_weight ? weight.size(1) : weight.size(0);
   TORCH_INTERNAL_ASSERT(C == (transposed_weight ? weight.size(0) : weight.size(1)));
   const Kernels& kernels = kernels_for(isa, C, K);
@@ -302,7 +302,7 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& weight, const std::option
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       const auto v = scratch(kPoints * kBlockTiles * C), m = scratch(kPoints * kBlockTiles * K);
       typed.conv_blocks(in, u.data(), bias_data, C, K, tl, begin, end, out, v.get(), m.get(),
-                        sums ? shift.data() : nullptr, block_sums.data());
+                        sums ? shift.data() : nullptr, block_sums.data(), act);
     });
   };
   if (x.scalar_type() == at::kBFloat16) {
@@ -329,6 +329,13 @@ at::Tensor winograd_conv(const at::Tensor& x, const at::Tensor& weight,
 
 at::Tensor winograd_conv_sums(const at::Tensor& x, const at::Tensor& weight, ChannelSums& sums, Isa isa) {
   return conv(x, weight, std::nullopt, /*transposed_weight=*/false, isa, &sums);
+}
+
+at::Tensor winograd_conv_act(const at::Tensor& x, const at::Tensor& weight, const float* scale,
+                             const float* shift, float slope, Isa isa) {
+  TORCH_INTERNAL_ASSERT((scale == nullptr) == (shift == nullptr));
+  const Activation act{scale, shift, slope, scale != nullptr};
+  return conv(x, weight, std::nullopt, /*transposed_weight=*/false, isa, nullptr, &act);
 }
 
 namespace {

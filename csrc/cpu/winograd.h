@@ -69,6 +69,12 @@ struct ChannelSums {
 at::Tensor winograd_conv_sums(const at::Tensor& x, const at::Tensor& weight, ChannelSums& sums,
                               Isa isa = winograd_isa());
 
+// winograd_conv(x, weight, no bias) with each output y stored as leaky_relu(y * scale[k] +
+// shift[k], slope) (normalize_act's maths on y as stored; scale and shift: K floats each, or
+// both null: leaky_relu(y, slope)), in one pass.
+at::Tensor winograd_conv_act(const at::Tensor& x, const at::Tensor& weight, const float* scale,
+                             const float* shift, float slope, Isa isa = winograd_isa());
+
 // The weight gradient of conv2d(x, W, stride=1, padding=1) given its output gradient
 // grad (N, K, H, W), both channels_last and of one dtype: shape (K, C, 3, 3), channels_last,
 // in that dtype (summed in float32, rounded once). Deterministic.

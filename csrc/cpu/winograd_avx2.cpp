@@ -37,6 +37,17 @@ struct V {
   static type add(type x, type y) { return _mm256_add_ps(x, y); }
   static type sub(type x, type y) { return _mm256_sub_ps(x, y); }
   static type fmadd(type a, type b, type c) { return _mm256_fmadd_ps(a, b, c); }
+  // x * y, rounded on its own: the empty asm keeps the compiler from contracting it with an
+  // add into an FMA (normalize_act's maths, whose bits the conv's activation matches, has none)
+  static type mul(type x, type y) {
+    type product = _mm256_mul_ps(x, y);
+    asm("" : "+v"(product));
+    return product;
+  }
+  // v > 0 ? v : v * slope (math::leaky_relu: NaN gives v * slope)
+  static type leaky_relu(type v, type slope) {
+    return _mm256_blendv_ps(_mm256_mul_ps(v, slope), v, _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ));
+  }
   // v where keep, else 0, without a branch
   static type keep_if(type v, bool keep) {
     return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(-static_cast<int>(keep))));

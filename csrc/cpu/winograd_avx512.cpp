@@ -39,6 +39,17 @@ struct V {
   static type add(type x, type y) { return _mm512_add_ps(x, y); }
   static type sub(type x, type y) { return _mm512_sub_ps(x, y); }
   static type fmadd(type a, type b, type c) { return _mm512_fmadd_ps(a, b, c); }
+  // x * y, rounded on its own: the empty asm keeps the compiler from contracting it with an
+  // add into an FMA (normalize_act's maths, whose bits the conv's activation matches, has none)
+  static type mul(type x, type y) {
+    type product = _mm512_mul_ps(x, y);
+    asm("" : "+v"(product));
+    return product;
+  }
+  // v > 0 ? v : v * slope (math::leaky_relu: NaN gives v * slope)
+  static type leaky_relu(type v, type slope) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ), _mm512_mul_ps(v, slope), v);
+  }
   // v where keep, else 0, without a branch
   static type keep_if(type v, bool keep) {
     return _mm512_maskz_mov_ps(static_cast<__mmask16>(-static_cast<int>(keep)), v);

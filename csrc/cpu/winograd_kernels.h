@@ -26,6 +26,15 @@ struct Tiles {
   }
 };
 
+// What the conv does to each output y (bias added, as stored: bfloat16 rounded) before it is
+// stored, as normalize_act does: leaky_relu(y * scale[k] + shift[k], slope), or with
+// `affine` false leaky_relu(y, slope).
+struct Activation {
+  const float *scale, *shift;
+  float slope;
+  bool affine;
+};
+
 // The kernels of one instruction set, for activations of type T: float, or bfloat16 as its
 // bits (uint16_t; float arithmetic, outputs rounded to nearest even).
 template <typename T>
@@ -33,10 +42,11 @@ struct Typed {
   // y for the tiles of blocks [begin, end): U holds the transformed weights
   // [point][in][out]; v, m: scratch of kPoints * kBlockTiles * C (resp. K) floats. With
   // `shift` (K floats), block b also writes its outputs' per-channel sums of y - shift and
-  // of its square to sums[b][0][k] and sums[b][1][k] (sums: blocks x 2 x K).
+  // of its square to sums[b][0][k] and sums[b][1][k] (sums: blocks x 2 x K). With `act`
+  // (and no shift), the activation of y is stored instead of y.
   void (*conv_blocks)(const T* x, const float* u, const float* bias, int64_t C, int64_t K,
                       const Tiles& tl, int64_t begin, int64_t end, T* y, float* v, float* m,
-                      const float* shift, double* sums);
+                      const float* shift, double* sums, const Activation* act);
   // partial[p] (C x K) = sum of V[p]^T E[p] over the tiles of blocks [begin, end) (begin <
   // end), blocks of kGradBlockTiles tiles; v, e: scratch of kPoints * kGradBlockTiles * C
   // (resp. K) floats.

@@ -174,12 +174,23 @@ inline void transform_grads(const T* g, int64_t K, const Tiles& tl, int64_t firs
 inline vec stored(const float*, vec value) { return value; }
 inline vec stored(const uint16_t* p, vec) { return V::load(p); }
 
+// value as stored at p (bfloat16: rounded, by storing it there and reading it back).
+inline vec as_stored(float*, vec value) { return value; }
+inline vec as_stored(uint16_t* p, vec value) {
+  V::store(p, value);
+  return V::load(p);
+}
+
 // y = A^T m A (+ bias) for each tile's 36 products, written where the tile is in the image.
 // Stats: also each channel's sums of d = y - shift and of d^2 over the values written (as
 // stored), in float per tile, added in tile order in double to sums[k] and sums[K + k].
-template <bool Stats, typename T>
+// Act: the activation of y (as stored) is written instead (Activation, from `act`).
+template <bool Stats, bool Act, typename T>
 inline void transform_outputs(const float* m, int64_t K, const float* bias, const Tiles& tl,
-                              int64_t first, int64_t count, T* y, const float* shift, double* sums) {
+                              int64_t first, int64_t count, T* y, const float* shift, double* sums,
+                              const Activation* act) {
+  static_assert(!(Stats && Act), "statistics of y, or its activation");
+  const vec slope = Act ? V::set1(act->slope) : V::zero();
   for (int64_t t = 0; t < count; ++t) {
     int64_t n, top, left;
     tl.locate(first + t, n, top, left);
@@ -190,12 +201,19 @@ inline void transform_outputs(const float* m, int64_t K, const float* bias, cons
       const float* group = m + slot<kBlockTiles>(t, k);
       const vec b = bias ? V::load(bias + k) : V::zero();
       const vec s = Stats ? V::load(shift + k) : V::zero();
+      const bool affine = Act && act->affine;
+      const vec scale = affine ? V::load(act->scale + k) : V::zero(), offset = affine ? V::load(act->shift + k) : V::zero();
       vec sum = V::zero(), sum_sq = V::zero();
       transform_2d<kWindow, kTile, output_1d>(
           [&](int i, int j) { return V::load(group + (i * kWindow + j) * kPointStride<kBlockTiles>); },
           [&](int i, int j, vec value) {
             if (whole || (i < rows && j < cols)) {
               T* out = corner + (i * tl.w + j) * K + k;
+              if constexpr (Act) {
+                const vec z = as_stored(out, add(value, b));
+                V::store(out, V::leaky_relu(affine ? add(V::mul(z, scale), offset) : z, slope));
+                return;
+              }
               V::store(out, add(value, b));
               if constexpr (Stats) {
                 const vec d = sub(stored(out, add(value, b)), s);
@@ -306,7 +324,7 @@ class Prefetch {
 template <typename T>
 void conv_blocks(const T* x, const float* u, const float* bias, int64_t C, int64_t K,
                  const Tiles& tl, int64_t begin, int64_t end, T* y, float* v, float* m,
-                 const float* shift, double* sums) {
+                 const float* shift, double* sums, const Activation* act) {
   Prefetch inputs, outputs;  // the next block's input windows, this block's outputs
   for (int64_t block = begin; block < end; ++block) {
     const int64_t first = block * kBlockTiles;
@@ -327,9 +345,11 @@ void conv_blocks(const T* x, const float* u, const float* bias, int64_t C, int64
     if (shift) {
       double* block_sums = sums + block * 2 * K;
       for (int64_t i = 0; i < 2 * K; ++i) block_sums[i] = 0;
-      transform_outputs<true>(m, K, bias, tl, first, count, y, shift, block_sums);
+      transform_outputs<true, false>(m, K, bias, tl, first, count, y, shift, block_sums, nullptr);
+    } else if (act) {
+      transform_outputs<false, true>(m, K, bias, tl, first, count, y, nullptr, nullptr, act);
     } else {
-      transform_outputs<false>(m, K, bias, tl, first, count, y, nullptr, nullptr);
+      transform_outputs<false, false>(m, K, bias, tl, first, count, y, nullptr, nullptr, nullptr);
     }
   }
 }
