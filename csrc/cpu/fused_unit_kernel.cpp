@@ -64,7 +64,9 @@ std::optional<std::tuple<Tensor, Tensor, Tensor>> conv_stats(const Tensor& x, co
 // written (no pass over z; normalize_act's bits); other convs: nullopt.
 std::optional<Tensor> conv_act(const Tensor& x, const Tensor& weight, int64_t stride, int64_t padding,
                                const ChannelAffine& affine, double slope) {
-  if (!cpu::winograd_applies(x, weight, stride, padding)) return direct_conv_act(x, weight, stride, padding, affine, slope);
+  if (!cpu::winograd_applies(x, weight, stride, padding)) {
+    return direct_conv_act(x, weight, stride, padding, affine, slope);
+  }
   RECORD_FUNCTION("vggbench::conv", {});  // one scope, as the orchestration's conv
   // normalize_act's coefficients, float for float32 and bfloat16 activations alike
   const auto [scale, shift] = x.scalar_type() == at::kBFloat16

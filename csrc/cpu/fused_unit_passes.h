@@ -799,7 +799,8 @@ std::optional<std::tuple<Tensor, Tensor, Tensor>> entry_conv_stats(const Tensor&
   for (int64_t b = 0; b < blocks.count; ++b) {
     for (int64_t j = 0; j < 2 * K; ++j) total[j] += partial[b * 2 * K + j];
   }
-  auto [mean, var] = stats_from_sums(total.data(), total.data() + K, centre.data(), blocks.N * blocks.pixels, std::nullopt, z);
+  auto [mean, var] =
+      stats_from_sums(total.data(), total.data() + K, centre.data(), blocks.N * blocks.pixels, std::nullopt, z);
   return std::tuple{z, mean, var};
 }
 
@@ -825,7 +826,9 @@ std::optional<Tensor> entry_conv_act(const Tensor& x, const Tensor& weight, int6
       }
       void row_done() const {}
     } finish;
-    for (int q = 0; q < Q; ++q) finish.scale[q] = at_c(q * kWidth).load(scale.data()), finish.shift[q] = at_c(q * kWidth).load(shift.data());
+    for (int q = 0; q < Q; ++q) {
+      finish.scale[q] = at_c(q * kWidth).load(scale.data()), finish.shift[q] = at_c(q * kWidth).load(shift.data());
+    }
     finish.slope = s, finish.affine = affine;
     return finish;
   });

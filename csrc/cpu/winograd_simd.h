@@ -202,7 +202,8 @@ inline void transform_outputs(const float* m, int64_t K, const float* bias, cons
       const vec b = bias ? V::load(bias + k) : V::zero();
       const vec s = Stats ? V::load(shift + k) : V::zero();
       const bool affine = Act && act->affine;
-      const vec scale = affine ? V::load(act->scale + k) : V::zero(), offset = affine ? V::load(act->shift + k) : V::zero();
+      const vec scale = affine ? V::load(act->scale + k) : V::zero();
+      const vec offset = affine ? V::load(act->shift + k) : V::zero();
       vec sum = V::zero(), sum_sq = V::zero();
       transform_2d<kWindow, kTile, output_1d>(
           [&](int i, int j) { return V::load(group + (i * kWindow + j) * kPointStride<kBlockTiles>); },
