@@ -55,6 +55,10 @@ struct ChannelAffine {
   bool normalize;
   OptTensor gamma, beta, mean, var, bias;
   double eps;
+
+  // Whether the CPU's normalisations compute z * scale + shift at all: without it z passes as
+  // it is (so -0 stays -0, which z * 1 + 0 would make +0).
+  bool transforms() const { return normalize || bias.has_value(); }
 };
 
 // The activation-sized inputs of the backward passes, and training-mode BN's per-channel

@@ -72,7 +72,7 @@ std::optional<Tensor> conv_act(const Tensor& x, const Tensor& weight, int64_t st
   const auto [scale, shift] = x.scalar_type() == at::kBFloat16
                                   ? affine_coefficients<at::BFloat16>(affine, weight.size(0))
                                   : affine_coefficients<float>(affine, weight.size(0));
-  const bool normalise = affine.normalize || affine.bias.has_value();
+  const bool normalise = affine.transforms();
   return cpu::winograd_conv_act(x, weight, normalise ? scale.data() : nullptr, normalise ? shift.data() : nullptr,
                                 static_cast<float>(slope));
 }

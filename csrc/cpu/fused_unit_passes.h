@@ -340,7 +340,7 @@ void normalize_act(const Tensor& z, const ChannelAffine& a, const OptTensor& res
             if constexpr (add_residual) v = v + at.load(res);
             at.store(y, math::leaky_relu(v, V(s)));
           });
-    }, a.normalize || a.bias.has_value(), res != nullptr);
+    }, a.transforms(), res != nullptr);
   });
 }
 
@@ -813,7 +813,7 @@ std::optional<Tensor> entry_conv_act(const Tensor& x, const Tensor& weight, int6
   if (!entry_direct_applies(x, weight, false, stride, padding, kEntryActPixels)) return std::nullopt;
   RECORD_FUNCTION("vggbench::conv", {});  // one scope, as the orchestration's conv
   const auto [scale, shift] = affine_coefficients<float>(a, weight.size(0));
-  const bool affine = a.normalize || a.bias.has_value();
+  const bool affine = a.transforms();
   using V = Lanes<float, kWidth>;
   const V s(static_cast<float>(slope));
   return entry_direct_conv(x, weight, [&](int64_t, auto at_c, auto chunks) {

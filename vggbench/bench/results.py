@@ -41,15 +41,16 @@ class Results:
 
     def find(self, group: str, impl: str) -> Record | None:
         """The record of `impl` in `group`, or None if it was not run."""
-        return next((r for r in (*self.layers, *self.models, *self.surfaces, *self.scaling)
-                     if r.group == group and r.impl == impl), None)
+        return next((r for r in self._timed() if r.group == group and r.impl == impl), None)
 
     def groups(self, pattern: str) -> list[str]:
         """The groups of layer, model, surface and scaling records that `pattern` (fnmatch, case-
         sensitive) matches, in run order, each once."""
-        return [group for group in dict.fromkeys(r.group for r in (*self.layers, *self.models, *self.surfaces,
-                                                                    *self.scaling))
-                if fnmatchcase(group, pattern)]
+        return [group for group in dict.fromkeys(r.group for r in self._timed()) if fnmatchcase(group, pattern)]
+
+    def _timed(self) -> tuple[Record, ...]:
+        """The layer, model, surface and scaling records: those with groups of implementations."""
+        return (*self.layers, *self.models, *self.surfaces, *self.scaling)
 
     def cases(self) -> list[str]:
         """Layer case names in run order, each once."""
