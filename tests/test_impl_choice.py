@@ -1,6 +1,7 @@
-"""--impl auto: the fused op where it is the faster (the CPU, fp32 or bf16, channels_last,
-Winograd kernels), native otherwise; --channels-last unset: channels_last on the CPU, contiguous
-elsewhere; both resolved at run start, said in the output, recorded in config.json."""
+"""--impl auto: the fused op where it is the faster (the CPU, fp32 or bf16, Winograd kernels;
+contiguous too, except bf16 where ATen has bf16 dot products), native otherwise;
+--channels-last unset: channels_last on the CPU, contiguous elsewhere; both resolved at run
+start, said in the output, recorded in config.json."""
 
 from __future__ import annotations
 
@@ -44,8 +45,20 @@ def test_bf16_fused_where_the_winograd_convs_take_it() -> None:
         assert impl == "native" and "AMX-BF16" in why
 
 
+@pytest.mark.skipif(not FAST_CPU, reason="this CPU has no AVX2+FMA: auto never picks the fused op here")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_contiguous_fused_through_channels_last_copies(precision: str) -> None:
+    impl, why = choose_impl(replace(FAST, channels_last=False, precision=precision), CPU)
+    if precision == "bf16" and not torch.ops.vggbench.winograd_takes_bfloat16():
+        assert impl == "native" and "AMX-BF16" in why
+    elif precision == "bf16" and torch.ops.vggbench.native_bf16_dot_products():
+        assert impl == "native" and "only in channels_last" in why
+    else:
+        assert (impl, why) == ("fused", f"Winograd convs on {torch.ops.vggbench.winograd_isa().upper()}, "
+                                        f"contiguous through channels_last copies, {precision}")
+
+
 @pytest.mark.parametrize(("change", "device", "reason"), [
-    ({"channels_last": False}, CPU, "only in channels_last (not with --no-channels-last)"),
     ({"precision": "fp16"}, CPU, "--precision fp16: the fused op's convs are fast in fp32 and bf16 only"),
     ({"activation": "sigmoid"}, CPU, "conv -> BN -> LeakyReLU only"),
     ({"bn_position": "after"}, CPU, "conv -> BN -> LeakyReLU only"),
@@ -67,7 +80,8 @@ def test_training_says_and_records_the_choice(tiny_args, capsys) -> None:
 
 def test_channels_last_unless_told_on_the_cpu_only() -> None:
     assert TrainConfig().channels_last is None  # unset: chosen at run start
-    assert choose_channels_last(CPU) == (True, "the faster on the CPU, and the fused op's Winograd convs need it")
+    assert choose_channels_last(CPU) == (True,
+                                         "the faster on the CPU, where the fused op's Winograd convs compute in it")
     assert choose_channels_last(torch.device("cuda")) == (False, "on cuda channels_last is not measured faster")
 
 
@@ -82,13 +96,14 @@ def test_training_takes_the_fast_path_by_default_and_says_so(tiny_args, capsys) 
     assert (saved["channels_last"], saved["impl"]) == (True, "fused")
 
 
-def test_no_channels_last_trains_contiguous_and_native(tiny_args, capsys) -> None:
+def test_no_channels_last_trains_contiguous(tiny_args, capsys) -> None:
     args = [*tiny_args[:tiny_args.index("--epochs") + 1], "1", *tiny_args[tiny_args.index("--epochs") + 2:]]
     run = Path(option(args, "--out-dir"))
     assert main([*args, "--no-channels-last"]) == 0
     out = capsys.readouterr().out
     assert "memory format:" not in out
-    assert "[VGG08 BN+RC] layers: native (--impl auto: the fused op is faster only in channels_last" in out
+    expected = "fused (--impl auto: Winograd convs on" if FAST_CPU else "native (--impl auto:"
+    assert f"[VGG08 BN+RC] layers: {expected}" in out
     saved = json.loads((run / "config.json").read_text())
     assert saved["channels_last"] is False
     # resumed without saying (as the demo resumes: explicit=None checks every option), the run keeps its choice

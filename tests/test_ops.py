@@ -621,6 +621,40 @@ def test_eval_forward_normalises_in_registers(c, size, k, bn, bias, slope, dtype
     assert counts["vggbench::conv"] == 1 and counts["vggbench::cpu::normalize_act"] == (0 if fused else 1), counts
 
 
+@pytest.mark.skipif(torch.ops.vggbench.winograd_isa() == "none", reason="no AVX2+FMA: the convs run through ATen")
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize(("n", "c", "k", "h", "w"), [(2, 8, 8, 5, 7), (3, 24, 16, 9, 4), (2, 16, 40, 1, 1),
+                                                     (2, 32, 8, 11, 3), (1, 8, 32, 32, 32)], ids=str)
+def test_contiguous_calls_compute_in_channels_last(n, c, k, h, w, dtype):
+    """A contiguous (NCHW) call whose conv the Winograd kernels take runs them on channels_last
+    copies (csrc/cpu/transpose.h: 8x8 register blocks, the rest value by value): its outputs are
+    contiguous and carry the channels_last call's bits (training forward with its statistics,
+    eval forward); without BN, where nothing is reduced across the batch, so do the input and
+    weight gradients (grad_z copied to channels_last, the input gradient copied back)."""
+    if dtype == BF16 and not torch.ops.vggbench.winograd_takes_bfloat16():
+        pytest.skip("ATen's bfloat16 convs run on AMX here: bfloat16 does not take the Winograd kernels")
+    gen = torch.Generator().manual_seed(n * 1000 + c * 10 + h)
+    x = torch.randn(n, c, h, w, generator=gen).to(dtype)
+    weight = (torch.randn(k, c, 3, 3, generator=gen) / 3).to(dtype)
+    gamma, beta = torch.rand(k, generator=gen) + 0.5, torch.randn(k, generator=gen)
+    mean, var = torch.randn(k, generator=gen), torch.rand(k, generator=gen) + 0.5
+    grad_out = torch.randn(n, k, h, w, generator=gen).to(dtype)
+    results = {}
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xs = x.clone(memory_format=fmt).requires_grad_()
+        ws = weight.clone().requires_grad_()
+        train = torch.ops.vggbench.conv_bn_act(xs.detach(), weight, None, gamma, beta, None, None, None, 1, 1, True,
+                                               1e-5, 0.01)
+        evaluation = ops.conv_bn_act(xs.detach(), weight, None, gamma, beta, mean, var, padding=1)
+        out = ops.conv_bn_act(xs, ws, padding=1, negative_slope=0.2)
+        out.backward(grad_out.contiguous(memory_format=fmt))
+        results[fmt] = (*train, evaluation, out, xs.grad, ws.grad)
+        assert all(t.is_contiguous(memory_format=fmt) for t in (train[0], evaluation, out, xs.grad)), fmt
+    for name, a, b in zip(("out", "mean", "var", "eval out", "out (no BN)", "grad input", "grad weight"),
+                          results[torch.contiguous_format], results[torch.channels_last]):
+        assert torch.equal(a, b), name
+
+
 def profiled(step) -> list:
     """The profiler events of `step()` on the CPU."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

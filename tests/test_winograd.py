@@ -219,25 +219,26 @@ def test_forced_avx2_process_gives_the_same_unit_results(tmp_path: Path) -> None
         assert torch.equal(a, b)
 
 
-# The ATen convs a fused BN+residual unit's training step and eval forward call (3x3, 32
-# channels, 8x8 maps) in $LAYOUT, under CPU autocast to $DTYPE (float32: no autocast), and
+# The ATen convs a fused BN+residual unit's training step and eval forward call (3x3,
+# $CHANNELS channels, 8x8 maps) in $LAYOUT, under CPU autocast to $DTYPE (float32: no autocast), and
 # whether a batch-statistics pass ran (not with the Winograd conv, which takes them as it
 # writes its output), printed as a JSON list.
 UNIT_CONVS = """
 import json, os, torch
 from vggbench import ops
 dtype, fmt = getattr(torch, os.environ["DTYPE"]), getattr(torch, os.environ["LAYOUT"])
+c = int(os.environ["CHANNELS"])
 gen = torch.Generator().manual_seed(0)
-act = lambda: torch.randn(4, 32, 8, 8, generator=gen).contiguous(memory_format=fmt)
+act = lambda: torch.randn(4, c, 8, 8, generator=gen).contiguous(memory_format=fmt)
 x, res, grad_out = act().requires_grad_(), act(), act()
-w = (torch.randn(32, 32, 3, 3, generator=gen) / 17).requires_grad_()
-gamma, beta = torch.rand(32, generator=gen).add(0.5).requires_grad_(), torch.randn(32, generator=gen)
+w = (torch.randn(c, c, 3, 3, generator=gen) / 17).requires_grad_()
+gamma, beta = torch.rand(c, generator=gen).add(0.5).requires_grad_(), torch.randn(c, generator=gen)
 ops.RECOMPUTE = "all"  # the backward's recompute of xhat runs the whole conv too
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, \\
         torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
     out = ops.conv_bn_act(x, w, None, gamma, beta, residual=res, padding=1, training=True)
     torch.autograd.grad(out, [x, w, gamma], grad_out.to(out.dtype))
-    ops.conv_bn_act(x, w, None, gamma, beta, torch.zeros(32), torch.ones(32), residual=res, padding=1,
+    ops.conv_bn_act(x, w, None, gamma, beta, torch.zeros(c), torch.ones(c), residual=res, padding=1,
                     training=False)
 convs = {"aten::convolution", "aten::convolution_backward", "vggbench::cpu::batch_stats"}
 print(json.dumps(sorted({event.name for event in prof.events()} & convs)))
@@ -255,14 +256,15 @@ AVX2_CPU = {"VGGBENCH_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_M
     ("bfloat16", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, True),  # oneDNN without AMX
 ], ids=["float32", "bfloat16", "bfloat16-avx2", "bfloat16-no-amx"])
 def test_fused_unit_convs_run_on_winograd(dtype: str, env: dict[str, str], on_winograd: bool) -> None:
-    """channels_last, the fused unit's forward (with its batch statistics), input- and
-    weight-gradient convs all run on these kernels where they apply; contiguous ones go
-    through ATen and a statistics pass (which shows the profile would see them)."""
-    for layout, expected in (("channels_last", [] if on_winograd else ATEN_CONVS),
-                             ("contiguous_format", ATEN_CONVS)):
-        result = run_python(UNIT_CONVS, DTYPE=dtype, LAYOUT=layout, **env)
-        assert result.returncode == 0, result.stderr
-        assert json.loads(result.stdout.splitlines()[-1]) == expected, layout
+    """The fused unit's forward (with its batch statistics), input- and weight-gradient convs
+    all run on these kernels where they apply, channels_last or contiguous (through
+    channels_last copies); 12 channels (not a multiple of 8) go through ATen and a statistics
+    pass (which shows the profile would see them)."""
+    for layout in ("channels_last", "contiguous_format"):
+        for channels, expected in ((32, [] if on_winograd else ATEN_CONVS), (12, ATEN_CONVS)):
+            result = run_python(UNIT_CONVS, DTYPE=dtype, LAYOUT=layout, CHANNELS=str(channels), **env)
+            assert result.returncode == 0, result.stderr
+            assert json.loads(result.stdout.splitlines()[-1]) == expected, (layout, channels)
 
 
 # The 3->32 entry unit's training step under CPU autocast to bfloat16 (N=4, 16x16, ATen's

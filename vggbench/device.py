@@ -58,17 +58,18 @@ def setup_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
 def choose_impl(cfg: TrainConfig, device: torch.device) -> tuple[str, str]:
     """--impl auto: ("fused", why) where the fused op is the faster, else ("native", why).
 
-    Faster, as measured by the benchmarks: on the CPU, channels_last, where its 3x3 convs run
-    as Winograd (an AVX2+FMA or AVX-512 CPU), in fp32 and in bf16 (VGG38 BN+RC under bf16
-    autocast, batch 100, on a 2-core AMD EPYC Zen 4 with AVX512-BF16: fused 0.77x native's
-    step time; native bf16 without AVX512-BF16 is slower still) except on a CPU with AMX-BF16,
-    whose bf16 convs the fused op leaves to ATen. Contiguous layouts and fp16 go through ATen's
-    convs there and gain nothing; the CUDA op is kept for explicit choice.
+    Faster, as measured by the benchmarks: on the CPU, where its 3x3 convs run as Winograd (an
+    AVX2+FMA or AVX-512 CPU), in fp32 and in bf16 (VGG38 BN+RC under bf16 autocast, batch 100,
+    on a 2-core AMD EPYC Zen 4 with AVX512-BF16: fused 0.77x native's step time; native bf16
+    without AVX512-BF16 is slower still) except on a CPU with AMX-BF16, whose bf16 convs the
+    fused op leaves to ATen. Channels_last, or contiguous, whose convs run on channels_last
+    copies (VGG38 BN+RC, fp32, batch 100, AMD EPYC Zen 3: fused 0.47x native contiguous's step
+    time), except in bf16 where ATen's bf16 convs have bf16 dot products: there the copies
+    would take much of the fused op's smaller gain (not measured). fp16 goes through ATen's
+    convs and gains nothing; the CUDA op is kept for explicit choice.
     """
     if device.type != "cpu":
         return "native", f"on {device.type} the fused op is not the faster; --impl fused uses it"
-    if not cfg.channels_last:
-        return "native", "the fused op is faster only in channels_last (not with --no-channels-last)"
     if cfg.precision not in ("fp32", "bf16"):
         return "native", f"--precision {cfg.precision}: the fused op's convs are fast in fp32 and bf16 only"
     if cfg.activation != "leaky_relu" or cfg.bn_position != "before":
@@ -82,19 +83,24 @@ def choose_impl(cfg: TrainConfig, device: torch.device) -> tuple[str, str]:
         return "native", "this CPU has no AVX2+FMA for the fused op's Winograd convs"
     if cfg.precision == "bf16" and not torch.ops.vggbench.winograd_takes_bfloat16():
         return "native", "--precision bf16 on a CPU with AMX-BF16: ATen's bf16 convs are the faster there"
-    return "fused", f"Winograd convs on {isa.upper()}, channels_last, {cfg.precision}"
+    if not cfg.channels_last and cfg.precision == "bf16" and torch.ops.vggbench.native_bf16_dot_products():
+        return "native", ("--no-channels-last with --precision bf16 on a CPU with bf16 dot products: the fused op "
+                          "is measured faster there only in channels_last")
+    layout = "channels_last" if cfg.channels_last else "contiguous through channels_last copies"
+    return "fused", f"Winograd convs on {isa.upper()}, {layout}, {cfg.precision}"
 
 
 def choose_channels_last(device: torch.device) -> tuple[bool, str]:
     """--channels-last unset: (True, why) on the CPU, else (False, why).
 
     On the CPU channels_last is the faster, as measured (same-run step times of VGG38 BN+RC,
-    batch 100, on a 2-core AVX-512 Xeon): the fused op's (its Winograd convs need it) 0.64-0.79x
-    contiguous's, native bf16's 0.34-0.69x, native fp32's 0.78-0.91x in two of three runs. On CUDA
+    batch 100, on a 2-core AVX-512 Xeon): the fused op's (its Winograd convs compute in it)
+    0.64-0.79x contiguous's, native bf16's 0.34-0.69x, native fp32's 0.78-0.91x in two of three
+    runs. On CUDA
     it is not measured faster in fp32: contiguous, the layout a run had before.
     """
     if device.type == "cpu":
-        return True, "the faster on the CPU, and the fused op's Winograd convs need it"
+        return True, "the faster on the CPU, where the fused op's Winograd convs compute in it"
     return False, f"on {device.type} channels_last is not measured faster"
 
 

@@ -1,9 +1,10 @@
 // CPU backend of the fused unit (see ../fused_unit.h): the passes over activations
 // (fused_unit_passes.h, in the widest build the CPU has), and the convs: 3x3 stride-1
-// channels_last ones in float32, and in bfloat16 where ATen's bfloat16 convs do not run on AMX,
-// as Winograd F(4x4, 3x3) (winograd.h), others through ATen (in float32 for bfloat16 where
-// ATen's bfloat16 conv has no bfloat16 dot products).
+// ones in float32, and in bfloat16 where ATen's bfloat16 convs do not run on AMX, as Winograd
+// F(4x4, 3x3) (winograd.h; contiguous ones through channels_last copies), others through ATen
+// (in float32 for bfloat16 where ATen's bfloat16 conv has no bfloat16 dot products).
 #include "fused_unit_passes.h"
+#include "transpose.h"
 #include "winograd.h"
 
 #include <ATen/ops/sum.h>
@@ -27,6 +28,14 @@ bool widened(const Tensor& x) {
 
 Tensor float32_of(const Tensor& t) { return t.to(at::kFloat); }
 
+// The Winograd kernels read and write channels_last only. A conv of contiguous (NCHW) x that
+// they would compute runs on a channels_last copy of x, its output copied back
+// (cpu/transpose.h): the copies cost far less than ATen's NCHW conv takes over Winograd's.
+bool winograd_via_channels_last(const Tensor& x, const Tensor& weight, int64_t stride, int64_t padding) {
+  return x.dim() == 4 && x.is_contiguous() && !x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+         cpu::winograd_applies_channels_last(x, weight, stride, padding);
+}
+
 // The passes' conv_stats and conv_act (the 3-channel entry conv as a direct conv), in the
 // build in use: set with kCpuKernels below.
 decltype(Kernels::conv_stats) direct_conv_stats = nullptr;
@@ -34,6 +43,9 @@ decltype(Kernels::conv_act) direct_conv_act = nullptr;
 
 Tensor conv(const Tensor& x, const Tensor& weight, const OptTensor& bias, int64_t stride,
             int64_t padding) {
+  if (winograd_via_channels_last(x, weight, stride, padding)) {
+    return cpu::contiguous_copy(conv(cpu::channels_last_copy(x), weight, bias, stride, padding));
+  }
   if (cpu::winograd_applies(x, weight, stride, padding)) {
     return cpu::winograd_conv(x, weight, bias, /*transposed_weight=*/false);
   }
@@ -51,30 +63,36 @@ Tensor conv(const Tensor& x, const Tensor& weight, const OptTensor& bias, int64_
 std::optional<std::tuple<Tensor, Tensor, Tensor>> conv_stats(const Tensor& x, const Tensor& weight,
                                                              const OptTensor& bias, int64_t stride,
                                                              int64_t padding) {
-  if (!cpu::winograd_applies(x, weight, stride, padding)) return direct_conv_stats(x, weight, bias, stride, padding);
-  RECORD_FUNCTION("vggbench::conv", {});  // one scope, as the orchestration's conv
+  const bool nchw = winograd_via_channels_last(x, weight, stride, padding);
+  if (!nchw && !cpu::winograd_applies(x, weight, stride, padding)) {
+    return direct_conv_stats(x, weight, bias, stride, padding);
+  }
+  RECORD_FUNCTION("vggbench::conv", {});  // one scope, as the orchestration's conv (with its copies)
   cpu::ChannelSums sums;
-  Tensor z = cpu::winograd_conv_sums(x, weight, sums);
+  Tensor z = cpu::winograd_conv_sums(nchw ? cpu::channels_last_copy(x) : x, weight, sums);
   auto [mean, var] =
       stats_from_sums(sums.sum.data(), sums.sum_sq.data(), sums.shift.data(), geometry_of(z).count(), bias, z);
-  return std::tuple{z, mean, var};
+  return std::tuple{nchw ? cpu::contiguous_copy(z) : z, mean, var};
 }
 
 // The Winograd conv, or the passes' entry conv, normalised and activated as its outputs are
 // written (no pass over z; normalize_act's bits); other convs: nullopt.
 std::optional<Tensor> conv_act(const Tensor& x, const Tensor& weight, int64_t stride, int64_t padding,
                                const ChannelAffine& affine, double slope) {
-  if (!cpu::winograd_applies(x, weight, stride, padding)) {
+  const bool nchw = winograd_via_channels_last(x, weight, stride, padding);
+  if (!nchw && !cpu::winograd_applies(x, weight, stride, padding)) {
     return direct_conv_act(x, weight, stride, padding, affine, slope);
   }
-  RECORD_FUNCTION("vggbench::conv", {});  // one scope, as the orchestration's conv
+  RECORD_FUNCTION("vggbench::conv", {});  // one scope, as the orchestration's conv (with its copies)
   // normalize_act's coefficients, float for float32 and bfloat16 activations alike
   const auto [scale, shift] = x.scalar_type() == at::kBFloat16
                                   ? affine_coefficients<at::BFloat16>(affine, weight.size(0))
                                   : affine_coefficients<float>(affine, weight.size(0));
   const bool normalise = affine.transforms();
-  return cpu::winograd_conv_act(x, weight, normalise ? scale.data() : nullptr, normalise ? shift.data() : nullptr,
-                                static_cast<float>(slope));
+  const Tensor out = cpu::winograd_conv_act(nchw ? cpu::channels_last_copy(x) : x, weight,
+                                            normalise ? scale.data() : nullptr, normalise ? shift.data() : nullptr,
+                                            static_cast<float>(slope));
+  return nchw ? cpu::contiguous_copy(out) : out;
 }
 
 // ATen's conv backward, except where it gets the weight gradient wrong: a strided 1x1 conv
@@ -100,8 +118,10 @@ std::tuple<Tensor, Tensor, Tensor> conv_backward(const Tensor& grad_z, const Ten
                                                  const Tensor& weight, bool has_bias,
                                                  int64_t stride, int64_t padding,
                                                  std::array<bool, 3> mask) {
-  if (!cpu::winograd_applies(x, weight, stride, padding) ||
-      !cpu::winograd_applies(grad_z, weight.transpose(0, 1), stride, padding)) {
+  const bool nchw = winograd_via_channels_last(x, weight, stride, padding) &&
+                    winograd_via_channels_last(grad_z, weight.transpose(0, 1), stride, padding);
+  if (!nchw && (!cpu::winograd_applies(x, weight, stride, padding) ||
+                !cpu::winograd_applies(grad_z, weight.transpose(0, 1), stride, padding))) {
     if (!widened(x)) return checked_aten_conv_backward(grad_z, x, weight, has_bias, stride, padding, mask);
     auto [grad_x, grad_w, grad_b] = checked_aten_conv_backward(float32_of(grad_z), float32_of(x), float32_of(weight),
                                                                has_bias, stride, padding, mask);
@@ -110,10 +130,13 @@ std::tuple<Tensor, Tensor, Tensor> conv_backward(const Tensor& grad_z, const Ten
     };
     return {to(grad_x, x), to(grad_w, weight), to(grad_b, grad_z)};
   }
+  const auto channels_last = [nchw](const Tensor& t) { return nchw ? cpu::channels_last_copy(t) : t; };
+  const Tensor g = channels_last(grad_z);
   // the input gradient is the conv of grad_z with the flipped, transposed weight
-  return {mask[0] ? cpu::winograd_conv(grad_z, weight, std::nullopt, /*transposed_weight=*/true)
-                  : Tensor(),
-          mask[1] ? cpu::winograd_weight_grad(x, grad_z) : Tensor(),
+  Tensor grad_x;
+  if (mask[0]) grad_x = cpu::winograd_conv(g, weight, std::nullopt, /*transposed_weight=*/true);
+  return {nchw && mask[0] ? cpu::contiguous_copy(grad_x) : grad_x,
+          mask[1] ? cpu::winograd_weight_grad(channels_last(x), g) : Tensor(),
           mask[2] && has_bias ? at::sum(grad_z, {0, 2, 3}) : Tensor()};
 }
 

@@ -243,14 +243,19 @@ bool winograd_takes_bfloat16() {
   return bf16 && winograd_isa() != Isa::kNone;
 }
 
-bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
-                      int64_t padding) {
+bool winograd_applies_channels_last(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
+                                    int64_t padding) {
   const auto dtype = x.scalar_type();
   return winograd_isa() != Isa::kNone && x.device().is_cpu() &&
          (dtype == at::kFloat || (dtype == at::kBFloat16 && winograd_takes_bfloat16())) &&
          weight.scalar_type() == dtype && x.dim() == 4 && weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3 &&
-         stride == 1 && padding == 1 && x.size(1) % 8 == 0 && weight.size(0) % 8 == 0 &&
-         x.numel() > 0 && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+         stride == 1 && padding == 1 && x.size(1) % 8 == 0 && weight.size(0) % 8 == 0 && x.numel() > 0;
+}
+
+bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
+                      int64_t padding) {
+  return winograd_applies_channels_last(x, weight, stride, padding) &&
+         x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 namespace {

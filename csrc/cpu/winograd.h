@@ -34,6 +34,10 @@ Isa winograd_isa();
 bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
                       int64_t padding);
 
+// Whether winograd_applies to a channels_last copy of x (x in any layout).
+bool winograd_applies_channels_last(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
+                                    int64_t padding);
+
 // Whether the kernels take bfloat16 activations on this CPU: an AVX2+FMA CPU whose ATen
 // bfloat16 convs do not run on AMX (several times faster there than these kernels' float32
 // arithmetic).
