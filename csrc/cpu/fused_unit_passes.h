@@ -26,6 +26,7 @@
 #include "../affine_view.h"
 #include "../backward_view.h"
 #include "lanes.h"
+#include "transpose.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -551,30 +552,46 @@ constexpr int64_t kEntryTaps = 9 * kEntryChannels;  // (dy, dx, c) of a 3x3 wind
 // up in double, in order.
 constexpr int64_t kEntryBlockPixels = 256;
 
+// Whether x (N, 3, H, W) and weight make a conv the entry kernels take, x in any layout:
+// x float32 or bfloat16 (of dtype `dtype`), not empty, 3x3 kernel, stride 1, padding 1.
+bool entry_shape_applies(const Tensor& x, const Tensor& weight, at::ScalarType dtype, int64_t stride,
+                         int64_t padding) {
+  return (dtype == at::kFloat || dtype == at::kBFloat16) && x.scalar_type() == dtype && x.dim() == 4 &&
+         x.numel() > 0 && x.size(1) == kEntryChannels && weight.size(2) == 3 && weight.size(3) == 3 &&
+         stride == 1 && padding == 1;
+}
+
 // Whether the entry kernel computes the weight gradient of conv2d(x, weight, stride,
 // padding) with an output gradient of dtype `grad`: x and the gradient both float32 or both
 // bfloat16, channels_last, 3 input channels, 3x3 kernel, stride 1, padding 1, not empty.
 bool entry_kernel_applies(const Tensor& x, const Tensor& weight, at::ScalarType grad, int64_t stride,
                           int64_t padding) {
-  return (grad == at::kFloat || grad == at::kBFloat16) && x.scalar_type() == grad && x.dim() == 4 &&
-         x.numel() > 0 && x.size(1) == kEntryChannels && x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-         weight.size(2) == 3 && weight.size(3) == 3 && stride == 1 && padding == 1;
+  return entry_shape_applies(x, weight, grad, stride, padding) && x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-// How the entry kernels walk x (N, 3, H, W), channels_last: blocks of whole images, each
-// copied zero-padded, (H + 2, W + 2, 3) per image, into a buffer of the thread.
+// Whether x is contiguous (NCHW) and not also channels_last.
+bool nchw(const Tensor& x) { return x.is_contiguous() && !x.is_contiguous(at::MemoryFormat::ChannelsLast); }
+
+// How the entry kernels walk x (N, 3, H, W), channels_last or contiguous: blocks of whole
+// images, each copied zero-padded, (H + 2, W + 2, 3) per image, into a buffer of the thread.
 struct EntryBlocks {
-  int64_t N, H, W, pixels;  // pixels per image
-  int64_t images, count;    // images per block; blocks
-  int64_t row, image;       // floats per row and per image of the padded copy
+  int64_t N, H, W, pixels;          // pixels per image
+  int64_t images, count;            // images per block; blocks
+  int64_t row, image;               // floats per row and per image of the padded copy
+  int64_t channel_step, pixel_step;  // x's strides (3 values an image apart in either layout)
 
   explicit EntryBlocks(const Tensor& x)
       : N(x.size(0)), H(x.size(2)), W(x.size(3)), pixels(H * W),
         images(std::max<int64_t>(1, kEntryBlockPixels / pixels)), count((N + images - 1) / images),
-        row((W + 2) * kEntryChannels), image((H + 2) * row) {}
+        row((W + 2) * kEntryChannels), image((H + 2) * row), channel_step(nchw(x) ? pixels : 1),
+        pixel_step(nchw(x) ? 1 : kEntryChannels) {}
 
   int64_t first(int64_t block) const { return block * images; }
   int64_t images_in(int64_t block) const { return std::min(N, first(block) + images) - first(block); }
+  // The offset of x[n, c, h, w].
+  int64_t at(int64_t n, int64_t c, int64_t h, int64_t w) const {
+    return n * pixels * kEntryChannels + c * channel_step + (h * W + w) * pixel_step;
+  }
   // A thread's padded copy: zeros, whose border the copies leave as they are.
   std::vector<float> padded_buffer() const { return std::vector<float>(images * image, 0.0f); }
   // The block's images of x (float or bfloat16) into `padded`, as floats.
@@ -582,8 +599,15 @@ struct EntryBlocks {
   void copy(const T* x, int64_t block, float* padded) const {
     for (int64_t n = 0; n < images_in(block); ++n) {
       for (int64_t h = 0; h < H; ++h) {
-        std::copy_n(x + ((first(block) + n) * H + h) * W * kEntryChannels, W * kEntryChannels,
-                    padded + n * image + (h + 1) * row + kEntryChannels);
+        float* padded_row = padded + n * image + (h + 1) * row + kEntryChannels;
+        if (pixel_step == kEntryChannels) {  // channels_last: the row as it is
+          std::copy_n(x + at(first(block) + n, 0, h, 0), W * kEntryChannels, padded_row);
+          continue;
+        }
+        for (int64_t c = 0; c < kEntryChannels; ++c) {
+          const T* plane_row = x + at(first(block) + n, c, h, 0);
+          for (int64_t w = 0; w < W; ++w) padded_row[w * kEntryChannels + c] = plane_row[w];
+        }
       }
     }
   }
@@ -662,13 +686,23 @@ constexpr int64_t kEntryActPixels = 32 * 32;
 constexpr int64_t kEntryActPixels = kEntryDirectPixels;
 #endif
 
+// Images of at most this many pixels take the direct conv when x is contiguous (NCHW): its
+// output, channels_last, is then copied to NCHW (cpu/transpose.h), which at 32x32 costs more
+// than it saves (float32 entry unit's eval forward, N=100, AMD EPYC Zen 3: ATen's NCHW conv +
+// normalise 2.9 ms; the direct conv 1.6 ms + the copy of its 13 MB output 1.6-2.2 ms).
+constexpr int64_t kEntryNchwPixels = 16 * 16;
+
 // Whether the entry kernels' direct conv computes conv(x, weight) (bias: whether it has one):
-// x float32 (N, 3, H, W) channels_last, H * W <= max_pixels, a float32 3x3 weight, stride 1,
-// padding 1, no bias.
+// x float32 (N, 3, H, W), channels_last with H * W <= max_pixels, or contiguous with H * W <=
+// min(max_pixels, kEntryNchwPixels), a float32 3x3 weight, stride 1, padding 1, no bias.
 bool entry_direct_applies(const Tensor& x, const Tensor& weight, bool bias, int64_t stride, int64_t padding,
                           int64_t max_pixels) {
-  return !bias && weight.scalar_type() == at::kFloat && weight.size(1) == kEntryChannels &&
-         entry_kernel_applies(x, weight, at::kFloat, stride, padding) && x.size(2) * x.size(3) <= max_pixels;
+  if (bias || weight.scalar_type() != at::kFloat || weight.size(1) != kEntryChannels ||
+      !entry_shape_applies(x, weight, at::kFloat, stride, padding)) {
+    return false;
+  }
+  if (nchw(x)) return x.size(2) * x.size(3) <= std::min(max_pixels, kEntryNchwPixels);
+  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && x.size(2) * x.size(3) <= max_pixels;
 }
 
 // The direct entry conv's outputs, handed over as they are computed: per block of images (in
@@ -676,7 +710,7 @@ bool entry_direct_applies(const Tensor& x, const Tensor& weight, bool bias, int6
 // at_c, chunks) maps each output chunk q's value to what is stored (finish(q, value)) and is
 // told of each row's end (finish.row_done()). Per image row, kEntryTilePixels outputs at a
 // time, their 27 taps' products summed with FMAs (entry_tile) from a zero-padded copy of the
-// images. Returns the (N, K, H, W) channels_last output.
+// images. Returns the (N, K, H, W) channels_last output (see in_layout_of).
 template <typename Make>
 Tensor entry_direct_conv(const Tensor& x, const Tensor& weight, Make make) {
   const EntryBlocks blocks(x);
@@ -735,6 +769,9 @@ Tensor entry_direct_conv(const Tensor& x, const Tensor& weight, Make make) {
   return z;
 }
 
+// The direct conv's output z (channels_last) in x's layout.
+Tensor in_layout_of(const Tensor& x, const Tensor& z) { return nchw(x) ? cpu::contiguous_copy(z) : z; }
+
 // entry_direct_conv's finish for the batch statistics: each output as it is, with its
 // channel's sums of d = z - shift and of d^2 in float over a row, added in double to the
 // block's (`sums`: K sums of d, then K of d^2).
@@ -786,7 +823,7 @@ std::optional<std::tuple<Tensor, Tensor, Tensor>> entry_conv_stats(const Tensor&
     for (int64_t dy = 1; dy < 3 && dy - 1 < H; ++dy) {
       for (int64_t dx = 1; dx < 3 && dx - 1 < W; ++dx) {
         for (int64_t c = 0; c < kEntryChannels; ++c) {
-          shift[k] = std::fma(input[((dy - 1) * W + dx - 1) * kEntryChannels + c], w[k][c][dy][dx], shift[k]);
+          shift[k] = std::fma(input[blocks.at(0, c, dy - 1, dx - 1)], w[k][c][dy][dx], shift[k]);
         }
       }
     }
@@ -801,7 +838,7 @@ std::optional<std::tuple<Tensor, Tensor, Tensor>> entry_conv_stats(const Tensor&
   }
   auto [mean, var] =
       stats_from_sums(total.data(), total.data() + K, centre.data(), blocks.N * blocks.pixels, std::nullopt, z);
-  return std::tuple{z, mean, var};
+  return std::tuple{in_layout_of(x, z), mean, var};
 }
 
 // Kernels::conv_act of the passes: normalize_act(conv(x, weight), affine, no residual, slope)
@@ -816,7 +853,7 @@ std::optional<Tensor> entry_conv_act(const Tensor& x, const Tensor& weight, int6
   const bool affine = a.transforms();
   using V = Lanes<float, kWidth>;
   const V s(static_cast<float>(slope));
-  return entry_direct_conv(x, weight, [&](int64_t, auto at_c, auto chunks) {
+  return in_layout_of(x, entry_direct_conv(x, weight, [&](int64_t, auto at_c, auto chunks) {
     constexpr int Q = decltype(chunks)::value;
     struct {
       V scale[Q], shift[Q], slope;
@@ -831,7 +868,7 @@ std::optional<Tensor> entry_conv_act(const Tensor& x, const Tensor& weight, int6
     }
     finish.slope = s, finish.affine = affine;
     return finish;
-  });
+  }));
 }
 
 // The weight gradient (K, 3, 3, 3), channels_last, float32, of the 3x3 stride-1 padding-1
