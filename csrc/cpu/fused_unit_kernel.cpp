@@ -28,12 +28,24 @@ bool widened(const Tensor& x) {
 
 Tensor float32_of(const Tensor& t) { return t.to(at::kFloat); }
 
-// The Winograd kernels read and write channels_last only. A conv of contiguous (NCHW) x that
-// they would compute runs on a channels_last copy of x, its output copied back
-// (cpu/transpose.h): the copies cost far less than ATen's NCHW conv takes over Winograd's.
-bool winograd_via_channels_last(const Tensor& x, const Tensor& weight, int64_t stride, int64_t padding) {
-  return x.dim() == 4 && x.is_contiguous() && !x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-         cpu::winograd_applies_channels_last(x, weight, stride, padding);
+// How a conv takes the Winograd kernels, which read and write channels_last only: its
+// operands as they are, or, when contiguous (NCHW), channels_last copies of them, its outputs
+// copied back (cpu/transpose.h: the copies cost far less than ATen's NCHW conv takes over
+// Winograd's).
+struct WinogradLayout {
+  bool copies;
+  Tensor in(const Tensor& t) const { return copies ? cpu::channels_last_copy(t) : t; }
+  Tensor out(const Tensor& t) const { return copies ? cpu::contiguous_copy(t) : t; }
+};
+
+// nullopt: the Winograd kernels do not compute conv2d(x, weight).
+std::optional<WinogradLayout> winograd_layout(const Tensor& x, const Tensor& weight, int64_t stride,
+                                              int64_t padding) {
+  if (cpu::winograd_applies(x, weight, stride, padding)) return WinogradLayout{false};
+  if (x.dim() == 4 && x.is_contiguous() && cpu::winograd_applies_channels_last(x, weight, stride, padding)) {
+    return WinogradLayout{true};
+  }
+  return std::nullopt;
 }
 
 // The passes' conv_stats and conv_act (the 3-channel entry conv as a direct conv), in the
@@ -43,11 +55,8 @@ decltype(Kernels::conv_act) direct_conv_act = nullptr;
 
 Tensor conv(const Tensor& x, const Tensor& weight, const OptTensor& bias, int64_t stride,
             int64_t padding) {
-  if (winograd_via_channels_last(x, weight, stride, padding)) {
-    return cpu::contiguous_copy(conv(cpu::channels_last_copy(x), weight, bias, stride, padding));
-  }
-  if (cpu::winograd_applies(x, weight, stride, padding)) {
-    return cpu::winograd_conv(x, weight, bias, /*transposed_weight=*/false);
+  if (const auto layout = winograd_layout(x, weight, stride, padding)) {
+    return layout->out(cpu::winograd_conv(layout->in(x), weight, bias, /*transposed_weight=*/false));
   }
   // (its statistics dropped: the forward's bits for eval and the backward's recompute)
   if (auto direct = direct_conv_stats(x, weight, bias, stride, padding)) return std::get<0>(*direct);
@@ -63,36 +72,30 @@ Tensor conv(const Tensor& x, const Tensor& weight, const OptTensor& bias, int64_
 std::optional<std::tuple<Tensor, Tensor, Tensor>> conv_stats(const Tensor& x, const Tensor& weight,
                                                              const OptTensor& bias, int64_t stride,
                                                              int64_t padding) {
-  const bool nchw = winograd_via_channels_last(x, weight, stride, padding);
-  if (!nchw && !cpu::winograd_applies(x, weight, stride, padding)) {
-    return direct_conv_stats(x, weight, bias, stride, padding);
-  }
+  const auto layout = winograd_layout(x, weight, stride, padding);
+  if (!layout) return direct_conv_stats(x, weight, bias, stride, padding);
   RECORD_FUNCTION("vggbench::conv", {});  // one scope, as the orchestration's conv (with its copies)
   cpu::ChannelSums sums;
-  Tensor z = cpu::winograd_conv_sums(nchw ? cpu::channels_last_copy(x) : x, weight, sums);
+  Tensor z = cpu::winograd_conv_sums(layout->in(x), weight, sums);
   auto [mean, var] =
       stats_from_sums(sums.sum.data(), sums.sum_sq.data(), sums.shift.data(), geometry_of(z).count(), bias, z);
-  return std::tuple{nchw ? cpu::contiguous_copy(z) : z, mean, var};
+  return std::tuple{layout->out(z), mean, var};
 }
 
 // The Winograd conv, or the passes' entry conv, normalised and activated as its outputs are
 // written (no pass over z; normalize_act's bits); other convs: nullopt.
 std::optional<Tensor> conv_act(const Tensor& x, const Tensor& weight, int64_t stride, int64_t padding,
                                const ChannelAffine& affine, double slope) {
-  const bool nchw = winograd_via_channels_last(x, weight, stride, padding);
-  if (!nchw && !cpu::winograd_applies(x, weight, stride, padding)) {
-    return direct_conv_act(x, weight, stride, padding, affine, slope);
-  }
+  const auto layout = winograd_layout(x, weight, stride, padding);
+  if (!layout) return direct_conv_act(x, weight, stride, padding, affine, slope);
   RECORD_FUNCTION("vggbench::conv", {});  // one scope, as the orchestration's conv (with its copies)
   // normalize_act's coefficients, float for float32 and bfloat16 activations alike
   const auto [scale, shift] = x.scalar_type() == at::kBFloat16
                                   ? affine_coefficients<at::BFloat16>(affine, weight.size(0))
                                   : affine_coefficients<float>(affine, weight.size(0));
   const bool normalise = affine.transforms();
-  const Tensor out = cpu::winograd_conv_act(nchw ? cpu::channels_last_copy(x) : x, weight,
-                                            normalise ? scale.data() : nullptr, normalise ? shift.data() : nullptr,
-                                            static_cast<float>(slope));
-  return nchw ? cpu::contiguous_copy(out) : out;
+  return layout->out(cpu::winograd_conv_act(layout->in(x), weight, normalise ? scale.data() : nullptr,
+                                            normalise ? shift.data() : nullptr, static_cast<float>(slope)));
 }
 
 // ATen's conv backward, except where it gets the weight gradient wrong: a strided 1x1 conv
@@ -118,10 +121,9 @@ std::tuple<Tensor, Tensor, Tensor> conv_backward(const Tensor& grad_z, const Ten
                                                  const Tensor& weight, bool has_bias,
                                                  int64_t stride, int64_t padding,
                                                  std::array<bool, 3> mask) {
-  const bool nchw = winograd_via_channels_last(x, weight, stride, padding) &&
-                    winograd_via_channels_last(grad_z, weight.transpose(0, 1), stride, padding);
-  if (!nchw && (!cpu::winograd_applies(x, weight, stride, padding) ||
-                !cpu::winograd_applies(grad_z, weight.transpose(0, 1), stride, padding))) {
+  const auto layout = winograd_layout(x, weight, stride, padding);
+  const auto grad_layout = winograd_layout(grad_z, weight.transpose(0, 1), stride, padding);
+  if (!layout || !grad_layout || layout->copies != grad_layout->copies) {
     if (!widened(x)) return checked_aten_conv_backward(grad_z, x, weight, has_bias, stride, padding, mask);
     auto [grad_x, grad_w, grad_b] = checked_aten_conv_backward(float32_of(grad_z), float32_of(x), float32_of(weight),
                                                                has_bias, stride, padding, mask);
@@ -130,13 +132,10 @@ std::tuple<Tensor, Tensor, Tensor> conv_backward(const Tensor& grad_z, const Ten
     };
     return {to(grad_x, x), to(grad_w, weight), to(grad_b, grad_z)};
   }
-  const auto channels_last = [nchw](const Tensor& t) { return nchw ? cpu::channels_last_copy(t) : t; };
-  const Tensor g = channels_last(grad_z);
+  const Tensor g = layout->in(grad_z);
   // the input gradient is the conv of grad_z with the flipped, transposed weight
-  Tensor grad_x;
-  if (mask[0]) grad_x = cpu::winograd_conv(g, weight, std::nullopt, /*transposed_weight=*/true);
-  return {nchw && mask[0] ? cpu::contiguous_copy(grad_x) : grad_x,
-          mask[1] ? cpu::winograd_weight_grad(channels_last(x), g) : Tensor(),
+  return {mask[0] ? layout->out(cpu::winograd_conv(g, weight, std::nullopt, /*transposed_weight=*/true)) : Tensor(),
+          mask[1] ? cpu::winograd_weight_grad(layout->in(x), g) : Tensor(),
           mask[2] && has_bias ? at::sum(grad_z, {0, 2, 3}) : Tensor()};
 }
 
