@@ -118,11 +118,14 @@ void transpose_images(const char* src, char* dst, int64_t N, int64_t R, int64_t 
 at::Tensor relayout(const at::Tensor& t, at::MemoryFormat from, at::MemoryFormat to) {
   TORCH_INTERNAL_ASSERT(t.dim() == 4 && t.is_contiguous(from));
   const Block block = t.is_cpu() ? block_for(t.element_size()) : nullptr;
-  if (block == nullptr || (t.scalar_type() != at::kFloat && t.scalar_type() != at::kBFloat16)) {
+  const int64_t pixels = t.size(2) * t.size(3);
+  // ATen's copy where few values would go through blocks (3-channel images took 10x as long)
+  if (block == nullptr || (t.scalar_type() != at::kFloat && t.scalar_type() != at::kBFloat16) ||
+      t.size(1) < kBlock || pixels < kBlock) {
     return t.contiguous(to);
   }
   at::Tensor out = at::empty(t.sizes(), t.options().memory_format(to));
-  const int64_t N = t.size(0), C = t.size(1), P = t.size(2) * t.size(3);
+  const int64_t N = t.size(0), C = t.size(1), P = pixels;
   const bool to_channels_last = to == at::MemoryFormat::ChannelsLast;
   transpose_images(static_cast<const char*>(t.const_data_ptr()), static_cast<char*>(out.mutable_data_ptr()), N,
                    to_channels_last ? C : P, to_channels_last ? P : C, t.element_size(), block);
