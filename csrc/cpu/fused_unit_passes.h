@@ -578,7 +578,7 @@ struct EntryBlocks {
   int64_t N, H, W, pixels;          // pixels per image
   int64_t images, count;            // images per block; blocks
   int64_t row, image;               // floats per row and per image of the padded copy
-  int64_t channel_step, pixel_step;  // x's strides (3 values an image apart in either layout)
+  int64_t channel_step, pixel_step;  // x's strides (an image: 3 * pixels values in either layout)
 
   explicit EntryBlocks(const Tensor& x)
       : N(x.size(0)), H(x.size(2)), W(x.size(3)), pixels(H * W),
