@@ -3,7 +3,7 @@
 Markers (registered in pyproject.toml):
   slurm  needs a private SLURM cluster (root, Debian packages): runs when VGGBENCH_TEST_SLURM=1,
          and then fails if the cluster cannot start; skipped with the recipe otherwise
-  build  compiles the C++ extension from a clean tree (minutes on 2 cores): runs when
+  build  compiles the C++ extension from a clean tree, and emulated AVX-512 (minutes on 2 cores): runs when
          VGGBENCH_TEST_BUILD=1, skipped otherwise
   cuda   needs a CUDA device: skipped without one
 `.ci/run` sets both switches, so CI runs every test this machine can run.
@@ -24,7 +24,7 @@ from tests.cifar_files import write_cifar100
 # marker -> (environment switch that enables it, why it is off by default)
 OPT_IN = {
     "slurm": ("VGGBENCH_TEST_SLURM", "needs a private SLURM cluster (root; installs Debian's slurm packages)"),
-    "build": ("VGGBENCH_TEST_BUILD", "compiles the C++ extension from a clean tree (minutes on 2 cores)"),
+    "build": ("VGGBENCH_TEST_BUILD", "compiles the C++ extension from a clean tree, and emulated AVX-512 (~15 minutes on 2 cores)"),
 }
 
 

@@ -75,8 +75,11 @@ def relative_error(value: Tensor, truth: Tensor) -> float:
 
 
 def cpu_widest() -> str:
-    """The widest path the CPU's flags allow."""
-    if {"avx512f", "avx512bw", "avx512vl", "avx2", "fma"} <= CPU_FLAGS:
+    """The widest path the CPU's flags allow (AVX-512 on any AVX2+FMA CPU for the emulated
+    AVX-512 build, which tests/test_build.py runs these tests on with
+    VGGBENCH_TEST_EMULATED_AVX512=1)."""
+    emulated = os.environ.get("VGGBENCH_TEST_EMULATED_AVX512") == "1"
+    if {"avx2", "fma"} <= CPU_FLAGS and (emulated or {"avx512f", "avx512bw", "avx512vl"} <= CPU_FLAGS):
         return "avx512"
     return "avx2" if {"avx2", "fma"} <= CPU_FLAGS else "none"
 
@@ -186,8 +189,9 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
                           env=os.environ | {"PYTHONPATH": str(ROOT)} | env, check=False)
 
 
-# A BN+residual unit's training step (forward, backward) through the fused op: saves the
-# output and gradients to $RESULT and prints the paths in use.
+# A BN+residual unit's training step (forward, backward) through the fused op, and the entry
+# unit's (3 -> 32 channels, 8x8: the entry kernels' direct conv and weight gradient on every
+# path): saves the outputs and gradients to $RESULT and prints the paths in use.
 UNIT_STEP = """
 import json, os, torch, vggbench
 from vggbench import ops
@@ -198,7 +202,10 @@ w = (torch.randn(32, 32, 3, 3, generator=gen) / 17).requires_grad_()
 gamma, beta = torch.rand(32, generator=gen).add(0.5).requires_grad_(), torch.randn(32, generator=gen)
 out = ops.conv_bn_act(x, w, None, gamma, beta, residual=res, padding=1, training=True)
 grads = torch.autograd.grad(out, [x, w, gamma], cl(8, 32, 12, 12))
-torch.save([out.detach(), *grads], os.environ["RESULT"])
+images, entry_w = cl(8, 3, 8, 8), (torch.randn(32, 3, 3, 3, generator=gen) / 5).requires_grad_()
+entry_out = ops.conv_bn_act(images, entry_w, None, gamma, beta, padding=1, training=True)
+entry_grads = torch.autograd.grad(entry_out, [entry_w, gamma], cl(8, 32, 8, 8))
+torch.save([out.detach(), *grads, entry_out.detach(), *entry_grads], os.environ["RESULT"])
 print(json.dumps({"winograd": torch.ops.vggbench.winograd_isa(), "aten": torch.backends.cpu.get_cpu_capability()}))
 """
 

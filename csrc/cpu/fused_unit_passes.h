@@ -48,7 +48,9 @@
 #ifdef VGGBENCH_CPU_PASSES_AVX2
 #pragma GCC target("avx2")
 #endif
-#ifdef VGGBENCH_CPU_PASSES_AVX512
+#if defined(VGGBENCH_CPU_PASSES_AVX512) && defined(VGGBENCH_EMULATE_AVX512)
+#pragma GCC target("avx2,fma")  // the emulated AVX-512 build (lanes.h): its vectors in AVX2 halves
+#elif defined(VGGBENCH_CPU_PASSES_AVX512)
 #pragma GCC target("avx2,avx512f,avx512bw,avx512vl,prefer-vector-width=512")
 #endif
 

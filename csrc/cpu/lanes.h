@@ -29,6 +29,15 @@ constexpr int kRegisterBytes = 32;
 constexpr int kRegisterBytes = 16;
 #endif
 
+// Whether the inline asm below may name this build's vectors as registers: in the AVX2 and
+// AVX-512 builds, except the emulated AVX-512 one (VGGBENCH_EMULATE_AVX512, a test build for
+// CPUs without AVX-512: its 64-byte vectors live in pairs of AVX2 registers; same bits).
+#if defined(VGGBENCH_CPU_PASSES_AVX2) || (defined(VGGBENCH_CPU_PASSES_AVX512) && !defined(VGGBENCH_EMULATE_AVX512))
+#define VGGBENCH_LANES_ASM 1
+#else
+#define VGGBENCH_LANES_ASM 0
+#endif
+
 template <typename T, int N>
 struct VectorOf {
   using type [[gnu::vector_size(sizeof(T) * N)]] = T;
@@ -104,7 +113,7 @@ struct Lanes {
   // constant as a constant (which then folds: x - 0 is x).
   static VGGBENCH_LANES part splat(T x) {
     part all;
-#if defined(VGGBENCH_CPU_PASSES_AVX2) || defined(VGGBENCH_CPU_PASSES_AVX512)
+#if VGGBENCH_LANES_ASM
     if (!__builtin_constant_p(x)) {
       if constexpr (std::is_same_v<T, float> && kPart > 1) {
         asm("vbroadcastss %1, %0" : "=v"(all) : "v"(x));
@@ -218,7 +227,7 @@ VGGBENCH_LANES void store_lanes(S* p, const Lanes<T, L>& a) {
 // the AVX builds (Lanes(*p) first loads it, then broadcasts it).
 template <int L>
 VGGBENCH_LANES Lanes<float, L> broadcast_lanes(const float* p) {
-#if defined(VGGBENCH_CPU_PASSES_AVX2) || defined(VGGBENCH_CPU_PASSES_AVX512)
+#if VGGBENCH_LANES_ASM
   if constexpr (Lanes<float, L>::kPart > 1) {
     typename Lanes<float, L>::part all;
     asm("vbroadcastss %1, %0" : "=v"(all) : "m"(*p));
@@ -234,11 +243,19 @@ VGGBENCH_LANES Lanes<float, L> broadcast_lanes(const float* p) {
 template <int L>
 VGGBENCH_LANES Lanes<float, L> multiply_add(const Lanes<float, L>& a, const Lanes<float, L>& b,
                                             const Lanes<float, L>& c) {
-#if defined(VGGBENCH_CPU_PASSES_AVX2) || defined(VGGBENCH_CPU_PASSES_AVX512)
+#if VGGBENCH_LANES_ASM
   if constexpr (Lanes<float, L>::kPart > 4) {
     return Lanes<float, L>::of_parts([&](int q) VGGBENCH_LANES_LAMBDA {
       auto sum = c.v[q];
       asm("vfmadd231ps %2, %1, %0" : "+v"(sum) : "v"(a.v[q]), "vm"(b.v[q]));
+      return sum;
+    });
+  }
+#elif defined(VGGBENCH_CPU_PASSES_AVX512)  // emulated
+  if constexpr (Lanes<float, L>::kPart > 4) {  // rounded once, as the AVX-512 build's FMAs
+    return Lanes<float, L>::of_parts([&](int q) VGGBENCH_LANES_LAMBDA {
+      auto sum = c.v[q];
+      for (int l = 0; l < Lanes<float, L>::kPart; ++l) sum[l] = __builtin_fmaf(a.v[q][l], b.v[q][l], c.v[q][l]);
       return sum;
     });
   }

@@ -138,7 +138,9 @@ bool cpu_has_avx2_fma() {
 }
 
 bool cpu_has_avx512() {
-#if VGGBENCH_WINOGRAD
+#if VGGBENCH_WINOGRAD && defined(VGGBENCH_EMULATE_AVX512)
+  return cpu_has_avx2_fma();  // the emulated build's "AVX-512" runs on AVX2 (winograd_avx512.cpp)
+#elif VGGBENCH_WINOGRAD
   return cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl");
 #else

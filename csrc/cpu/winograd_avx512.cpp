@@ -8,7 +8,11 @@
 #include <immintrin.h>
 
 // prfchw: PREFETCHW, the prefetch for writing (a no-op on the CPUs that lack it)
+#ifdef VGGBENCH_EMULATE_AVX512
+#pragma GCC target("avx2,fma,prfchw")  // the emulated build: V below, in pairs of AVX2 registers
+#else
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,prfchw")
+#endif
 // GCC 12 flags the deliberately undefined pass-through operand of unmasked AVX-512 integer
 // intrinsics (_mm512_undefined_epi32) as "may be used uninitialized": a false positive
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -16,6 +20,33 @@
 namespace vggbench::cpu::winograd {
 namespace {
 
+#ifdef VGGBENCH_EMULATE_AVX512
+// The emulated AVX-512 build (a test build for CPUs without AVX-512; VGGBENCH_EMULATE_AVX512):
+// V with AVX-512's width and register tiles, each 16-float register a pair of AVX2 registers,
+// each operation the AVX2 build's on both halves (the same bits lane by lane).
+#include "winograd_avx2_v.h"
+struct V {
+  struct type {
+    __m256 lo, hi;
+  };
+  static constexpr int kWidth = 16, kRows = 9, kGradRows = 8;
+  template <typename F>
+  static type both(F f, type x, type y) { return {f(x.lo, y.lo), f(x.hi, y.hi)}; }
+  static type load(const float* p) { return {Avx2::load(p), Avx2::load(p + 8)}; }
+  static void store(float* p, type v) { Avx2::store(p, v.lo), Avx2::store(p + 8, v.hi); }
+  static type load(const uint16_t* p) { return {Avx2::load(p), Avx2::load(p + 8)}; }
+  static void store(uint16_t* p, type v) { Avx2::store(p, v.lo), Avx2::store(p + 8, v.hi); }
+  static type set1(float a) { return {Avx2::set1(a), Avx2::set1(a)}; }
+  static type zero() { return {Avx2::zero(), Avx2::zero()}; }
+  static type add(type x, type y) { return both(Avx2::add, x, y); }
+  static type sub(type x, type y) { return both(Avx2::sub, x, y); }
+  static type fmadd(type a, type b, type c) { return {Avx2::fmadd(a.lo, b.lo, c.lo), Avx2::fmadd(a.hi, b.hi, c.hi)}; }
+  static type mul(type x, type y) { return both(Avx2::mul, x, y); }
+  static type leaky_relu(type v, type slope) { return both(Avx2::leaky_relu, v, slope); }
+  static type keep_if(type v, bool keep) { return {Avx2::keep_if(v.lo, keep), Avx2::keep_if(v.hi, keep)}; }
+  static void add_to(double* acc, type v) { Avx2::add_to(acc, v.lo), Avx2::add_to(acc + 8, v.hi); }
+};
+#else
 struct V {
   using type = __m512;
   static constexpr int kWidth = 16, kRows = 9, kGradRows = 8;
@@ -61,6 +92,7 @@ struct V {
     _mm512_storeu_pd(acc + 8, _mm512_add_pd(_mm512_loadu_pd(acc + 8), _mm512_cvtps_pd(high)));
   }
 };
+#endif
 
 #include "winograd_simd.h"
 
