@@ -24,7 +24,8 @@ from tests.cifar_files import write_cifar100
 # marker -> (environment switch that enables it, why it is off by default)
 OPT_IN = {
     "slurm": ("VGGBENCH_TEST_SLURM", "needs a private SLURM cluster (root; installs Debian's slurm packages)"),
-    "build": ("VGGBENCH_TEST_BUILD", "compiles the C++ extension from a clean tree, and emulated AVX-512 (~15 minutes on 2 cores)"),
+    "build": ("VGGBENCH_TEST_BUILD",
+              "compiles the C++ extension from a clean tree, and emulated AVX-512 (~15 minutes on 2 cores)"),
 }
 
 
