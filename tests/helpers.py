@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from vggbench.models import build_model
 
 TIMING = ("epoch_time_s", "images_per_s")  # metrics that differ between identical runs
+# the CPU's feature flags (Linux; empty elsewhere)
+CPU_FLAGS = set(Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else [])
 
 
 def option(args: list[str], name: str) -> str:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import CPU_FLAGS
+
 ROOT = Path(__file__).resolve().parents[1]
-CPU_FLAGS = set(Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else [])
 pytestmark = pytest.mark.build
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tests.helpers import CPU_FLAGS
 from vggbench import ops  # noqa: F401  (loads the extension: torch.ops.vggbench.*)
 from vggbench.bench.scaling import torch_threads
 
@@ -29,7 +30,6 @@ ISAS = {"none": [], "avx2": ["avx2"], "avx512": ["avx2", "avx512"]}[WIDEST]
 # (N, C, K, H): partial edge tiles (5, 9, 13), channel counts that fill 8-float registers
 # but not 16-float ones (8, 24: AVX-512 falls back to its AVX2 kernels), the study's 32
 SHAPES = [(3, 8, 16, 9), (2, 16, 24, 5), (4, 32, 32, 16), (8, 32, 32, 8), (2, 48, 32, 13)]
-CPU_FLAGS = set(Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else [])
 # Floor of the relative error: the transforms round each of the 36 points a few times with
 # coefficients up to 8, a few float32 ulps whatever the sum's length, while native's error
 # shrinks on short sums.

@@ -32,10 +32,10 @@ struct V {
   static constexpr int kWidth = 16, kRows = 9, kGradRows = 8;
   template <typename F>
   static type both(F f, type x, type y) { return {f(x.lo, y.lo), f(x.hi, y.hi)}; }
-  static type load(const float* p) { return {Avx2::load(p), Avx2::load(p + 8)}; }
-  static void store(float* p, type v) { Avx2::store(p, v.lo), Avx2::store(p + 8, v.hi); }
-  static type load(const uint16_t* p) { return {Avx2::load(p), Avx2::load(p + 8)}; }
-  static void store(uint16_t* p, type v) { Avx2::store(p, v.lo), Avx2::store(p + 8, v.hi); }
+  template <typename T>  // float, or bfloat16 bits (uint16_t)
+  static type load(const T* p) { return {Avx2::load(p), Avx2::load(p + 8)}; }
+  template <typename T>
+  static void store(T* p, type v) { Avx2::store(p, v.lo), Avx2::store(p + 8, v.hi); }
   static type set1(float a) { return {Avx2::set1(a), Avx2::set1(a)}; }
   static type zero() { return {Avx2::zero(), Avx2::zero()}; }
   static type add(type x, type y) { return both(Avx2::add, x, y); }
