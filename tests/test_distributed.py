@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ from vggbench import launch
 from vggbench.checkpoint import load_checkpoint
 from vggbench.config import ConfigError, TrainConfig
 from vggbench.data import rank_shard
-from vggbench.distributed import DistEnv, parse_hostlist, rank_device, slurm_master_port
+from vggbench.distributed import DistEnv, free_ports, parse_hostlist, port_in_use, rank_device, slurm_master_port
 from vggbench.models import convert_sync_batchnorm
 from vggbench.train import Trainer, build_parser, main, make_model
 
@@ -104,11 +105,23 @@ def test_torchrun_environment():
     assert DistEnv.from_environ({"RANK": "0", "WORLD_SIZE": "1"}) == DistEnv()
 
 
+def test_free_ports_are_distinct_and_free_until_taken():
+    ports = free_ports(8)
+    assert len(set(ports)) == 8 and not any(port_in_use(port) for port in ports)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", ports[0]))  # one address is enough to stop rank 0 listening on all
+        listener.listen()
+        assert port_in_use(ports[0]) and not port_in_use(ports[1])
+    assert not port_in_use(ports[0])
+
+
 def test_srun_step_environment():
     slurm = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4",
              "SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_STEP_NODELIST": "gpu[07-08]"}
-    assert DistEnv.from_environ(slurm) == DistEnv(3, 1, 4, "gpu07", 15000 + 123456 % 20000)
+    assert DistEnv.from_environ(slurm) == DistEnv(3, 1, 4, "gpu07", 15000 + 123456 % 17000)
     assert slurm_master_port(123456) == slurm_master_port(123456) != slurm_master_port(123457)
+    # every job's port lies below Linux's ephemeral ports, which outgoing connections may hold
+    assert {slurm_master_port(job) for job in range(17000)} == set(range(15000, 32000))
     # MASTER_ADDR / MASTER_PORT set by the batch script win; the job's node list serves without a step list
     overridden = {**slurm, "MASTER_ADDR": "login1", "MASTER_PORT": "4242"}
     assert DistEnv.from_environ(overridden) == DistEnv(3, 1, 4, "login1", 4242)

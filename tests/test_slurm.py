@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -264,6 +265,29 @@ def test_local_executor_wait_prints_the_failing_rank_s_cause_and_log(tmp_path):
     """The local executor's path through `launch --slurm --wait`: a rank fails inside the job (no data there)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     assert_failure_reported(env, tmp_path, ["--executor", "local"], "local processes", "FINISHED")
+
+
+def test_local_executor_refuses_a_master_port_its_ranks_cannot_use(cifar_dir, tmp_path):
+    """Refused at submission, not after rank 0 fails and the others wait --dist-timeout for it."""
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"out_dir: {tmp_path / 'study'}\ngrid:\n  seed: [1, 2]\n")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = [
+            (str(port), [], f"MASTER_PORT={port} is in use on this machine"),
+            ("70000", [], "MASTER_PORT='70000' is not a port (1..65535): unset it"),
+            (str(port + 1), ["--sweep", str(sweep)], f"MASTER_PORT={port + 1} would be shared by the 2 runs"),
+        ]
+        for master_port, sweep_args, message in cases:
+            env = {**os.environ, "MASTER_PORT": master_port}
+            result = run([sys.executable, "-m", "vggbench.launch", "--slurm", "--executor", "local",
+                          "--ntasks-per-node", "2", *sweep_args, *tiny_train_args(cifar_dir, seed=None),
+                          "--out-dir", str(tmp_path / "run")], env, timeout=120)
+            assert result.returncode == 2, result.stdout + result.stderr
+            assert f"python -m vggbench.launch: error: {message}" in result.stderr
+            assert not (tmp_path / "run").exists() and not (tmp_path / "study").exists()
 
 
 def test_missing_sbatch_is_explained(cifar_dir, tmp_path):

@@ -12,12 +12,13 @@
   without srun, which is therefore correctly a single process). MASTER_ADDR defaults to
   the first host of the step's node list (SLURM_STEP_NODELIST, else SLURM_JOB_NODELIST,
   else SLURM_NODELIST; compressed syntax such as `node[01-03,07],gpu5` is expanded here,
-  no `scontrol` needed), MASTER_PORT to 15000 + SLURM_JOB_ID % 20000.
+  no `scontrol` needed), MASTER_PORT to 15000 + SLURM_JOB_ID % 17000.
 - neither: one process (world size 1), which trains exactly as it does without this module.
 
 `process_group(env, device, timeout)` joins (and leaves) the process group: NCCL on CUDA,
 gloo on the CPU. `rank_device` picks this rank's GPU (cuda:LOCAL_RANK). `main_rank_first(env)`
 runs a block (preparing the data) on rank 0 before the others, with its own, longer timeout.
+`free_ports(n)` and `port_in_use(port)` serve launchers that pick rank 0's port on this machine.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -34,7 +36,9 @@ import torch.distributed as dist
 
 from vggbench.config import ConfigError
 
-SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 20000
+# 15000..31999: below Linux's ephemeral ports (32768..60999), which any outgoing connection
+# may hold on rank 0's host, making the rendezvous fail there and the other ranks wait
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 17000
 # How long the other ranks wait for rank 0 to prepare the data: a download of CIFAR-100 (161 MB)
 # may take far longer than any collective should (--dist-timeout).
 DATA_TIMEOUT = timedelta(minutes=30)
@@ -87,8 +91,28 @@ def _expand_range_group(group: str, hostlist: str) -> list[str]:
 
 
 def slurm_master_port(job_id: int) -> int:
-    """A port every task of a SLURM job derives alike (15000 + job id % 20000)."""
+    """A port every task of a SLURM job derives alike (15000 + job id % 17000)."""
     return SLURM_PORT_BASE + job_id % SLURM_PORT_SPAN
+
+
+def free_ports(count: int = 1) -> list[int]:
+    """`count` distinct TCP ports free on every address of this machine right now (the OS picks them)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for sock in sockets:  # all bound at once: the OS cannot hand out one port twice
+            sock.bind(("", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+def port_in_use(port: int) -> bool:
+    """Whether rank 0 could not listen on `port` here: another socket holds it (TIME_WAIT does not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's TCPStore does
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return True
+    return False
 
 
 def _int_var(environ: Mapping[str, str], name: str, minimum: int = 0, maximum: int | None = None) -> int:

@@ -23,7 +23,6 @@ import importlib.util
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from vggbench.config import ConfigError, TrainConfig, explicit_options
+from vggbench.distributed import free_ports
 from vggbench.graphs import check_capturable
 from vggbench.train import build_parser as build_train_parser
 
@@ -127,9 +127,7 @@ def local_world(args: argparse.Namespace, cfg: TrainConfig, train_argv: list[str
 
 def free_port() -> int:
     """A TCP port free on this machine right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def rank_environments(world: int, port: int) -> list[dict[str, str]]:

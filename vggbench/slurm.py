@@ -3,8 +3,9 @@
 One job runs one training with one task per GPU (`--gpus-per-node N`; `--nodes M` for
 M x N ranks) or, without GPUs, `--ntasks-per-node N` CPU tasks (gloo). Every task runs
 `vggbench.train.main` in-process, its rank, world size and rendezvous exported by
-submitit's TorchDistributedEnvironment (vggbench.distributed reads them). submitit's logs
-go to `<run dir>/.submitit/`.
+submitit's TorchDistributedEnvironment (vggbench.distributed reads them), with rank 0's port
+chosen here: MASTER_PORT when the submitting shell sets it, else a free one for local
+processes and `slurm_master_port(job id)` on SLURM. submitit's logs go to `<run dir>/.submitit/`.
 
 Requeue: the job is requeueable. Before the time limit submitit signals the job, which
 requeues itself (TrainingJob is a submitit Checkpointable); after any restart (that
@@ -38,6 +39,7 @@ import torch
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from vggbench.config import ConfigError, TrainConfig, explicit_options
+from vggbench.distributed import free_ports, port_in_use, slurm_master_port
 from vggbench.graphs import check_capturable
 from vggbench.joblogs import failed_task
 from vggbench.jobname import job_name
@@ -76,17 +78,24 @@ class TrainingJob(submitit.helpers.Checkpointable):
     on a time-out or preemption signal; that rule makes the new attempt continue.
     """
 
-    def __init__(self, train_argv: Sequence[str], run_dir: str | Path) -> None:
+    def __init__(self, train_argv: Sequence[str], run_dir: str | Path, master_port: int | None = None) -> None:
         self.train_argv = list(train_argv)
         self.run_dir = Path(run_dir)
+        self.master_port = master_port  # rank 0's port, when the submitter chose it (local processes)
 
     def __call__(self) -> dict[str, Any]:
         """Train (every task; rank 0 writes the run directory); return this task's rank and the test result."""
         job = submitit.JobEnvironment()
         if job.num_tasks > 1:
-            # RANK/WORLD_SIZE/MASTER_*: for submitit's local executor (srun's tasks would also find
-            # their rank in SLURM's variables), replacing any inherited from the submitting shell
-            # (a MASTER_PORT given there is kept); the scheduler decides which GPUs a task sees.
+            # submitit would pick a random port in 20000..60000, where outgoing connections may
+            # hold it: then rank 0 fails and the others wait for it until --dist-timeout
+            if self.master_port is not None:
+                os.environ["MASTER_PORT"] = str(self.master_port)
+            elif not os.environ.get("MASTER_PORT"):  # one given in the submitting shell is kept
+                os.environ["MASTER_PORT"] = str(slurm_master_port(int(os.environ["SLURM_JOB_ID"])))
+            # RANK/WORLD_SIZE/MASTER_ADDR: for submitit's local executor (srun's tasks would also find
+            # their rank in SLURM's variables), replacing any inherited from the submitting shell;
+            # the scheduler decides which GPUs a task sees.
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         # train exits (SystemExit, no result: submitit reports the job's stderr) when it fails
         train_main(resumable_argv(self.train_argv))
@@ -119,8 +128,9 @@ def _submit(args: argparse.Namespace, train_argv: list[str]) -> int:
     _check_capturable(runs, device, args.nodes * tasks_per_node)
     log_dir = (runs[0].run_dir.parent if args.sweep else runs[0].run_dir) / LOG_DIR
     name = f"vggbench-sweep-{Path(args.sweep).stem}" if args.sweep else job_name(cfg)
+    ports = _local_ports(len(runs)) if args.executor == "local" and tasks_per_node > 1 else [None] * len(runs)
     executor = _executor(args, log_dir, tasks_per_node, name)
-    jobs = _submit_all(executor, runs, bool(args.sweep))
+    jobs = _submit_all(executor, runs, ports, bool(args.sweep))
     where = "SLURM" if args.executor == "slurm" else "local processes"
     shape = f"{args.nodes} node(s) x {tasks_per_node} task(s), {args.gpus_per_node or 'no'} GPU(s) per node"
     if args.sweep:
@@ -237,13 +247,30 @@ def _check_slurm_clients() -> None:
                           "local test cluster: eval \"$(scripts/slurm_cluster.sh start)\")")
 
 
-def _submit_all(executor: submitit.AutoExecutor, runs: list[SweepRun], array: bool) -> list[submitit.Job]:
+def _local_ports(count: int) -> list[int]:
+    """Rank 0's port for each of `count` runs in local processes, which run at once: free ones, or MASTER_PORT."""
+    given = os.environ.get("MASTER_PORT")
+    if not given:
+        return free_ports(count)
+    if not given.isdigit() or not 1 <= int(given) <= 65535:
+        raise SubmitError(f"MASTER_PORT={given!r} is not a port (1..65535): unset it, and a free one is chosen")
+    if count > 1:
+        raise SubmitError(f"MASTER_PORT={given} would be shared by the {count} runs of the sweep, which run at "
+                          "once: unset it, and each run gets a free port")
+    if port_in_use(int(given)):
+        raise SubmitError(f"MASTER_PORT={given} is in use on this machine, so rank 0 could not listen on it: "
+                          "unset MASTER_PORT (a free port is then chosen) or give a free one")
+    return [int(given)]
+
+
+def _submit_all(executor: submitit.AutoExecutor, runs: list[SweepRun], ports: list[int | None],
+                array: bool) -> list[submitit.Job]:
     """Submit one job per run (one job array for a sweep); sbatch refusals become SubmitErrors."""
     try:
         if not array:
-            return [executor.submit(TrainingJob(runs[0].train_argv, runs[0].run_dir))]
+            return [executor.submit(TrainingJob(runs[0].train_argv, runs[0].run_dir, ports[0]))]
         with executor.batch():
-            jobs = [executor.submit(TrainingJob(run.train_argv, run.run_dir)) for run in runs]
+            jobs = [executor.submit(TrainingJob(run.train_argv, run.run_dir, port)) for run, port in zip(runs, ports)]
         return jobs
     except FailedJobError as err:
         raise SubmitError(_explain_refusal(str(err))) from None
