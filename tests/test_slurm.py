@@ -278,6 +278,7 @@ def test_local_executor_refuses_a_master_port_its_ranks_cannot_use(cifar_dir, tm
         cases = [
             (str(port), [], f"MASTER_PORT={port} is in use on this machine"),
             ("70000", [], "MASTER_PORT='70000' is not a port (1..65535): unset it"),
+            ("²", [], "MASTER_PORT='²' is not a port"),  # a digit to str.isdigit, not to int()
             (str(port + 1), ["--sweep", str(sweep)], f"MASTER_PORT={port + 1} would be shared by the 2 runs"),
         ]
         for master_port, sweep_args, message in cases:

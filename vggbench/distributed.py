@@ -240,7 +240,7 @@ def process_group(env: DistEnv, device: torch.device, timeout: timedelta) -> Ite
     """Join the default process group for the block (nothing for a single process), then leave it.
 
     `timeout` bounds every collective: a rank waiting longer for the others fails instead
-    of hanging (launchers also stop the remaining ranks as soon as one fails).
+    of hanging (`vggbench.launch --nproc/--gpus` also stops the remaining ranks as soon as one fails).
     """
     if not env.distributed:
         yield

@@ -252,7 +252,7 @@ def _local_ports(count: int) -> list[int]:
     given = os.environ.get("MASTER_PORT")
     if not given:
         return free_ports(count)
-    if not given.isdigit() or not 1 <= int(given) <= 65535:
+    if not (given.isascii() and given.isdigit()) or not 1 <= int(given) <= 65535:
         raise SubmitError(f"MASTER_PORT={given!r} is not a port (1..65535): unset it, and a free one is chosen")
     if count > 1:
         raise SubmitError(f"MASTER_PORT={given} would be shared by the {count} runs of the sweep, which run at "
